@@ -1,0 +1,110 @@
+"""The narrow message interface between the module and the proxy workers.
+
+Theory of operation
+-------------------
+The module is the only authority over app processes. It tells proxy workers what it
+knows by publishing ``AppState`` snapshots: one whole snapshot of an app (its state and
+every endpoint that may take requests) each time anything about it changes. A worker
+keeps the latest snapshot per app and never needs history, so a late-joining worker
+only needs the current snapshots (``Module.snapshot()``).
+
+Workers talk back with two requests: ``NeedApp`` ("a request wants app X and no endpoint
+is ready") and ``EndpointFailed`` ("I could not reach process P of app X"). Both are
+idempotent hints; the module decides what to do.
+
+Every message is a frozen dataclass that turns into a JSON-able dict and back
+(``to_wire`` / ``from_wire``), so the same messages can cross a pipe to worker
+processes unchanged; with ``workers: 1`` they are passed as objects in one event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+State = Literal[
+    "stopped",  # no process; the next request starts one (on_demand)
+    "starting",  # a process is starting; requests wait for it
+    "ready",  # at least one endpoint takes requests
+    "failed",  # the last start failed or the process crashed; the next request retries
+    "backoff",  # rapid-fail protection: refuse with 503 until ``retry_at``
+    "offline",  # app_offline.htm present: 503 with ``offline_body``
+    "draining",  # stopping: no new requests
+]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One app process that takes requests."""
+
+    pid: int
+    port: int  # 0 for a unix socket
+    token: str
+    socket_path: str | None = None
+
+
+@dataclass(frozen=True)
+class AppState:
+    """Module -> proxy: the whole current picture of one app.
+
+    ``version`` grows by one on every change of that app, so a waiting request can tell
+    a failure that happened after it began waiting from an older one. ``retry_at`` is a
+    wall-clock time (``time.time()``) because it crosses process boundaries; the proxy
+    turns it into a ``Retry-After`` delay.
+    """
+
+    app: str
+    version: int
+    state: State
+    endpoints: tuple[Endpoint, ...] = ()
+    retry_at: float | None = None
+    reason: str = ""  # short, safe to show: "exited with status 3", "did not listen in 5s"
+    detail: str = ""  # last output lines, shown only with detailed_errors
+    offline_body: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        data = asdict(self)
+        data["kind"] = "state"
+        return data
+
+
+@dataclass(frozen=True)
+class NeedApp:
+    """Proxy -> module: a request is waiting for ``app``; start it if nothing runs."""
+
+    app: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "need", "app": self.app}
+
+
+@dataclass(frozen=True)
+class EndpointFailed:
+    """Proxy -> module: connecting to process ``pid`` of ``app`` failed."""
+
+    app: str
+    pid: int
+    error: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "failed", "app": self.app, "pid": self.pid, "error": self.error}
+
+
+ToModule = NeedApp | EndpointFailed
+
+
+def from_wire(data: dict[str, Any]) -> AppState | NeedApp | EndpointFailed:
+    """Rebuild a message from its ``to_wire`` form."""
+    kind = data.get("kind")
+    if kind == "state":
+        fields = {k: v for k, v in data.items() if k != "kind"}
+        fields["endpoints"] = tuple(Endpoint(**e) for e in fields.get("endpoints", ()))
+        return AppState(**fields)
+    if kind == "need":
+        return NeedApp(app=data["app"])
+    if kind == "failed":
+        return EndpointFailed(app=data["app"], pid=data["pid"], error=data.get("error", ""))
+    raise ValueError(f"unknown message kind {kind!r}")

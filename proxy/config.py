@@ -1,0 +1,106 @@
+"""Bastion's configuration as frozen, typed objects, with every edge default in one place.
+
+``proxy.config_load`` turns a YAML file into a ``Config`` (and reports problems as
+``FILE:LINE: message``); everything after that reads only these objects. The settings
+of pools and apps live in ``module.spec`` because the module is the part that uses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from module.spec import AppSpec, PoolSettings
+
+ClientCertMode = Literal["none", "optional", "required"]
+LogFormat = Literal["combined", "json"]
+
+
+@dataclass(frozen=True)
+class CertificatePair:
+    """One certificate chain and its private key, both PEM files."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """TLS on one listener; the first certificate is the default for SNI."""
+
+    certificates: tuple[CertificatePair, ...]
+    hsts: int | None = None  # max-age seconds
+    client_certificates: ClientCertMode = "none"
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One socket Bastion listens on."""
+
+    host: str
+    port: int
+    tls: TLSSettings | None = None
+    redirect_https: bool = False
+    http2: bool = True  # only meaningful with TLS
+
+    @property
+    def address(self) -> str:
+        """The address as written in the config, e.g. ``127.0.0.1:8080`` or ``[::]:443``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request and per-connection limits at the edge (SPEC section 3, ``limits``)."""
+
+    max_body_size: int = 30 * 1024 * 1024
+    max_header_size: int = 16 * 1024
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an app is mounted: host patterns (empty = any host) and a path base."""
+
+    app: str
+    hosts: tuple[str, ...] = ()
+    path: str = "/"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole parsed configuration."""
+
+    listeners: tuple[Listener, ...]
+    apps: tuple[AppSpec, ...]
+    routes: tuple[Route, ...]
+    pools: dict[str, PoolSettings] = field(default_factory=lambda: {"default": PoolSettings()})
+    user: str | None = None
+    admin_socket: str = "/run/bastion/admin.sock"
+    access_log: str | None = None
+    access_log_format: LogFormat = "combined"
+    workers: int | Literal["auto"] = "auto"
+    trusted_proxies: tuple[str, ...] = ()
+    detailed_errors: bool = False
+    limits: Limits = field(default_factory=Limits)
+    source: str = "<built-in>"  # the file it came from
+
+    def app(self, name: str) -> AppSpec:
+        """The app called ``name`` (KeyError when there is none)."""
+        for spec in self.apps:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def https_port(self) -> int | None:
+        """The port of the first TLS listener, if any."""
+        for listener in self.listeners:
+            if listener.tls is not None:
+                return listener.port
+        return None
