@@ -1,0 +1,110 @@
+"""The keeper: makes sure no app process outlives Bastion, even after ``kill -9``.
+
+Theory of operation
+-------------------
+Bastion starts one small keeper process (``python -m module.keeper``) with a pipe on its
+stdin. For every app process it launches, Bastion writes ``+PGID`` (the app is its own
+process-group leader, so PGID is its pid); when the process is gone it writes ``-PGID``.
+The keeper only reads. When its stdin reaches end-of-file, Bastion has exited, cleanly
+or not (the kernel closes the pipe even on SIGKILL), and the keeper sends SIGKILL to every
+process group still on its list, then exits. A clean stop has already stopped every
+app, so the list is empty by then.
+
+The keeper ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C in Bastion's terminal reaches the
+whole foreground group, and the keeper must outlive Bastion's own shutdown. It never
+lingers itself: end-of-file is the only way out of its loop, and it always comes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import IO
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(stream: IO[bytes]) -> None:
+    """Read ``+PGID`` / ``-PGID`` lines until EOF, then kill the groups left."""
+    groups: set[int] = set()
+    for raw in stream:
+        line = raw.strip()
+        if len(line) < 2:
+            continue
+        try:
+            pgid = int(line[1:])
+        except ValueError:
+            continue
+        if line[:1] == b"+":
+            groups.add(pgid)
+        elif line[:1] == b"-":
+            groups.discard(pgid)
+    for pgid in groups:
+        _kill_group(pgid)
+
+
+class Keeper:
+    """Bastion's side of the keeper: start it, tell it about process groups."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the keeper process (idempotent)."""
+        if self._proc is not None:
+            return
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "module.keeper"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,  # out of the terminal's group: Ctrl-C does not reach it
+        )
+
+    def _send(self, line: str) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def watch(self, pgid: int) -> None:
+        """Kill group ``pgid`` if Bastion dies before calling ``forget``."""
+        self._send(f"+{pgid}")
+
+    def forget(self, pgid: int) -> None:
+        """Group ``pgid`` is gone; stop guarding it."""
+        self._send(f"-{pgid}")
+
+    def stop(self) -> None:
+        """Close the pipe (the keeper kills what is left, then exits) and reap it."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._proc = None
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    run(sys.stdin.buffer)

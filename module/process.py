@@ -1,0 +1,226 @@
+"""One app process: launch it as SPEC section 4 says, wait until it listens, stop it.
+
+Theory of operation
+-------------------
+``AppProcess.launch`` starts the app's argv (``{port}`` / ``{socket}`` substituted) as the
+leader of a new session and process group, stdin from /dev/null, stdout and stderr into
+one pipe drained into the app's ``AppOutput``. The environment carries the port, a fresh
+token of 256 random bits, the path base and the app's name. The child asks the kernel
+for SIGKILL when Bastion dies (``PR_SET_PDEATHSIG``), and the keeper kills its whole
+group in that case too, so neither the app nor its children outlive Bastion.
+
+``wait_ready`` polls the port (or socket) until it accepts a connection, the process
+exits, or ``startup_time_limit`` passes. ``stop`` sends SIGTERM to the group, waits up to
+``shutdown_time_limit``, then sends SIGKILL to the group. Nothing here decides what an
+exit means: the app controller does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import pwd
+import secrets
+import signal
+import time
+
+from .errors import LaunchError, StartFailed
+from .keeper import Keeper
+from .output import AppOutput, drain
+from .spec import AppSpec
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exited with status 3`` or ``killed by signal SIGKILL``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"killed by signal {name}"
+    return f"exited with status {returncode}"
+
+
+class AppProcess:
+    """A single process of an app, from launch to reaping."""
+
+    def __init__(self, spec: AppSpec, port: int, socket_path: str | None = None) -> None:
+        self.spec = spec
+        self.port = port
+        self.socket_path = socket_path
+        self.token = secrets.token_urlsafe(32)
+        self.pid = 0
+        self.started_at = 0.0  # monotonic
+        self.ready_at = 0.0
+        self.requests = 0
+        self.stopping = False
+        self._proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    # -- launch ---------------------------------------------------------------------
+    def _argv(self) -> list[str]:
+        subs = {"{port}": str(self.port), "{socket}": self.socket_path or ""}
+        argv = []
+        for arg in self.spec.command:
+            for key, value in subs.items():
+                arg = arg.replace(key, value)
+            argv.append(arg)
+        return argv
+
+    def environment(self) -> dict[str, str]:
+        """The full environment the process gets."""
+        env = dict(os.environ)
+        env.pop("BASTION_CONFIG", None)
+        env.update(self.spec.environment)
+        env.update(
+            PORT=str(self.port),
+            BASTION_PORT=str(self.port),
+            BASTION_TOKEN=self.token,
+            BASTION_PATH_BASE=self.spec.path_base,
+            BASTION_APP=self.spec.name,
+        )
+        if self.spec.https_port is not None:
+            env["BASTION_HTTPS_PORT"] = str(self.spec.https_port)
+        if self.socket_path is not None:
+            env["BASTION_SOCKET"] = self.socket_path
+        return env
+
+    async def launch(self, output: AppOutput, keeper: Keeper) -> None:
+        """Start the process; raise ``LaunchError`` when it cannot even be started."""
+        identity: dict[str, object] = {}
+        user = self.spec.settings.user
+        if user is not None and os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError as exc:
+                raise LaunchError(f"user {user!r} does not exist") from exc
+            identity = {
+                "user": entry.pw_uid,
+                "group": entry.pw_gid,
+                "extra_groups": os.getgrouplist(user, entry.pw_gid),
+            }
+            env_home = {"HOME": entry.pw_dir, "USER": user, "LOGNAME": user}
+        else:
+            env_home = {}
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._argv(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=self.spec.cwd,
+                env={**self.environment(), **env_home},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                **identity,  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot run {self.spec.command[0]!r}: {exc.strerror or exc}") from exc
+        self.pid = self._proc.pid
+        self.started_at = time.monotonic()
+        keeper.watch(self.pid)
+        output.mark(f"started pid {self.pid} port {self.port or self.socket_path}")
+        assert self._proc.stdout is not None
+        self._drain = asyncio.create_task(drain(self._proc.stdout, output))
+
+    # -- readiness ------------------------------------------------------------------
+    async def _accepts(self) -> bool:
+        try:
+            if self.socket_path is not None:
+                conn = asyncio.open_unix_connection(self.socket_path)
+            else:
+                conn = asyncio.open_connection("127.0.0.1", self.port)
+            _, writer = await asyncio.wait_for(conn, timeout=1.0)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def wait_ready(self, output: AppOutput) -> None:
+        """Return once the app accepts connections; raise ``StartFailed`` otherwise."""
+        limit = self.spec.settings.startup_time_limit
+        deadline = time.monotonic() + limit
+        delay = 0.01
+        while True:
+            if self.returncode is not None:
+                await self.wait()
+                raise StartFailed(
+                    f"{describe_exit(self.returncode)} before listening", output.tail()
+                )
+            if await self._accepts():
+                if self.returncode is None:
+                    self.ready_at = time.monotonic()
+                    return
+                continue
+            if time.monotonic() >= deadline:
+                raise StartFailed(
+                    f"did not listen on its port within {limit:g}s", output.tail()
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # -- exit and stop --------------------------------------------------------------
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def alive(self) -> bool:
+        """True while the process has not been reaped."""
+        return self._proc is not None and self._proc.returncode is None
+
+    async def wait(self) -> int:
+        """Wait for the process to exit and its output to be drained."""
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._drain is not None:
+            # Grandchildren may keep the pipe open; never wait for them forever.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drain), timeout=0.5)
+        return code
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the process's whole group."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+
+    async def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM the group, wait up to ``timeout``, then SIGKILL it; return the status."""
+        self.stopping = True
+        if self._proc is None:
+            return 0
+        if timeout is None:
+            timeout = self.spec.settings.shutdown_time_limit
+        if self.alive:
+            self.signal_group(signal.SIGTERM)
+            # A stopped (SIGSTOP) process cannot act on SIGTERM until it runs again.
+            self.signal_group(signal.SIGCONT)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout)
+            except asyncio.TimeoutError:
+                pass
+        # The leader may be gone while children of its group remain: kill the group.
+        self.signal_group(signal.SIGKILL)
+        code = await self.wait()
+        if self._drain is not None and not self._drain.done():
+            self._drain.cancel()
+        return code
+
+    def kill_group_now(self) -> None:
+        """SIGKILL the group without waiting (last resort at shutdown)."""
+        self.signal_group(signal.SIGKILL)

@@ -1,0 +1,141 @@
+"""The ``bastion`` command line (SPEC section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "config", None) or os.environ.get("BASTION_CONFIG") or None
+
+
+def _load(path: str | None) -> Any:
+    """The Config for ``path``, or the built-in demo when there is none."""
+    if path is None:
+        from .demo import demo_config
+
+        return demo_config()
+    from .config_load import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``bastion serve``: run in the foreground."""
+    from .main import serve
+
+    config = _load(_config_path(args))
+    if _config_path(args) is None:
+        logging.getLogger("bastion").info(
+            "no configuration given: running the built-in demo on http://127.0.0.1:8080 "
+            "and https://127.0.0.1:8443"
+        )
+    return serve(config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``bastion check -c FILE``: validate like ``nginx -t``."""
+    from .config_load import check_main
+
+    path = _config_path(args)
+    if path is None:
+        print("bastion check: give a file with -c FILE (or BASTION_CONFIG)", file=sys.stderr)
+        return 2
+    return check_main(path)
+
+
+async def _admin_get(socket_path: str, path: str) -> Any:
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=socket_path)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"http://bastion{path}") as response:
+            response.raise_for_status()
+            return await response.json()
+
+
+def _format_status(data: dict[str, Any]) -> str:
+    lines = [f"bastion pid {data.get('pid')}"]
+    for pool, apps in sorted(data["pools"].items()):
+        lines.append(f"pool {pool}")
+        for name in apps:
+            app = data["apps"][name]
+            lines.append(
+                f"  app {name}: {app['state']}, restarts {app['restarts']}"
+                + (f", last exit: {app['last_exit']}" if app.get("last_exit") else "")
+            )
+            for proc in app["processes"]:
+                lines.append(
+                    f"    pid {proc['pid']} port {proc['port']} {proc['state']} "
+                    f"uptime {proc['uptime']:.0f}s requests {proc.get('requests', 0)} "
+                    f"in flight {proc.get('in_flight', 0)} "
+                    f"rss {proc.get('rss', 0) / 1048576:.1f} MiB cpu {proc.get('cpu_percent', 0):.1f}%"
+                )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``bastion status``: ask the running Bastion through its admin socket."""
+    config = _load(_config_path(args))
+    try:
+        data = asyncio.run(_admin_get(config.admin_socket, "/status"))
+    except OSError as exc:
+        print(f"bastion status: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else _format_status(data))
+    return 0
+
+
+def cmd_dev_cert(args: argparse.Namespace) -> int:
+    """``bastion dev-cert``: create or show the development certificate."""
+    from .devcert import describe, ensure_dev_cert
+
+    print(describe(ensure_dev_cert()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``bastion``."""
+    parser = argparse.ArgumentParser(prog="bastion", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run in the foreground")
+    serve.add_argument("-c", "--config", help="configuration file (default: built-in demo)")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("-c", "--config", help="configuration file")
+    check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="pools, apps and processes of the running Bastion")
+    status.add_argument("-c", "--config", help="configuration file (for the admin socket)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+    dev = sub.add_parser("dev-cert", help="create or show the development certificate")
+    dev.set_defaults(func=cmd_dev_cert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bastion`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The proxy's exceptions, and the one place where upstream failures become statuses.
+
+Every failure on a request's way is a ``ProxyError`` carrying the HTTP status the client
+gets; ``from_upstream`` maps what the network layer raised (aiohttp's client errors,
+OSError, timeouts) to 502 or 504, the way httpcore's ``map_exceptions`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+
+class ProxyError(Exception):
+    """A request that ends with an error page."""
+
+    status = 500
+    title = "Internal Server Error"
+
+    def __init__(self, message: str = "", *, app: str = "", detail: str = "",
+                 retry_after: int | None = None, body: str | None = None) -> None:
+        super().__init__(message or self.title)
+        self.message = message or self.title
+        self.app = app
+        self.detail = detail  # shown only with detailed_errors
+        self.retry_after = retry_after
+        self.body = body  # a complete HTML body that replaces the error page (app_offline)
+
+
+class BadRequest(ProxyError):
+    """400: malformed or ambiguous request; never forwarded."""
+
+    status = 400
+    title = "Bad Request"
+
+
+class NotFound(ProxyError):
+    """404: no app for this host and path."""
+
+    status = 404
+    title = "Not Found"
+
+
+class BadGateway(ProxyError):
+    """502: the app failed to start, exited, refused or reset the connection."""
+
+    status = 502
+    title = "Bad Gateway"
+
+
+class Unavailable(ProxyError):
+    """503: app offline, rapid-fail protection, or queue full."""
+
+    status = 503
+    title = "Service Unavailable"
+
+
+class GatewayTimeout(ProxyError):
+    """504: no response from the app within request_timeout."""
+
+    status = 504
+    title = "Gateway Timeout"
+
+
+def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
+    """Map a failure talking to the app to the status the client gets."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return GatewayTimeout(f"the app {app!r} did not answer within {timeout:g}s", app=app)
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return BadGateway(f"the app {app!r} refused the connection", app=app, detail=str(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | OSError):
+        return BadGateway(f"the app {app!r} closed the connection", app=app, detail=str(exc))
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return BadGateway(f"the app {app!r} sent an invalid response", app=app, detail=str(exc))
+    return BadGateway(f"the app {app!r} failed", app=app, detail=repr(exc))

@@ -1,0 +1,184 @@
+"""Forwarding one request to an app process and streaming the answer back.
+
+Theory of operation
+-------------------
+The upstream side is an aiohttp ``ClientSession`` per worker with a keep-alive pool of
+loopback connections (one ``UnixConnector`` session per socket path for
+``transport: unix``). The session adds nothing of its own: no default headers, no
+decompression, no cookie jar, no redirects, and the target is sent byte for byte.
+
+The request body streams from the client to the app through an async generator that
+reads whatever the client sent (``body_timeout`` between reads), so only one chunk at a
+time is in memory. ``request_timeout`` bounds the time until the app's response head
+arrives; the response body then streams back chunk by chunk, each ``write`` waiting for
+the client to drain (backpressure both ways). Failures are mapped to statuses by
+``errors.from_upstream`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from module.messages import Endpoint
+
+from .errors import ProxyError, from_upstream
+from .headers import downstream_headers
+
+CHUNK = 64 * 1024
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to app processes."""
+
+    def __init__(self) -> None:
+        self._tcp: aiohttp.ClientSession | None = None
+        self._unix: dict[str, aiohttp.ClientSession] = {}
+
+    @staticmethod
+    def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, connect=10),
+            requote_redirect_url=False,
+        )
+
+    def session_for(self, endpoint: Endpoint) -> aiohttp.ClientSession:
+        """The session whose pool reaches ``endpoint``."""
+        if endpoint.socket_path is not None:
+            session = self._unix.get(endpoint.socket_path)
+            if session is None:
+                connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=0)
+                session = self._unix[endpoint.socket_path] = self._session(connector)
+            return session
+        if self._tcp is None:
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30, enable_cleanup_closed=False, use_dns_cache=False
+            )
+            self._tcp = self._session(connector)
+        return self._tcp
+
+    def forget(self, socket_path: str) -> None:
+        """Drop the pool of a unix socket whose process is gone."""
+        session = self._unix.pop(socket_path, None)
+        if session is not None:
+            asyncio.ensure_future(session.close())
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        sessions = list(self._unix.values())
+        if self._tcp is not None:
+            sessions.append(self._tcp)
+        self._tcp = None
+        self._unix.clear()
+        for session in sessions:
+            await session.close()
+
+
+async def _client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), body_timeout)
+        except asyncio.TimeoutError as exc:
+            raise _BodyTimeout() from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+class _BodyTimeout(Exception):
+    """The client stopped sending its body."""
+
+
+def _has_body(request: web.BaseRequest) -> bool:
+    return request.body_exists
+
+
+async def forward(
+    request: web.BaseRequest,
+    endpoint: Endpoint,
+    pool: UpstreamPool,
+    headers: list[tuple[str, str]],
+    *,
+    app: str,
+    request_timeout: float,
+    body_timeout: float,
+    response_headers: list[tuple[str, str]],
+) -> tuple[web.StreamResponse, int]:
+    """Send ``request`` to ``endpoint``, stream the answer; return it and its body size.
+
+    Raises ``ProxyError`` when nothing has been sent to the client yet. Once the
+    response head is out, a failure of the app aborts the client connection instead
+    (the status is gone) and the response is returned as it stands.
+    """
+    session = pool.session_for(endpoint)
+    host = "127.0.0.1" if endpoint.socket_path is None else "localhost"
+    port = endpoint.port if endpoint.socket_path is None else 80
+    url = URL(f"http://{host}:{port}{request.raw_path}", encoded=True)
+    out_headers = list(headers)
+    data: AsyncIterator[bytes] | None = None
+    if _has_body(request):
+        if request.content_length is not None:
+            out_headers.append(("Content-Length", str(request.content_length)))
+        data = _client_body(request, body_timeout)
+    try:
+        async with asyncio.timeout(request_timeout):
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=_multidict(out_headers),
+                data=data,
+                allow_redirects=False,
+                compress=None,
+                chunked=None if request.content_length is not None or data is None else True,
+            )
+    except _BodyTimeout:
+        raise ProxyError("the client stopped sending its body") from None
+    except Exception as exc:  # noqa: BLE001 - mapped in one place
+        raise from_upstream(exc, app, request_timeout) from exc
+
+    async with upstream:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in downstream_headers(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
+        ):
+            response.headers.add(name, value)
+        for name, value in response_headers:
+            response.headers[name] = value
+        length = upstream.content_length
+        bodyless = request.method == "HEAD" or upstream.status in NO_BODY_STATUSES
+        if length is not None and not bodyless:
+            response.content_length = length
+        elif length is not None and request.method == "HEAD":
+            response.headers["Content-Length"] = str(length)
+        elif not bodyless:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        sent = 0
+        if not bodyless:
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    sent += len(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                # The status is already out: all we can do is cut the connection short.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response, sent
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response, sent
+
+
+def _multidict(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    return CIMultiDict(headers)

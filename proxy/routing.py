@@ -1,0 +1,80 @@
+"""Routing by host and path: pure, no I/O.
+
+A route names an app, the host patterns it answers (empty: any host) and its path base.
+For a request, only routes whose host matches and whose path base is a prefix of the
+path *on a segment boundary* are candidates (``/api`` takes ``/api`` and ``/api/x``,
+never ``/apix``). Among them the most specific host wins (exact name, then the longest
+``*.`` wildcard, then any host), and within that the longest path base, the way IIS
+picks a site by its binding, then an application by its path. A host with no matching
+path falls back to the apps that answer any host, so one catch-all app can sit behind
+several named ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .config import Route
+
+
+def normalise_host(host: str) -> str:
+    """Lower-case, without port and trailing dot: ``Shop.Example.com.:443`` -> ``shop.example.com``."""
+    host = host.strip().lower()
+    if host.startswith("["):  # IPv6 literal
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def host_rank(pattern: str, host: str) -> int:
+    """How specifically ``pattern`` matches ``host``: -1 no match, 0 any, else larger = better."""
+    if pattern.startswith("*."):
+        suffix = pattern[1:]  # ".example.com"
+        if host.endswith(suffix) and len(host) > len(suffix):
+            return len(suffix)
+        return -1
+    return 100_000 if pattern == host else -1
+
+
+def path_matches(base: str, path: str) -> bool:
+    """True when ``path`` is ``base`` or lies under it on a segment boundary."""
+    if base == "/":
+        return True
+    return path == base or path.startswith(base + "/")
+
+
+@dataclass(frozen=True)
+class Match:
+    """The route chosen for a request."""
+
+    route: Route
+    host_rank: int
+
+
+class Router:
+    """Chooses the app for a host and path."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+
+    def match(self, host: str, path: str) -> Route | None:
+        """The best route for ``host`` (raw Host header) and ``path``, or None (404)."""
+        name = normalise_host(host)
+        best: tuple[int, int] | None = None
+        chosen: Route | None = None
+        for route in self.routes:
+            if not path_matches(route.path, path):
+                continue
+            if route.hosts:
+                rank = max(host_rank(p, name) for p in route.hosts)
+                if rank < 0:
+                    continue
+            else:
+                rank = 0
+            key = (rank, len(route.path))
+            if best is None or key > best:
+                best, chosen = key, route
+        return chosen

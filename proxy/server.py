@@ -1,0 +1,250 @@
+"""The edge: listeners, and the way of one request from socket to app and back.
+
+Theory of operation
+-------------------
+Each listener is an aiohttp low-level ``web.Server`` (its HTTP/1.1 parser, keep-alive and
+flow control; decompression off, handler cancelled when the client goes away) on a plain
+or TLS socket. ``RequestHandler.handle`` is the way of a request:
+
+    redirect_https? -> Host check -> route (pure) -> endpoint (EndpointTable, which asks
+    the module to start the app and waits) -> header rewrite (pure) -> forward (stream
+    both ways) -> access log
+
+Every failure on that way is a ``ProxyError``; it becomes an error page here and only
+here. The handler holds no per-app state: the table does, and the module behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import posixpath
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.web_exceptions import HTTPException
+
+from .accesslog import AccessLog
+from .config import Config, Listener
+from .endpoints import EndpointTable
+from .error_pages import render
+from .errors import BadRequest, NotFound, ProxyError
+from .forwarding import UpstreamPool, forward
+from .headers import ForwardInfo, upstream_headers
+from .routing import Router
+from .trust import TrustedProxies
+
+log = logging.getLogger("bastion.proxy")
+
+WAIT_MARGIN = 5.0  # beyond startup_time_limit, in case the module's own timer is late
+
+
+def normalised_path(raw: str) -> str:
+    """The decoded path with dot segments and doubled slashes resolved, for routing."""
+    if not raw.startswith("/"):
+        return raw
+    path = posixpath.normpath(raw)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    if raw.endswith("/") and path != "/":
+        path += "/"
+    return path
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    sent: int
+    app: str = "-"
+    pid: int = 0
+
+
+class RequestHandler:
+    """Serves requests of one listener."""
+
+    def __init__(
+        self,
+        listener: Listener,
+        config: Config,
+        router: Router,
+        table: EndpointTable,
+        pool: UpstreamPool,
+        access_log: AccessLog,
+    ) -> None:
+        self.listener = listener
+        self.config = config
+        self.router = router
+        self.table = table
+        self.pool = pool
+        self.access_log = access_log
+        self.scheme = "https" if listener.tls is not None else "http"
+        self.trusted = TrustedProxies(config.trusted_proxies)
+        extra: list[tuple[str, str]] = []
+        if listener.tls is not None and listener.tls.hsts:
+            extra.append(("Strict-Transport-Security", f"max-age={listener.tls.hsts}"))
+        self.response_headers = extra
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's entry point for one request."""
+        started = time.monotonic()
+        answer = _Answer(500, 0)
+        response: web.StreamResponse | None = None
+        try:
+            response, answer = await self._serve(request)
+        except ProxyError as error:
+            response = self._error_response(error)
+            answer = _Answer(error.status, response.content_length or 0, error.app or "-")
+        except HTTPException:
+            raise
+        finally:
+            self.access_log.write(request, answer.status, answer.sent, answer.app,
+                                  answer.pid, time.monotonic() - started)
+        return response
+
+    def _error_response(self, error: ProxyError) -> web.Response:
+        body = render(error, self.config.detailed_errors)
+        response = web.Response(status=error.status, text=body, content_type="text/html")
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        for name, value in self.response_headers:
+            response.headers[name] = value
+        if error.status < 500 and error.status not in (404,):
+            response.force_close()
+        return response
+
+    def _redirect(self, request: web.BaseRequest, host: str) -> web.Response:
+        https_port = self.config.https_port
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if https_port is not None and https_port != 443:
+            name = f"{name}:{https_port}"
+        response = web.Response(status=308, text="")
+        response.headers["Location"] = f"https://{name}{request.raw_path}"
+        return response
+
+    async def _serve(self, request: web.BaseRequest) -> tuple[web.StreamResponse, _Answer]:
+        hosts = request.headers.getall("Host", [])
+        if len(hosts) != 1 or not hosts[0] or any(c in hosts[0] for c in ",@/ \\"):
+            raise BadRequest("missing, repeated or malformed Host header")
+        host = hosts[0]
+        if self.listener.redirect_https and self.config.https_port is not None:
+            response = self._redirect(request, host)
+            return response, _Answer(308, 0)
+        route = self.router.match(host, normalised_path(request.path))
+        if route is None:
+            raise NotFound("no application is configured for this address")
+        spec = self.config.app(route.app)
+        lease = await self.table.acquire(
+            route.app, spec.settings.startup_time_limit + WAIT_MARGIN
+        )
+        try:
+            info = ForwardInfo(
+                client_ip=_client_ip(request),
+                scheme=self.scheme,
+                host=host,
+                port=self.listener.port,
+                path_base=spec.path_base,
+                token=lease.endpoint.token,
+                client_cert_b64=_client_cert(request),
+                trusted=self.trusted.contains(_client_ip(request)),
+            )
+            raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+            try:
+                response, sent = await forward(
+                    request,
+                    lease.endpoint,
+                    self.pool,
+                    upstream_headers(raw, info),
+                    app=route.app,
+                    request_timeout=spec.settings.request_timeout,
+                    body_timeout=self.config.limits.body_timeout,
+                    response_headers=self.response_headers,
+                )
+            except ProxyError as error:
+                if error.status == 502:
+                    lease.failed(str(error))
+                error.app = route.app
+                raise
+            return response, _Answer(response.status, sent, route.app, lease.endpoint.pid)
+        finally:
+            lease.release()
+
+
+def _client_ip(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "127.0.0.1"  # a unix socket client
+
+
+def _client_cert(request: web.BaseRequest) -> str | None:
+    if request.transport is None:
+        return None
+    ssl_object = request.transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return base64.b64encode(der).decode("ascii") if der else None
+
+
+def bind_socket(listener: Listener, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on ``listener``'s address (raises OSError with a clear message)."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listener.host, listener.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listener.address}: {exc.strerror}") from exc
+    return sock
+
+
+class ListenerSet:
+    """The running listeners of one worker."""
+
+    def __init__(self) -> None:
+        self._servers: list[asyncio.base_events.Server] = []
+        self._aiohttp: list[web.Server] = []
+
+    async def start(
+        self,
+        sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]],
+        handlers: dict[str, RequestHandler],
+        config: Config,
+    ) -> None:
+        """Serve each bound socket with its handler."""
+        loop = asyncio.get_running_loop()
+        limits = config.limits
+        for listener, sock, context in sockets:
+            handler = handlers[listener.address]
+            server = web.Server(
+                handler.handle,
+                handler_cancellation=True,
+                keepalive_timeout=limits.keepalive_timeout,
+                max_line_size=limits.max_header_size,
+                max_field_size=limits.max_header_size,
+                auto_decompress=False,
+                access_log=None,
+            )
+            self._aiohttp.append(server)
+            self._servers.append(
+                await loop.create_server(server, sock=sock, ssl=context,
+                                         ssl_handshake_timeout=10 if context else None)
+            )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish up to ``grace``, then close."""
+        for server in self._servers:
+            server.close()
+        for server in self._aiohttp:
+            await server.shutdown(grace)
+        for server in self._servers:
+            await server.wait_closed()
