@@ -1,0 +1,760 @@
+"""Load and validate Bastion's YAML configuration into a ``proxy.config.Config``.
+
+Theory of operation
+-------------------
+Loading happens in two passes, and only the second knows what the settings mean.
+
+1. *Reading.* ``yaml.SafeLoader`` composes the file into a node graph (no Python objects
+   yet), which ``_from_yaml`` turns into a tree of ``_Node`` values: mappings become
+   ``dict[str, _Node]`` (keys are kept as written, so ``yes:`` stays ``"yes"``), sequences
+   ``list[_Node]`` and scalars the SafeLoader's own values (int, float, bool, None, str).
+   Every ``_Node`` remembers the 1-based line of its value and of the key it belongs to.
+   Merge keys (``<<: *defaults``) are expanded, duplicate keys and recursive aliases are
+   problems. ``config_from_dict`` builds the same tree from Python data with line 0.
+
+2. *Checking.* A ``_Checker`` walks the tree and collects ``Problem``s instead of stopping
+   at the first one. Flat sections are described by tables of rules (``_LIMIT_RULES``,
+   ``_POOL_RULES``, ...): a rule turns one node into a typed value or records a problem
+   and returns ``_BAD``. Keys no table knows get a "did you mean" suggestion. The parts
+   that need more than one key (listeners and TLS, pools, apps, route conflicts) have
+   their own small functions. Only when no problem was found is a ``Config`` built; else
+   ``ConfigError`` carries all of them, each printed as ``FILE:LINE: message``.
+
+Relative file names in the file (certificates, keys, ``client_ca``, ``cwd``, logs, the
+admin socket) are taken relative to the directory of the configuration file (to the
+current directory for ``config_from_dict``) and stored as absolute paths. Top-level keys
+starting with ``x-`` are ignored, so they can hold anchors for merge keys.
+
+An app's settings are its pool's, with the app's own pool keys replacing them; the
+exceptions are ``environment`` and ``recycle``, which are merged key by key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import pwd
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+import yaml
+
+from module.spec import POOL_SETTING_NAMES, AppSpec, PoolSettings, RecycleSettings
+from proxy.config import CertificatePair, Config, Limits, Listener, Route, TLSSettings
+from proxy.units import _show, parse_duration, parse_size
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration, at a 1-based line (0 when there are no lines)."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` lists everything found wrong."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: list[Problem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --- pass 1: YAML or Python data to a tree of _Node ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A value from the file: a scalar, ``dict[str, _Node]`` or ``list[_Node]``."""
+
+    value: Any
+    line: int  # where the value starts
+    key_line: int  # where the key it is the value of starts (= line for list items)
+
+
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_PLAIN_TAGS: Final = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def _from_yaml(text: str, file: str, problems: list[Problem]) -> _Node | None:
+    """Compose ``text``; None for an empty document; ConfigError for broken YAML.
+
+    Duplicate keys, recursive aliases and keys that are not names go to ``problems``.
+    """
+    loader = yaml.SafeLoader(text)
+
+    def convert(node: yaml.Node, key_line: int, active: frozenset[int]) -> _Node:
+        line = node.start_mark.line + 1
+        if id(node) in active:
+            problems.append(Problem(file, line, "recursive alias: a value contains itself"))
+            return _Node(None, line, key_line)
+        active = active | {id(node)}
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+            problems.append(Problem(file, line, f"unsupported YAML tag {node.tag}"))
+        if isinstance(node, yaml.MappingNode):
+            return _Node(mapping(node, active), line, key_line)
+        if isinstance(node, yaml.SequenceNode):
+            return _Node([convert(item, item.start_mark.line + 1, active) for item in node.value],
+                          line, key_line)
+        try:
+            return _Node(loader.construct_object(node, deep=True), line, key_line)
+        except yaml.constructor.ConstructorError as exc:
+            problems.append(Problem(file, line, f"invalid YAML: {exc.problem}"))
+            return _Node(None, line, key_line)
+
+    def mapping(node: yaml.MappingNode, active: frozenset[int]) -> dict[str, _Node]:
+        own = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
+        seen: dict[str, int] = {}
+        for key_node, _ in own:
+            if isinstance(key_node, yaml.ScalarNode):
+                key, line = key_node.value, key_node.start_mark.line + 1
+                if key in seen:
+                    problems.append(Problem(file, line, f"duplicate key '{key}' (first at line {seen[key]})"))
+                seen.setdefault(key, line)
+        loader.flatten_mapping(node)  # expands merge keys; own keys come last and win
+        result: dict[str, _Node] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(Problem(file, line, "a key must be a plain name, not a list or mapping"))
+                continue
+            result.pop(key_node.value, None)  # keep the order of the winning keys
+            result[key_node.value] = convert(value_node, line, active)
+        return result
+
+    try:
+        root = loader.get_single_node()
+        tree = None if root is None else convert(root, root.start_mark.line + 1, frozenset())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        what = exc.problem or exc.context or "unreadable"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            what += f" ({exc.context} at line {exc.context_mark.line + 1})"
+        raise ConfigError([Problem(file, line, f"invalid YAML: {what}")]) from None
+    except yaml.YAMLError as exc:  # e.g. a reader error for a control character
+        raise ConfigError([Problem(file, 1, f"invalid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    return tree
+
+
+def _from_python(data: object, problems: list[Problem], source: str) -> _Node:
+    """The ``_Node`` tree of plain Python data (every line is 0)."""
+    if isinstance(data, dict):
+        result: dict[str, _Node] = {}
+        for key, value in data.items():
+            if not isinstance(key, str):
+                problems.append(Problem(source, 0, f"key {key!r} must be a string"))
+                continue
+            result[key] = _from_python(value, problems, source)
+        return _Node(result, 0, 0)
+    if isinstance(data, list | tuple):
+        return _Node([_from_python(item, problems, source) for item in data], 0, 0)
+    return _Node(data, 0, 0)
+
+
+# --- pass 2: the checker and its rules --------------------------------------------------
+
+
+class _Bad:
+    """The result of a rule that recorded a problem."""
+
+
+_BAD: Final = _Bad()
+Rule = Callable[["_Checker", _Node, str], Any]
+
+
+class _Checker:
+    """Collects problems while converting nodes; ``path`` names a key, e.g. ``limits.x``."""
+
+    def __init__(self, file: str, base_dir: str) -> None:
+        self.file = file
+        self.base_dir = base_dir
+        self.problems: list[Problem] = []
+
+    def add(self, line: int, message: str) -> _Bad:
+        self.problems.append(Problem(self.file, line, message))
+        return _BAD
+
+    def mapping(self, node: _Node, path: str) -> dict[str, _Node] | None:
+        if isinstance(node.value, dict):
+            return node.value
+        self.add(node.line, f"{path or 'the configuration'} must be a mapping, not {_show(node.value)}")
+        return None
+
+    def sequence(self, node: _Node, path: str, example: str) -> list[_Node] | None:
+        if isinstance(node.value, list):
+            return node.value
+        self.add(node.line, f"{path} must be a list, e.g. {example}, not {_show(node.value)}")
+        return None
+
+    def fields(self, node: _Node, path: str, rules: dict[str, Rule],
+               also: Iterable[str] = ()) -> dict[str, Any]:
+        """Convert a mapping's keys by ``rules``; keys in ``also`` are known but left out."""
+        entries = self.mapping(node, path)
+        if entries is None:
+            return {}
+        known = [*rules, *also]
+        values: dict[str, Any] = {}
+        for key, child in entries.items():
+            if key in rules:
+                value = rules[key](self, child, _join(path, key))
+                if value is not _BAD:
+                    values[key] = value
+            elif key not in known and not (path == "" and key.startswith("x-")):
+                self.unknown(key, child, path, known)
+        return values
+
+    def unknown(self, key: str, node: _Node, path: str, known: list[str]) -> None:
+        where = f"in {path}" if path else "at the top level"
+        message = f"unknown key '{key}' {where}"
+        close = difflib.get_close_matches(key, known, n=1)
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+        self.add(node.key_line, message)
+
+    def require(self, values: dict[str, Any], entries: dict[str, _Node] | None, node: _Node,
+                path: str, key: str, what: str) -> bool:
+        """Record a problem when ``key`` is missing (a bad value was reported already)."""
+        if key in values or (entries is not None and key in entries):
+            return key in values
+        if entries is not None:
+            self.add(node.key_line, f"{_join(path, key)} is required ({what})")
+        return False
+
+    def absolute(self, name: str) -> str:
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(name)))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _scalar(convert: Callable[[Any], Any]) -> Rule:
+    """A rule from a converter that raises ValueError("must be ...") or a units message."""
+
+    def rule(checker: _Checker, node: _Node, path: str) -> Any:
+        try:
+            return convert(node.value)
+        except ValueError as exc:
+            text = str(exc)
+            sep = " " if text.startswith("must ") else ": "
+            return checker.add(node.line, f"{path}{sep}{text}")
+
+    return rule
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true or false, not {_show(value)}")
+
+
+def _integer(minimum: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"must be {kind}, not {_show(value)}")
+
+    return convert
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if isinstance(value, str) and value in options:
+            return value
+        listed = ", ".join(options[:-1]) + f" or {options[-1]}"
+        raise ValueError(f"must be {listed}, not {_show(value)}")
+
+    return convert
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError(f"must be a non-empty string, not {_show(value)}")
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0, not {_show(value)}")
+    return seconds
+
+
+def _user(value: object) -> str | None:
+    if value is None:
+        return None
+    name = _text(value)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"must name an existing user; '{name}' does not exist here") from None
+    return name
+
+
+def _workers(value: object) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f'must be a positive integer or "auto", not {_show(value)}')
+
+
+def _cidrs(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, '["10.0.0.0/8"]')
+    if items is None:
+        return _BAD
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(str(item.value), strict=False)))
+        except ValueError:
+            checker.add(item.line, f"{path}: {_show(item.value)} is not an IP network (CIDR)")
+    return tuple(networks)
+
+
+def _path_rule(optional: bool, dash: bool = False) -> Rule:
+    """A file name, made absolute; None when ``optional``; "-" kept when ``dash``."""
+
+    def rule(checker: _Checker, node: _Node, path: str) -> Any:
+        if node.value is None and optional:
+            return None
+        if dash and node.value == "-":
+            return "-"
+        if not isinstance(node.value, str) or not node.value.strip():
+            return checker.add(node.line, f"{path} must be a file name, not {_show(node.value)}")
+        return checker.absolute(node.value)
+
+    return rule
+
+
+def _existing_file(label: str) -> Rule:
+    """A file that must exist and be readable, e.g. a certificate."""
+
+    def rule(checker: _Checker, node: _Node, path: str) -> Any:
+        name = _path_rule(optional=False)(checker, node, path)
+        if name is _BAD:
+            return _BAD
+        if not os.path.exists(name):
+            return checker.add(node.line, f"{label} file {name} does not exist")
+        if not os.path.isfile(name):
+            return checker.add(node.line, f"{label} file {name} is not a regular file")
+        if not os.access(name, os.R_OK):
+            return checker.add(node.line, f"{label} file {name} is not readable")
+        return name
+
+    return rule
+
+
+def _directory(checker: _Checker, node: _Node, path: str) -> Any:
+    name = _path_rule(optional=True)(checker, node, path)
+    if name is None or name is _BAD:
+        return name
+    if not os.path.isdir(name):
+        return checker.add(node.line, f"{path}: directory {name} does not exist")
+    return name
+
+
+_ENV_NAME = re.compile(r"[^=\0]+")
+
+
+def _environment(checker: _Checker, node: _Node, path: str) -> Any:
+    entries = checker.mapping(node, path)
+    if entries is None:
+        return _BAD
+    pairs: list[tuple[str, str]] = []
+    for name, item in entries.items():
+        value = item.value
+        if not _ENV_NAME.fullmatch(name):
+            checker.add(item.key_line, f"{path}: {name!r} is not a valid environment variable name")
+        elif isinstance(value, str):
+            pairs.append((name, value))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            pairs.append((name, str(value)))
+        else:
+            checker.add(item.line, f'{path}.{name} must be a string, not {_show(value)} (quote it: "...")')
+    return tuple(pairs)
+
+
+def _section(rules: dict[str, Rule]) -> Rule:
+    """A nested mapping checked by ``rules``; the result is a dict of the keys given."""
+
+    def rule(checker: _Checker, node: _Node, path: str) -> Any:
+        if isinstance(node.value, dict):
+            return checker.fields(node, path, rules)
+        checker.mapping(node, path)  # records the problem
+        return _BAD
+
+    return rule
+
+
+def _command(checker: _Checker, node: _Node, path: str) -> Any:
+    if isinstance(node.value, str):
+        try:
+            words = shlex.split(node.value)
+        except ValueError:  # unbalanced quotes
+            words = []
+        example = json.dumps(words) if words else '["gunicorn", "app:app"]'
+        return checker.add(node.line, f"{path} must be an argv list, e.g. {example}")
+    items = checker.sequence(node, path, '["gunicorn", "app:app"]')
+    if items is None:
+        return _BAD
+    if not items:
+        return checker.add(node.line, f"{path} must not be empty")
+    argv: list[str] = []
+    for item in items:
+        if isinstance(item.value, int | float) and not isinstance(item.value, bool):
+            argv.append(str(item.value))
+        elif isinstance(item.value, str) and (item.value or argv):
+            argv.append(item.value)
+        elif item.value == "":
+            checker.add(item.line, f"{path}: the program name must not be empty")
+        else:
+            checker.add(item.line, f"{path}: each argument must be a string, not {_show(item.value)}")
+    return tuple(argv)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_hostname(name: str) -> bool:
+    labels = name.split(".")
+    return len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _hosts(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, '["shop.example.com", "*.example.com"]')
+    if items is None:
+        return _BAD
+    hosts: list[str] = []
+    for item in items:
+        name = item.value.strip().lower().rstrip(".") if isinstance(item.value, str) else ""
+        bare = name[2:] if name.startswith("*.") else name
+        if name == "*":
+            checker.add(item.line, f"{path}: leave hosts out to match any host, instead of '*'")
+        elif not (_is_hostname(bare) or (bare == name and _is_ip(name.strip("[]")))):
+            checker.add(item.line, f"{path}: {_show(item.value)} is not a host name or '*.domain' pattern")
+        elif name not in hosts:
+            hosts.append(name)
+    return tuple(hosts)
+
+
+def _url_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f'must start with "/", not {_show(value)}')
+    segments = value.strip("/").split("/")
+    if any(c in value for c in "?# \t") or "//" in value or {".", ".."} & set(segments):
+        raise ValueError(f"must be a plain path such as /shop, not {_show(value)}")
+    return value.rstrip("/") or "/"
+
+
+def _hsts(value: object) -> int | None:
+    return None if value is None else int(parse_duration(value))
+
+
+def _address(value: object) -> tuple[str, int]:
+    example = 'host:port, e.g. "0.0.0.0:443" or "[::]:443"'
+    if not isinstance(value, str):
+        raise ValueError(f"must be {example}, not {_show(value)}")
+    match = re.fullmatch(r"\[([^\]]*)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if match is None:
+        raise ValueError(f"must be {example}, not {_show(value)}")
+    v6, v6_port, host, port_text = match.groups()
+    port = int(v6_port or port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not between 1 and 65535")
+    if v6 is not None:
+        try:
+            ipaddress.IPv6Address(v6)
+        except ValueError:
+            raise ValueError(f"[{v6}] is not an IPv6 address") from None
+        return str(ipaddress.IPv6Address(v6)), port
+    if not host:
+        raise ValueError(f'the host is missing; use "0.0.0.0:{port}" (all IPv4) or "[::]:{port}" (all IPv6)')
+    if _is_ip(host):
+        return str(ipaddress.ip_address(host)), port
+    if not _is_hostname(host.lower()):
+        raise ValueError(f"{host!r} is not an IP address or host name")
+    return host.lower(), port
+
+
+def _certificates(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, "[{cert: site.pem, key: site.key}]")
+    if items is None:
+        return _BAD
+    if not items:
+        return checker.add(node.line, f"{path} must list at least one {{cert, key}} pair")
+    pairs: list[CertificatePair] = []
+    for index, item in enumerate(items):
+        item_path = f"{path}[{index}]"
+        values = checker.fields(item, item_path, _CERT_RULES)
+        entries = item.value if isinstance(item.value, dict) else None
+        has_cert = checker.require(values, entries, item, item_path, "cert", "a PEM certificate chain")
+        has_key = checker.require(values, entries, item, item_path, "key", "its PEM private key")
+        if has_cert and has_key:
+            pairs.append(CertificatePair(values["cert"], values["key"]))
+    return tuple(pairs) if len(pairs) == len(items) else _BAD
+
+
+def _tls(checker: _Checker, node: _Node, path: str) -> Any:
+    values = checker.fields(node, path, _TLS_RULES)
+    entries = node.value if isinstance(node.value, dict) else None
+    ok = checker.require(values, entries, node, path, "certificates", "a list of {cert, key}")
+    mode = values.get("client_certificates", "none")
+    if mode != "none" and "client_ca" not in values and not (entries and "client_ca" in entries):
+        checker.add(entries["client_certificates"].line if entries else node.line,
+                    f"{path}.client_certificates: {mode} needs client_ca, the CA file to verify them")
+        ok = False
+    if not ok or entries is None or len(values) < len(entries):
+        return _BAD
+    return TLSSettings(**values)
+
+
+_LIMIT_RULES: Final[dict[str, Rule]] = {
+    "max_body_size": _scalar(parse_size),
+    "max_header_size": _scalar(parse_size),
+    "header_timeout": _scalar(_positive_duration),
+    "body_timeout": _scalar(_positive_duration),
+    "keepalive_timeout": _scalar(parse_duration),
+    "max_connections": _scalar(_integer(1)),
+}
+_RECYCLE_RULES: Final[dict[str, Rule]] = {
+    "max_age": _scalar(parse_duration),
+    "max_requests": _scalar(_integer(0)),
+    "max_memory": _scalar(parse_size),
+}
+_POOL_RULES: Final[dict[str, Rule]] = {
+    "user": _scalar(_user),
+    "environment": _environment,
+    "start_mode": _scalar(_choice("on_demand", "always")),
+    "idle_timeout": _scalar(parse_duration),
+    "startup_time_limit": _scalar(_positive_duration),
+    "shutdown_time_limit": _scalar(parse_duration),
+    "request_timeout": _scalar(_positive_duration),
+    "rapid_fails_per_minute": _scalar(_integer(0)),
+    "processes_per_app": _scalar(_integer(1)),
+    "max_concurrency": _scalar(_integer(0)),
+    "max_queue": _scalar(_integer(0)),
+    "recycle": _section(_RECYCLE_RULES),
+}
+if set(_POOL_RULES) != POOL_SETTING_NAMES:  # keep the table in step with module.spec
+    raise RuntimeError(f"_POOL_RULES differs from PoolSettings: {set(_POOL_RULES) ^ POOL_SETTING_NAMES}")
+
+_APP_RULES: Final[dict[str, Rule]] = {
+    **_POOL_RULES,
+    "pool": _scalar(_text),
+    "hosts": _hosts,
+    "path": _scalar(_url_path),
+    "command": _command,
+    "cwd": _directory,
+    "stdout_log": _path_rule(optional=True),
+    "transport": _scalar(_choice("tcp", "unix")),
+}
+_TOP_RULES: Final[dict[str, Rule]] = {
+    "user": _scalar(_user),
+    "admin_socket": _path_rule(optional=False),
+    "access_log": _path_rule(optional=True, dash=True),
+    "access_log_format": _scalar(_choice("combined", "json")),
+    "workers": _scalar(_workers),
+    "trusted_proxies": _cidrs,
+    "detailed_errors": _scalar(_boolean),
+    "limits": _section(_LIMIT_RULES),
+}
+_CERT_RULES: Final[dict[str, Rule]] = {
+    "cert": _existing_file("certificate"),
+    "key": _existing_file("key"),
+}
+_TLS_RULES: Final[dict[str, Rule]] = {
+    "certificates": _certificates,
+    "hsts": _scalar(_hsts),
+    "client_certificates": _scalar(_choice("none", "optional", "required")),
+    "client_ca": _existing_file("client_ca"),
+}
+_LISTEN_RULES: Final[dict[str, Rule]] = {
+    "address": _scalar(_address),
+    "redirect_https": _scalar(_boolean),
+    "tls": _tls,
+    "http2": _scalar(_boolean),
+}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+# --- the parts that need more than one key ----------------------------------------------
+
+
+def _listeners(checker: _Checker, node: _Node) -> list[Listener]:
+    items = checker.sequence(node, "listen", '[{address: "0.0.0.0:80"}]')
+    if items is None:
+        return []
+    if not items:
+        checker.add(node.line, "listen must list at least one address")
+    listeners: list[Listener] = []
+    seen: dict[tuple[str, int], int] = {}
+    for index, item in enumerate(items):
+        path = f"listen[{index}]"
+        values = checker.fields(item, path, _LISTEN_RULES)
+        entries = item.value if isinstance(item.value, dict) else None
+        if not checker.require(values, entries, item, path, "address", 'e.g. "0.0.0.0:80"'):
+            continue
+        host, port = values.pop("address")
+        if (host, port) in seen:
+            checker.add(entries["address"].line if entries else item.line,
+                        f"{path}.address {Listener(host, port).address} is already used "
+                        f"by listen[{seen[host, port]}]")
+        seen.setdefault((host, port), index)
+        if values.get("redirect_https") and entries and "tls" in entries:
+            checker.add(entries["redirect_https"].line,
+                        f"{path}.redirect_https is for plain listeners; this one has tls")
+        listeners.append(Listener(host=host, port=port, **values))
+    declares_tls = any(isinstance(item.value, dict) and "tls" in item.value for item in items)
+    if any(lis.redirect_https for lis in listeners) and not declares_tls:
+        checker.add(node.line, "listen: redirect_https needs a listener with tls to redirect to")
+    return listeners
+
+
+def _pools(checker: _Checker, node: _Node | None) -> dict[str, PoolSettings]:
+    pools = {"default": PoolSettings()}
+    entries = checker.mapping(node, "pools") if node is not None else None
+    for name, item in (entries or {}).items():
+        if not _NAME.fullmatch(name):
+            checker.add(item.key_line, f"pool name '{name}' must be letters, digits, '_', '.' or '-'")
+        values = checker.fields(item, f"pools.{name}", _POOL_RULES)
+        values["recycle"] = RecycleSettings(**values.get("recycle", {}))
+        pools[name] = PoolSettings(**values)
+    return pools
+
+
+def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
+          https_port: int | None) -> tuple[list[AppSpec], list[Route]]:
+    entries = checker.mapping(node, "apps")
+    if entries is not None and not entries:
+        checker.add(node.line, "apps must define at least one app")
+    apps: list[AppSpec] = []
+    routes: list[Route] = []
+    claimed: dict[tuple[str, str], str] = {}  # (host or "", path) -> app
+    for name, item in (entries or {}).items():
+        path = f"apps.{name}"
+        if not _NAME.fullmatch(name):
+            checker.add(item.key_line, f"app name '{name}' must start with a letter or digit "
+                        "and hold only letters, digits, '_', '.' or '-'")
+        values = checker.fields(item, path, _APP_RULES)
+        app_entries = item.value if isinstance(item.value, dict) else None
+        pool = values.pop("pool", "default")
+        if pool not in pools and app_entries:
+            close = difflib.get_close_matches(pool, list(pools), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            checker.add(app_entries["pool"].line, f"app '{name}' names unknown pool '{pool}'{hint}")
+        has_command = checker.require(values, app_entries, item, path, "command",
+                                      'an argv list, e.g. ["gunicorn", "app:app"]')
+        routable = app_entries is not None and all(
+            key in values or key not in app_entries for key in ("hosts", "path"))
+        hosts, url_path = values.pop("hosts", ()), values.pop("path", "/")
+        if routable:
+            _claim(checker, claimed, Route(app=name, hosts=hosts, path=url_path), item.key_line)
+        routes.append(Route(app=name, hosts=hosts, path=url_path))
+        if not has_command:
+            continue
+        own = {key: values.pop(key) for key in list(values) if key in POOL_SETTING_NAMES}
+        base = pools.get(pool, PoolSettings())
+        if "recycle" in own:
+            own["recycle"] = replace(base.recycle, **own["recycle"])
+        apps.append(AppSpec(name=name, pool=pool, settings=base.merged(own),
+                            path_base="" if url_path == "/" else url_path,
+                            https_port=https_port, **values))
+    return apps, routes
+
+
+def _claim(checker: _Checker, claimed: dict[tuple[str, str], str], route: Route, line: int) -> None:
+    """Record where ``route`` is mounted; a problem when another app already is there."""
+    for host in route.hosts or ("",):
+        other = claimed.setdefault((host, route.path), route.app)
+        if other != route.app:
+            same = f"host '{host}' and path" if host else "path"
+            tail = "" if host else ", and neither names hosts"
+            checker.add(line, f"app '{route.app}' has the same {same} '{route.path}' "
+                        f"as app '{other}'{tail}")
+
+
+def _build(checker: _Checker, root: _Node) -> Config:
+    values = checker.fields(root, "", _TOP_RULES, also=("listen", "pools", "apps"))
+    entries: dict[str, _Node] = root.value if isinstance(root.value, dict) else {}
+    for key in ("listen", "apps"):
+        if isinstance(root.value, dict) and key not in entries:
+            checker.add(root.line, f"{key} is required")
+    listeners = _listeners(checker, entries["listen"]) if "listen" in entries else []
+    https_port = next((lis.port for lis in listeners if lis.tls is not None), None)
+    pools = _pools(checker, entries.get("pools"))
+    apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
+    if checker.problems:
+        raise ConfigError(sorted(checker.problems, key=lambda problem: problem.line))
+    if "limits" in values:
+        values["limits"] = Limits(**values["limits"])
+    return Config(listeners=tuple(listeners), apps=tuple(apps), routes=tuple(routes),
+                  pools=pools, source=checker.file, **values)
+
+
+# --- public entry points ----------------------------------------------------------------
+
+
+def load_config(path: str) -> Config:
+    """Read, check and convert the YAML file ``path``; ConfigError lists every problem."""
+    try:
+        with open(path, "rb") as stream:
+            raw = stream.read()
+    except OSError as exc:
+        raise ConfigError([Problem(path, 0, f"cannot read the configuration: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([Problem(path, line, "the file is not valid UTF-8")]) from None
+    checker = _Checker(path, os.path.dirname(os.path.abspath(path)))
+    root = _from_yaml(text, path, checker.problems)
+    if root is None or root.value is None:
+        raise ConfigError([Problem(path, 1, "empty configuration; listen and apps are required")])
+    return _build(checker, root)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Check and convert already-parsed data, as ``load_config`` does (lines are 0)."""
+    checker = _Checker(source, os.getcwd())
+    return _build(checker, _from_python(data, checker.problems, source))
+
+
+def check_main(path: str) -> int:
+    """``bastion check -c FILE``: print the problems on stderr (1) or "FILE: configuration OK" (0)."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(f"{path}: configuration OK")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m proxy.config_load FILE")
+    sys.exit(check_main(sys.argv[1]))
