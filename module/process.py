@@ -142,7 +142,7 @@ class AppProcess:
             else:
                 conn = asyncio.open_connection("127.0.0.1", self.port)
             _, writer = await asyncio.wait_for(conn, timeout=1.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return False
         writer.close()
         with contextlib.suppress(OSError):
@@ -212,7 +212,7 @@ class AppProcess:
             self.signal_group(signal.SIGCONT)
             try:
                 await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         # The leader may be gone while children of its group remain: kill the group.
         self.signal_group(signal.SIGKILL)

@@ -136,7 +136,7 @@ class EndpointTable:
             event = view.changed
             try:
                 await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     def _take(self, app: str, view: _AppView, st: AppState) -> Lease:

@@ -58,8 +58,8 @@ class UpstreamPool:
         if endpoint.socket_path is not None:
             session = self._unix.get(endpoint.socket_path)
             if session is None:
-                connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=0)
-                session = self._unix[endpoint.socket_path] = self._session(connector)
+                unix = aiohttp.UnixConnector(path=endpoint.socket_path, limit=0)
+                session = self._unix[endpoint.socket_path] = self._session(unix)
             return session
         if self._tcp is None:
             connector = aiohttp.TCPConnector(
@@ -89,7 +89,7 @@ async def _client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIt
     while True:
         try:
             chunk = await asyncio.wait_for(request.content.readany(), body_timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise _BodyTimeout() from exc
         if not chunk:
             return
@@ -170,7 +170,7 @@ async def forward(
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
                     sent += len(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 # The status is already out: all we can do is cut the connection short.
                 if request.transport is not None:
                     request.transport.abort()

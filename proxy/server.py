@@ -92,12 +92,13 @@ class RequestHandler:
         """aiohttp's entry point for one request."""
         started = time.monotonic()
         answer = _Answer(500, 0)
-        response: web.StreamResponse | None = None
+        response: web.StreamResponse
         try:
             response, answer = await self._serve(request)
         except ProxyError as error:
-            response = self._error_response(error)
-            answer = _Answer(error.status, response.content_length or 0, error.app or "-")
+            page = self._error_response(error)
+            response = page
+            answer = _Answer(error.status, page.content_length or 0, error.app or "-")
         except HTTPException:
             raise
         finally:
@@ -131,8 +132,7 @@ class RequestHandler:
             raise BadRequest("missing, repeated or malformed Host header")
         host = hosts[0]
         if self.listener.redirect_https and self.config.https_port is not None:
-            response = self._redirect(request, host)
-            return response, _Answer(308, 0)
+            return self._redirect(request, host), _Answer(308, 0)
         route = self.router.match(host, normalised_path(request.path))
         if route is None:
             raise NotFound("no application is configured for this address")
@@ -153,7 +153,7 @@ class RequestHandler:
             )
             raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
             try:
-                response, sent = await forward(
+                streamed, sent = await forward(
                     request,
                     lease.endpoint,
                     self.pool,
@@ -168,7 +168,7 @@ class RequestHandler:
                     lease.failed(str(error))
                 error.app = route.app
                 raise
-            return response, _Answer(response.status, sent, route.app, lease.endpoint.pid)
+            return streamed, _Answer(streamed.status, sent, route.app, lease.endpoint.pid)
         finally:
             lease.release()
 
@@ -211,7 +211,7 @@ class ListenerSet:
     """The running listeners of one worker."""
 
     def __init__(self) -> None:
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._aiohttp: list[web.Server] = []
 
     async def start(
@@ -225,7 +225,7 @@ class ListenerSet:
         limits = config.limits
         for listener, sock, context in sockets:
             handler = handlers[listener.address]
-            server = web.Server(
+            web_server = web.Server(
                 handler.handle,
                 handler_cancellation=True,
                 keepalive_timeout=limits.keepalive_timeout,
@@ -234,9 +234,9 @@ class ListenerSet:
                 auto_decompress=False,
                 access_log=None,
             )
-            self._aiohttp.append(server)
+            self._aiohttp.append(web_server)
             self._servers.append(
-                await loop.create_server(server, sock=sock, ssl=context,
+                await loop.create_server(web_server, sock=sock, ssl=context,
                                          ssl_handshake_timeout=10 if context else None)
             )
 
@@ -244,7 +244,7 @@ class ListenerSet:
         """Stop accepting, let requests in flight finish up to ``grace``, then close."""
         for server in self._servers:
             server.close()
-        for server in self._aiohttp:
-            await server.shutdown(grace)
+        for web_server in self._aiohttp:
+            await web_server.shutdown(grace)
         for server in self._servers:
             await server.wait_closed()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 from aiohttp import web
@@ -35,14 +36,14 @@ async def _handle(request: web.BaseRequest) -> web.StreamResponse:
     sent_body = False
     response = web.StreamResponse()
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         nonlocal sent_body
         if not sent_body:
             sent_body = True
             return {"type": "http.request", "body": body, "more_body": False}
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
             response.set_status(message["status"])
             for name, value in message.get("headers", []):
