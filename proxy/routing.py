@@ -12,6 +12,7 @@ several named ones.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,14 +20,27 @@ from .config import Route
 
 
 def normalise_host(host: str) -> str:
-    """Lower-case, without port and trailing dot: ``Shop.Example.com.:443`` -> ``shop.example.com``."""
+    """Lower-case, without port and trailing dot: ``Shop.Example.com.:443`` -> ``shop.example.com``.
+
+    An IPv6 literal comes out bracketed and in its compressed form, whether it was
+    written ``[0:0::1]:8080`` (a Host header) or ``::1`` (a configured host).
+    """
     host = host.strip().lower()
-    if host.startswith("["):  # IPv6 literal
+    if host.startswith("["):  # IPv6 literal, perhaps with a port
         end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
+        if end == -1:
+            return host
+        inner = host[1:end]
+    elif host.count(":") > 1:  # a bare IPv6 literal (no port possible)
+        inner = host
+    else:
+        if ":" in host:
+            host = host.split(":", 1)[0]
+        return host.rstrip(".")
+    try:
+        return f"[{ipaddress.IPv6Address(inner).compressed}]"
+    except ValueError:
+        return host[: host.find("]") + 1] if host.startswith("[") else host
 
 
 def host_rank(pattern: str, host: str) -> int:
@@ -69,7 +83,7 @@ class Router:
             if not path_matches(route.path, path):
                 continue
             if route.hosts:
-                rank = max(host_rank(p, name) for p in route.hosts)
+                rank = max(host_rank(normalise_host(p), name) for p in route.hosts)
                 if rank < 0:
                     continue
             else:

@@ -25,6 +25,8 @@ def app_of(router: Router, host: str, path: str) -> str | None:
         ("[::1]:8443", "[::1]"),
         ("[::1]", "[::1]"),
         ("[2001:DB8::1]:80", "[2001:db8::1]"),
+        ("[0:0::1]:80", "[::1]"),
+        ("::1", "[::1]"),
     ],
 )
 def test_normalise_host_lowercases_and_drops_port_and_trailing_dot(raw: str, expected: str) -> None:
@@ -68,6 +70,13 @@ def test_ipv6_literal_host_matches_bracketed_pattern() -> None:
     router = Router([Route("v6", hosts=("[::1]",))])
     assert app_of(router, "[::1]:8080", "/") == "v6"
     assert app_of(router, "[::2]:8080", "/") is None
+
+
+def test_ipv6_literal_host_matches_pattern_written_without_brackets() -> None:
+    # The configuration accepts "::1" as a host; a client always sends "[::1]".
+    router = Router([Route("v6", hosts=("::1",))])
+    assert app_of(router, "[::1]:8080", "/") == "v6"
+    assert app_of(router, "[0:0::1]", "/") == "v6"
 
 
 def test_ipv4_literal_host() -> None:
