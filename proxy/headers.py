@@ -68,7 +68,8 @@ def connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
 def upstream_headers(client: Iterable[tuple[str, str]], info: ForwardInfo) -> Headers:
     """The header list to send to the app for a request with ``client`` headers."""
     client = list(client)
-    listed = connection_listed(client)
+    # Host is end-to-end and goes to the app unchanged (SPEC 5), even if Connection names it.
+    listed = connection_listed(client) - {"host"}
     kept: Headers = []
     chain: dict[str, list[str]] = {}
     for name, value in client:

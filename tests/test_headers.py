@@ -60,6 +60,13 @@ def test_headers_named_by_connection_removed() -> None:
     assert {"x-secret", "other-one", "connection"}.isdisjoint(names(out))
 
 
+def test_connection_cannot_remove_the_host_header() -> None:
+    # SPEC 5: Host goes to the app unchanged; a "Connection: host" must not strip it
+    # (the HTTP client would then invent Host: 127.0.0.1:PORT).
+    out = upstream_headers([("Host", "shop.example.com"), ("Connection", "Host")], INFO)
+    assert ("Host", "shop.example.com") in out
+
+
 @pytest.mark.parametrize(
     "name",
     ["X-Bastion-Token", "x-bastion-client-cert", "X-Bastion-Anything", "X-Forwarded-For",
