@@ -69,7 +69,14 @@ class AppOutput:
     def tail(self, max_lines: int = 20) -> str:
         """The last ``max_lines`` lines of output, decoded leniently."""
         text = self._tail.decode("utf-8", "replace")
-        lines = [line for line in text.splitlines() if not line.startswith("=== bastion ")]
+        lines: list[str] = []
+        for line in text.splitlines():
+            if line.startswith("=== bastion "):
+                # ``mark`` starts with a newline of its own: drop the empty line it left.
+                if lines and lines[-1] == "":
+                    lines.pop()
+                continue
+            lines.append(line)
         return "\n".join(lines[-max_lines:])
 
     def close(self) -> None:

@@ -45,6 +45,15 @@ def test_tail_hides_marker_lines() -> None:
     out.write(b"third\n")
     out.mark("started pid 13 port 3000")
     assert "=== bastion" not in out.tail(10)
+    assert out.tail(10).splitlines() == ["first", "second", "third"]
+
+
+def test_markers_take_no_room_in_the_tail() -> None:
+    out = AppOutput("shop", None)
+    out.write(b"a\nb\n")
+    out.mark("pid 12 exited with status 3")
+    out.write(b"c\n")
+    assert out.tail(2) == "b\nc"
 
 
 def test_marker_after_partial_line_keeps_the_line() -> None:
