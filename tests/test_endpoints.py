@@ -44,6 +44,10 @@ class FakeModule:
     def needs(self) -> int:
         return sum(isinstance(m, NeedApp) for m in self.sent)
 
+    def requests(self) -> list[NeedApp | EndpointFailed]:
+        """What was sent, without usage reports (counters, not requests)."""
+        return [m for m in self.sent if isinstance(m, NeedApp | EndpointFailed)]
+
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
@@ -65,7 +69,7 @@ def test_ready_takes_least_busy_endpoint_and_release_frees_it() -> None:
         c.release()
         c.release()  # idempotent
         assert table.counters("shop")[a.endpoint.pid] == (0, 2)
-        assert module.sent == []
+        assert module.requests() == []
 
     run(main())
 
@@ -76,7 +80,7 @@ def test_lease_failed_sends_endpoint_failed() -> None:
         module.table.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
         lease = await module.table.acquire("shop", 1.0)
         lease.failed("refused")
-        assert module.sent == [EndpointFailed("shop", 101, "refused")]
+        assert module.requests() == [EndpointFailed("shop", 101, "refused")]
 
     run(main())
 
@@ -106,7 +110,7 @@ def test_stopped_app_sends_need_once_and_waits_for_ready() -> None:
         lease = await table.acquire("shop", 2.0)
         await task
         assert lease.endpoint == EP1
-        assert module.sent == [NeedApp("shop")]
+        assert module.requests() == [NeedApp("shop")]
 
     run(main())
 
@@ -163,7 +167,7 @@ def test_older_failed_state_triggers_need_not_502() -> None:
         lease = await table.acquire("shop", 2.0)
         await task
         assert lease.endpoint == EP1
-        assert module.sent == [NeedApp("shop")]
+        assert module.requests() == [NeedApp("shop")]
 
     run(main())
 
@@ -177,7 +181,7 @@ def test_backoff_in_future_is_503_with_retry_after() -> None:
             await module.table.acquire("shop", 1.0)
         assert info.value.status == 503
         assert info.value.retry_after == math.ceil(retry_at - time.time()) == 8
-        assert module.sent == []
+        assert module.requests() == []
 
     run(main())
 
@@ -217,7 +221,7 @@ def test_offline_is_503_with_body() -> None:
         assert info.value.status == 503
         assert info.value.body == body
         assert render(info.value, detailed=False) == body
-        assert module.sent == []
+        assert module.requests() == []
 
     run(main())
 
@@ -232,7 +236,7 @@ def test_out_of_order_older_update_is_ignored() -> None:
         assert state is not None and state.version == 5 and state.state == "ready"
         lease = await table.acquire("shop", 1.0)
         assert lease.endpoint == EP1
-        assert module.sent == []
+        assert module.requests() == []
 
     run(main())
 
@@ -260,13 +264,14 @@ def test_waiters_are_woken_by_every_update() -> None:
         module.on_need = lambda t, m: t.update(AppState("shop", t.state("shop").version + 1, "starting"))
         waiters = [asyncio.ensure_future(table.acquire("shop", 2.0)) for _ in range(3)]
         await asyncio.sleep(0.02)
-        assert module.needs() == 3  # each request asks once (an idempotent hint)
+        asked = module.needs()
+        assert 1 <= asked <= 3  # at most once per request (an idempotent hint)
         table.update(AppState("shop", 9, "starting"))
         await asyncio.sleep(0.02)
         table.update(AppState("shop", 10, "ready", endpoints=(EP1, EP2)))
         leases = await asyncio.gather(*waiters)
         assert sorted(lease.endpoint.pid for lease in leases) == [101, 101, 102]
-        assert module.needs() == 3  # woken by updates, none asked again
+        assert module.needs() == asked  # woken by updates, none asked again
 
     run(main())
 
