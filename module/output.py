@@ -38,6 +38,7 @@ class AppOutput:
             except OSError:
                 pass
             self._file = None
+        self._warned = False  # a new file: report its first write failure again
         if self.path is None:
             return
         try:

@@ -145,3 +145,17 @@ def test_port_is_free_false_for_bound_port() -> None:
         port = sock.getsockname()[1]
         assert not port_is_free(port)
     assert port_is_free(pick_free_port())
+
+
+def test_write_failure_is_reported_again_after_reopen(caplog: pytest.LogCaptureFixture) -> None:
+    # /dev/full opens fine and fails every write with ENOSPC.
+    with caplog.at_level(logging.ERROR, logger="bastion.module"):
+        out = AppOutput("shop", "/dev/full")
+        out.write(b"one\n")
+        out.write(b"two\n")
+        assert sum("writing /dev/full failed" in r.getMessage() for r in caplog.records) == 1
+        out.reopen()  # SIGUSR1 after the operator fixed (or not) the disk
+        out.write(b"three\n")
+        out.close()
+    assert sum("writing /dev/full failed" in r.getMessage() for r in caplog.records) == 2
+    assert out.tail(3) == "one\ntwo\nthree"
