@@ -551,3 +551,23 @@ def test_trusted_proxy_chain_is_kept_and_extended(trusting: BastionProcess) -> N
 def test_untrusted_client_chain_is_replaced(bastion: BastionProcess) -> None:
     got = info(bastion, "/info", headers={"X-Forwarded-For": "6.6.6.6"})
     assert seen_headers(got)["x-forwarded-for"] == [CLIENT]
+
+
+@pytest.mark.parametrize("listener", [0, 1], ids=["http", "https"])
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_chunked_upload_streams_through(bastion: BastionProcess, server: str,
+                                        listener: int) -> None:
+    host, prefix, _ = MEMORY_CASES[server]
+    blocks = [os.urandom(100_000) for _ in range(30)]
+    conn = _connection(bastion, listener)
+    try:
+        # No Content-Length: http.client sends the generator with chunked encoding.
+        conn.request("POST", f"{prefix}/upload", body=iter(blocks), headers={"Host": host},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        answer = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200, answer[:300]
+    whole = b"".join(blocks)
+    assert json.loads(answer) == {"size": len(whole), "sha256": hashlib.sha256(whole).hexdigest()}
