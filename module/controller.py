@@ -1,4 +1,4 @@
-"""One app's lifecycle: start on demand (or always), restart on crash, rapid-fail, stop.
+"""One app's lifecycle: start, crash restart, rapid-fail, recycle, idle stop, app_offline.
 
 Theory of operation
 -------------------
@@ -10,14 +10,20 @@ whenever anything changes. Its states (see ``module.messages.State``):
                           +--exit/timeout--> failed               +--> starting
     failed/backoff: a crash or failed start is counted in the rapid-fail window; once the
     window is full the state is ``backoff`` until ``retry_at`` and needs are refused.
-    any --stop--> draining --all exited--> stopped
+    any --app_offline.htm--> offline --file gone--> stopped;  any --stop--> stopped
 
-``need()`` is an idempotent hint from the proxy: while starting or ready it does nothing.
-With ``processes_per_app: N`` a start launches up to N processes; the app is ``ready`` as
-soon as one listens. A process that dies while ready is a crash: its group is killed
-(leftover children included), it is counted, and its endpoint is withdrawn at once.
-``start_mode: always`` restarts immediately, with exponential backoff (0.5 s doubling,
-capped at 30 s, reset once a process stayed up 60 s), and never beyond rapid-fail limits.
+Processes live in three lists: ``starting``, ``processes`` (ready: they are the published
+endpoints) and ``draining`` (withdrawn, finishing their requests). ``need()`` is an
+idempotent hint from the proxy. With ``processes_per_app: N`` a start launches N
+processes and the app is ``ready`` as soon as one listens. A ready process that dies is a
+crash: whatever it left behind is killed, it is counted, its endpoint withdrawn at once.
+
+A recycle is always overlapped: replacements start while the old processes serve; each
+old process is withdrawn only when a replacement is ready, then drains (no request in
+flight by the workers' usage reports, or ``request_timeout`` passed) and is stopped.
+``tick()`` (twice a second, from the supervisor) drives the time-based rules: recycle
+triggers, idle stop, app_offline.htm, draining, and descendant tracking. The rules
+themselves are pure functions in ``module.policy``.
 """
 
 from __future__ import annotations
@@ -32,9 +38,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import psutil
+
+from . import policy
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
-from .messages import AppState, Endpoint, State
+from .messages import AppState, Endpoint, ProcessUsage, State, UsageReport
 from .output import AppOutput
 from .ports import pick_free_port
 from .process import AppProcess, describe_exit
@@ -43,10 +52,25 @@ from .spec import AppSpec
 
 log = logging.getLogger("bastion.module")
 
-BACKOFF_FIRST = 0.5
-BACKOFF_CAP = 30.0
-HEALTHY_UPTIME = 60.0
 PORT_RETRIES = 3
+OFFLINE_FILE = "app_offline.htm"
+OFFLINE_MAX_BYTES = 1024 * 1024
+MEMORY_SAMPLE_EVERY = 2.0
+
+
+def tree_usage(pid: int) -> tuple[int, float]:
+    """RSS in bytes and CPU percent of ``pid`` and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0.0
+    rss, cpu = 0, 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            rss += proc.memory_info().rss
+            cpu += proc.cpu_percent(interval=None)
+    return rss, cpu
 
 
 class AppController:
@@ -64,15 +88,25 @@ class AppController:
         self.version = 0
         self.processes: list[AppProcess] = []  # ready, taking requests
         self.starting: list[AppProcess] = []
+        self.draining: list[AppProcess] = []
+        self._launched: list[AppProcess] = []  # until reaped: never reaped by the sweep
         self.restarts = 0
+        self.recycles = 0
         self.last_exit = ""
         self.reason = ""
         self.detail = ""
+        self.offline_body: str | None = None
+        self.admin_stopped = False
+        self.last_active = time.monotonic()
+        self._usage: dict[int, dict[int, ProcessUsage]] = {}  # worker -> pid -> usage
         self._retry_at_mono: float | None = None
-        self._backoff = BACKOFF_FIRST
+        self._backoff = policy.BACKOFF_FIRST
         self._tasks: set[asyncio.Task[None]] = set()
         self._restart_handle: asyncio.TimerHandle | None = None
+        self._recycling = False
         self._closed = False
+        self._last_memory_sample = 0.0
+        self._tree_rss: dict[int, int] = {}
 
     # -- publishing -----------------------------------------------------------------
     def snapshot(self) -> AppState:
@@ -90,6 +124,7 @@ class AppController:
             retry_at=retry_at,
             reason=self.reason,
             detail=self.detail,
+            offline_body=self.offline_body,
         )
 
     def _set(self, state: State, reason: str | None = None, detail: str | None = None) -> None:
@@ -106,10 +141,13 @@ class AppController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- requests from the proxy ----------------------------------------------------
+    # -- messages from the proxy ----------------------------------------------------
     def need(self) -> None:
         """A request wants this app: start it unless it is starting, ready or resting."""
-        if self._closed or self.state in ("starting", "ready", "draining", "offline"):
+        self.last_active = time.monotonic()
+        if self._closed or self.admin_stopped or self.offline_body is not None:
+            return
+        if self.state in ("starting", "ready"):
             return
         now = time.monotonic()
         until = self.rapid.blocked_until(now)
@@ -129,10 +167,29 @@ class AppController:
                 self._on_exit(proc)
                 return
 
+    def usage(self, report: UsageReport) -> None:
+        """Take one worker's request counters for this app."""
+        previous = self._usage.get(report.worker, {})
+        current = {u.pid: u for u in report.processes}
+        self._usage[report.worker] = current
+        for pid, u in current.items():
+            old = previous.get(pid)
+            if u.in_flight or old is None or u.served != old.served:
+                self.last_active = time.monotonic()
+                break
+
+    def served(self, pid: int) -> int:
+        """Requests sent to ``pid``, summed over workers."""
+        return sum(w[pid].served for w in self._usage.values() if pid in w)
+
+    def in_flight(self, pid: int) -> int:
+        """Requests ``pid`` is serving now, summed over workers."""
+        return sum(w[pid].in_flight for w in self._usage.values() if pid in w)
+
     # -- starting -------------------------------------------------------------------
     def _start(self) -> None:
-        wanted = max(1, self.spec.settings.processes_per_app) - len(self.processes)
-        wanted -= len(self.starting)
+        wanted = max(1, self.spec.settings.processes_per_app)
+        wanted -= len(self.processes) + len(self.starting)
         if wanted <= 0:
             return
         if self._restart_handle is not None:
@@ -149,69 +206,65 @@ class AppController:
             return AppProcess(self.spec, 0, os.path.join(directory, "app.sock"))
         return AppProcess(self.spec, pick_free_port(avoid))
 
-    async def _start_one(self) -> None:
+    async def _launch_until_ready(self) -> AppProcess:
+        """Start one process and wait until it listens (another port if its was taken)."""
         tried: set[int] = set()
-        proc: AppProcess | None = None
-        try:
-            for attempt in range(PORT_RETRIES):
-                proc = self._new_process(tried)
-                tried.add(proc.port)
-                self.starting.append(proc)
-                try:
-                    await proc.launch(self.output, self._keeper)
-                    await proc.wait_ready(self.output)
-                    break
-                except StartFailed as exc:
-                    await self._reap(proc)
-                    if "address already in use" in exc.detail.lower() and attempt + 1 < PORT_RETRIES:
-                        self.starting.remove(proc)
-                        continue  # the port was taken between our check and its bind
+        for attempt in range(PORT_RETRIES):
+            proc = self._new_process(tried)
+            self._launched.append(proc)
+            tried.add(proc.port)
+            self.starting.append(proc)
+            try:
+                await proc.launch(self.output, self._keeper)
+                await proc.wait_ready(self.output)
+                return proc
+            except StartFailed as exc:
+                self.last_exit = describe_exit(proc.returncode)
+                await proc.stop(timeout=0)
+                self.output.mark(f"pid {proc.pid} {describe_exit(proc.returncode)}")
+                taken = "address already in use" in exc.detail.lower()
+                if not taken or attempt + 1 == PORT_RETRIES:
                     raise
+            finally:
+                self.starting.remove(proc)
+        raise AssertionError("unreachable")
+
+    async def _start_one(self) -> None:
+        try:
+            proc = await self._launch_until_ready()
         except (StartFailed, LaunchError) as exc:
             reason = exc.reason if isinstance(exc, StartFailed) else str(exc)
             detail = exc.detail if isinstance(exc, StartFailed) else ""
-            if proc is not None:
-                with contextlib.suppress(ValueError):
-                    self.starting.remove(proc)
-                self.last_exit = describe_exit(proc.returncode)
             log.error("app %s failed to start: %s\n%s", self.spec.name, reason, detail)
             self.output.mark(f"start failed: {reason}")
             self._failure(reason, detail)
             return
-        assert proc is not None
-        self.starting.remove(proc)
-        if self._closed:
-            await proc.stop()
+        if self._closed or self.admin_stopped or self.offline_body is not None:
+            await self._stop_one(proc)  # offline or stopped while it was starting
             return
         self.processes.append(proc)
         log.info("app %s ready: pid %d port %d", self.spec.name, proc.pid, proc.port)
         self._set("ready", reason="", detail="")
         self._spawn(self._watch(proc))
 
-    async def _reap(self, proc: AppProcess) -> None:
-        if proc.pid:
-            await proc.stop(timeout=0)
-            self._keeper.forget(proc.pid)
-            self.output.mark(f"pid {proc.pid} {describe_exit(proc.returncode)}")
-
     # -- crashes --------------------------------------------------------------------
     async def _watch(self, proc: AppProcess) -> None:
         await proc.wait()
         if not proc.stopping:
             self._on_exit(proc)
+            await proc.clean_up()
 
     def _on_exit(self, proc: AppProcess) -> None:
         if proc not in self.processes:
             return
         self.processes.remove(proc)
         proc.kill_group_now()  # leftover children of a crashed leader
-        self._keeper.forget(proc.pid)
         status = describe_exit(proc.returncode)
         self.last_exit = status
         self.output.mark(f"pid {proc.pid} {status}")
         log.warning("app %s: pid %d %s", self.spec.name, proc.pid, status)
-        if time.monotonic() - proc.ready_at >= HEALTHY_UPTIME:
-            self._backoff = BACKOFF_FIRST
+        uptime = time.monotonic() - proc.ready_at
+        self._backoff = policy.backoff_after_exit(self._backoff, uptime)
         self._failure(f"process {status}", self.output.tail())
 
     def _failure(self, reason: str, detail: str) -> None:
@@ -221,6 +274,9 @@ class AppController:
         self.rapid.record(now)
         if self.processes:  # others still serve
             self._set("ready", reason=reason, detail=detail)
+        elif self.offline_body is not None or self.admin_stopped:
+            self._set("offline", reason=reason, detail=detail)
+            return
         else:
             until = self.rapid.blocked_until(now)
             if until is not None:
@@ -238,7 +294,7 @@ class AppController:
             return
         now = time.monotonic()
         delay = self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+        self._backoff = policy.next_backoff(self._backoff)
         until = self.rapid.blocked_until(now)
         if until is not None:
             delay = max(delay, until - now)
@@ -251,34 +307,166 @@ class AppController:
             self.state = "failed"  # need() re-checks the window and publishes
         self.need()
 
+    # -- recycling ------------------------------------------------------------------
+    def recycle(self, reason: str = "requested") -> bool:
+        """Overlapped restart of every process; False when there is nothing to recycle."""
+        if self._closed or self._recycling or not self.processes:
+            return False
+        self._recycling = True
+        self.recycles += 1
+        log.info("app %s: recycling (%s)", self.spec.name, reason)
+        self.output.mark(f"recycle: {reason}")
+        self._spawn(self._recycle(list(self.processes)))
+        return True
+
+    async def _recycle(self, old: list[AppProcess]) -> None:
+        try:
+            for proc in old:
+                if proc not in self.processes:
+                    continue  # crashed meanwhile: the crash path replaced it
+                try:
+                    new = await self._launch_until_ready()
+                except (StartFailed, LaunchError) as exc:
+                    reason = exc.reason if isinstance(exc, StartFailed) else str(exc)
+                    log.error("app %s: recycle start failed: %s", self.spec.name, reason)
+                    self.output.mark(f"recycle start failed: {reason}; old process kept")
+                    self.rapid.record(time.monotonic())
+                    return
+                if self._closed or self.offline_body is not None or self.admin_stopped:
+                    await self._stop_one(new)
+                    return
+                self.processes.append(new)
+                self._spawn(self._watch(new))
+                if proc in self.processes:
+                    self._withdraw(proc)
+                self._set("ready")
+        finally:
+            self._recycling = False
+
+    def _withdraw(self, proc: AppProcess) -> None:
+        """Stop sending requests to ``proc``; it drains, then ``tick`` stops it."""
+        self.processes.remove(proc)
+        proc.draining_since = time.monotonic()
+        proc.stopping = True
+        self.draining.append(proc)
+
+    # -- the periodic tick ----------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Time-based rules: app_offline, draining, recycle triggers, idle stop."""
+        if self._closed:
+            return
+        self._check_offline()
+        for proc in list(self.draining):
+            if policy.drained(self.in_flight(proc.pid), proc.draining_since,
+                              self.spec.settings.request_timeout, now):
+                self.draining.remove(proc)
+                self._spawn(self._stop_one(proc))
+        for proc in self.processes:
+            proc.refresh_descendants()
+        self._check_recycle(now)
+        if self.processes and not self.starting and policy.is_idle(
+            self.spec.settings.idle_timeout, self.last_active,
+            sum(self.in_flight(p.pid) for p in self.processes), now,
+        ) and self.spec.settings.start_mode == "on_demand":
+            log.info("app %s: idle for %gs, stopping", self.spec.name,
+                     self.spec.settings.idle_timeout)
+            self._spawn(self._stop_all("stopped", "idle"))
+
+    def _check_recycle(self, now: float) -> None:
+        rules = self.spec.settings.recycle
+        if self._recycling or not self.processes:
+            return
+        if rules.max_memory > 0 and now - self._last_memory_sample >= MEMORY_SAMPLE_EVERY:
+            self._last_memory_sample = now
+            self._tree_rss = {p.pid: tree_usage(p.pid)[0] for p in self.processes}
+        for proc in self.processes:
+            facts = policy.ProcessFacts(now - proc.ready_at, self.served(proc.pid),
+                                        self._tree_rss.get(proc.pid, 0))
+            reason = policy.recycle_reason(rules, facts)
+            if reason is not None:
+                self.recycle(reason)
+                return
+
+    def _check_offline(self) -> None:
+        if self.spec.cwd is None:
+            return
+        path = os.path.join(self.spec.cwd, OFFLINE_FILE)
+        try:
+            with open(path, "rb") as f:
+                body = f.read(OFFLINE_MAX_BYTES).decode("utf-8", "replace")
+        except FileNotFoundError:
+            if self.offline_body is not None:
+                log.info("app %s: %s removed, back online", self.spec.name, OFFLINE_FILE)
+                self.offline_body = None
+                self._set("stopped", reason="")
+                if self.spec.settings.start_mode == "always":
+                    self.need()
+            return
+        except OSError:
+            return
+        if self.offline_body != body:
+            first = self.offline_body is None
+            self.offline_body = body
+            if first:
+                log.info("app %s: %s found, taking the app offline", self.spec.name, OFFLINE_FILE)
+                self._spawn(self._stop_all("offline", f"{OFFLINE_FILE} present"))
+            else:
+                self._set("offline")
+
     # -- stopping -------------------------------------------------------------------
+    async def _stop_all(self, final: State, reason: str) -> None:
+        """Withdraw and stop every process, ending in ``final``."""
+        if self._restart_handle is not None:
+            self._restart_handle.cancel()
+            self._restart_handle = None
+        procs = self.processes + self.draining
+        self.processes = []
+        self.draining = []
+        self._set(final, reason=reason, detail="")
+        for proc in procs:
+            proc.stopping = True
+        await asyncio.gather(*(self._stop_one(p) for p in procs))
+
     async def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL after shutdown_time_limit)."""
         self._closed = True
         if self._restart_handle is not None:
             self._restart_handle.cancel()
-        procs = self.processes + self.starting
+        procs = self.processes + self.starting + self.draining
         if procs:
             self._set("draining")
         await asyncio.gather(*(self._stop_one(p) for p in procs))
         self.processes.clear()
+        self.draining.clear()
         for task in list(self._tasks):
             task.cancel()
         self._set("stopped")
         self.output.close()
 
+    async def admin_stop(self) -> None:
+        """``POST /apps/NAME/stop``: stop it; requests get 503 until ``admin_start``."""
+        self.admin_stopped = True
+        await self._stop_all("offline", "stopped by the administrator")
+
+    def admin_start(self) -> None:
+        """``POST /apps/NAME/start``: allow it again, forget rapid failures, start it."""
+        self.admin_stopped = False
+        self.rapid.clear()
+        if self.offline_body is None:
+            self._set("stopped", reason="")
+            self.need()
+
     async def _stop_one(self, proc: AppProcess) -> None:
         await proc.stop()
-        self._keeper.forget(proc.pid)
         self.output.mark(f"pid {proc.pid} stopped: {describe_exit(proc.returncode)}")
 
     def kill_now(self) -> None:
         """SIGKILL every process group at once (emergency exit)."""
-        for proc in self.processes + self.starting:
+        for proc in self.processes + self.starting + self.draining:
             proc.kill_group_now()
 
     def signal(self, sig: signal.Signals) -> list[int]:
-        """Send ``sig`` to every process of this app; return their pids (fault injection)."""
+        """Send ``sig`` to every ready process of this app; return their pids."""
         pids = []
         for proc in self.processes:
             with contextlib.suppress(ProcessLookupError):
@@ -286,32 +474,41 @@ class AppController:
                 pids.append(proc.pid)
         return pids
 
+    def all_pids(self) -> set[int]:
+        """Pids of every process this controller launched and asyncio has not reaped."""
+        self._launched = [p for p in self._launched if p.returncode is None]
+        return {p.pid for p in self._launched if p.pid}
+
     # -- observing ------------------------------------------------------------------
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         """A JSON-able description of this app for ``bastion status``."""
         now = time.monotonic()
+        wall = time.time()
         procs = []
-        for proc in self.processes:
-            procs.append(
-                {
+        groups = (("ready", self.processes), ("starting", self.starting),
+                  ("draining", self.draining))
+        for state, group in groups:
+            for proc in group:
+                rss, cpu = tree_usage(proc.pid) if proc.pid else (0, 0.0)
+                procs.append({
                     "pid": proc.pid,
                     "port": proc.port,
                     "socket": proc.socket_path,
-                    "state": "ready",
+                    "state": state,
+                    "started": round(wall - (now - proc.started_at), 3),
                     "uptime": round(now - proc.started_at, 3),
-                    "requests": proc.requests,
-                }
-            )
-        for proc in self.starting:
-            procs.append({"pid": proc.pid, "port": proc.port, "socket": proc.socket_path,
-                          "state": "starting", "uptime": round(now - proc.started_at, 3),
-                          "requests": 0})
+                    "requests": self.served(proc.pid),
+                    "in_flight": self.in_flight(proc.pid),
+                    "rss": rss,
+                    "cpu_percent": cpu,
+                })
         snap = self.snapshot()
         return {
             "name": self.spec.name,
             "pool": self.spec.pool,
             "state": self.state,
             "restarts": self.restarts,
+            "recycles": self.recycles,
             "last_exit": self.last_exit,
             "reason": self.reason,
             "retry_at": snap.retry_at,

@@ -34,20 +34,30 @@ def _kill_group(pgid: int) -> None:
 def run(stream: IO[bytes]) -> None:
     """Read ``+PGID`` / ``-PGID`` lines until EOF, then kill the groups left."""
     groups: set[int] = set()
+    pids: set[int] = set()
     for raw in stream:
         line = raw.strip()
         if len(line) < 2:
             continue
+        target = groups
+        number = line[1:]
+        if number[:1] == b"p":  # a single process (a descendant that left the group)
+            target, number = pids, number[1:]
         try:
-            pgid = int(line[1:])
+            value = int(number)
         except ValueError:
             continue
         if line[:1] == b"+":
-            groups.add(pgid)
+            target.add(value)
         elif line[:1] == b"-":
-            groups.discard(pgid)
+            target.discard(value)
     for pgid in groups:
         _kill_group(pgid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Keeper:
@@ -85,6 +95,18 @@ class Keeper:
     def forget(self, pgid: int) -> None:
         """Group ``pgid`` is gone; stop guarding it."""
         self._send(f"-{pgid}")
+
+    def watch_pid(self, pid: int) -> None:
+        """Kill the single process ``pid`` if Bastion dies (a descendant outside the group)."""
+        self._send(f"+p{pid}")
+
+    def forget_pid(self, pid: int) -> None:
+        """Process ``pid`` is gone; stop guarding it."""
+        self._send(f"-p{pid}")
+
+    def pids(self) -> set[int]:
+        """The keeper's own pid, when it runs."""
+        return {self._proc.pid} if self._proc is not None else set()
 
     def stop(self) -> None:
         """Close the pipe (the keeper kills what is left, then exits) and reap it."""

@@ -8,9 +8,10 @@ every endpoint that may take requests) each time anything about it changes. A wo
 keeps the latest snapshot per app and never needs history, so a late-joining worker
 only needs the current snapshots (``Module.snapshot()``).
 
-Workers talk back with two requests: ``NeedApp`` ("a request wants app X and no endpoint
-is ready") and ``EndpointFailed`` ("I could not reach process P of app X"). Both are
-idempotent hints; the module decides what to do.
+Workers talk back with ``NeedApp`` ("a request wants app X and no endpoint is ready"),
+``EndpointFailed`` ("I could not reach process P of app X") and ``UsageReport`` (requests
+served and in flight per process, sent when they change, at most a few times a second).
+All are idempotent hints; the module decides what to do.
 
 Every message is a frozen dataclass that turns into a JSON-able dict and back
 (``to_wire`` / ``from_wire``), so the same messages can cross a pipe to worker
@@ -93,10 +94,42 @@ class EndpointFailed:
         return {"kind": "failed", "app": self.app, "pid": self.pid, "error": self.error}
 
 
-ToModule = NeedApp | EndpointFailed
+@dataclass(frozen=True)
+class ProcessUsage:
+    """What one worker counted for one app process."""
+
+    pid: int
+    served: int  # requests sent to it by this worker, since the worker started
+    in_flight: int  # requests it is serving for this worker right now
 
 
-def from_wire(data: dict[str, Any]) -> AppState | NeedApp | EndpointFailed:
+@dataclass(frozen=True)
+class UsageReport:
+    """Proxy -> module: a worker's request counters for one app, sent when they change.
+
+    The module uses them for ``idle_timeout``, ``max_requests`` recycling, draining an
+    old process before stopping it, and ``bastion status``. ``worker`` tells reports of
+    different worker processes apart.
+    """
+
+    app: str
+    worker: int
+    processes: tuple[ProcessUsage, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {
+            "kind": "usage",
+            "app": self.app,
+            "worker": self.worker,
+            "processes": [asdict(p) for p in self.processes],
+        }
+
+
+ToModule = NeedApp | EndpointFailed | UsageReport
+
+
+def from_wire(data: dict[str, Any]) -> AppState | ToModule:
     """Rebuild a message from its ``to_wire`` form."""
     kind = data.get("kind")
     if kind == "state":
@@ -107,4 +140,10 @@ def from_wire(data: dict[str, Any]) -> AppState | NeedApp | EndpointFailed:
         return NeedApp(app=data["app"])
     if kind == "failed":
         return EndpointFailed(app=data["app"], pid=data["pid"], error=data.get("error", ""))
+    if kind == "usage":
+        return UsageReport(
+            app=data["app"],
+            worker=data["worker"],
+            processes=tuple(ProcessUsage(**p) for p in data.get("processes", ())),
+        )
     raise ValueError(f"unknown message kind {kind!r}")

@@ -28,6 +28,7 @@ import time
 
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
+from .leftovers import DescendantTracker, kill_leftovers
 from .output import AppOutput, drain
 from .spec import AppSpec
 
@@ -65,6 +66,9 @@ class AppProcess:
         self.ready_at = 0.0
         self.requests = 0
         self.stopping = False
+        self.draining_since = 0.0  # monotonic; 0 while it takes requests
+        self.tracker: DescendantTracker | None = None
+        self._keeper: Keeper | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -129,6 +133,8 @@ class AppProcess:
             raise LaunchError(f"cannot run {self.spec.command[0]!r}: {exc.strerror or exc}") from exc
         self.pid = self._proc.pid
         self.started_at = time.monotonic()
+        self.tracker = DescendantTracker(self.pid)
+        self._keeper = keeper
         keeper.watch(self.pid)
         output.mark(f"started pid {self.pid} port {self.port or self.socket_path}")
         assert self._proc.stdout is not None
@@ -204,6 +210,7 @@ class AppProcess:
         self.stopping = True
         if self._proc is None:
             return 0
+        self.refresh_descendants()
         if timeout is None:
             timeout = self.spec.settings.shutdown_time_limit
         if self.alive:
@@ -217,6 +224,7 @@ class AppProcess:
         # The leader may be gone while children of its group remain: kill the group.
         self.signal_group(signal.SIGKILL)
         code = await self.wait()
+        await self.clean_up()
         if self._drain is not None and not self._drain.done():
             self._drain.cancel()
         return code
@@ -224,3 +232,25 @@ class AppProcess:
     def kill_group_now(self) -> None:
         """SIGKILL the group without waiting (last resort at shutdown)."""
         self.signal_group(signal.SIGKILL)
+
+    def refresh_descendants(self) -> None:
+        """Note new descendants (and tell the keeper), forget vanished ones."""
+        if self.tracker is None or not self.alive:
+            return
+        new, gone = self.tracker.refresh()
+        if self._keeper is not None:
+            for pid in new:
+                self._keeper.watch_pid(pid)
+            for pid in gone:
+                self._keeper.forget_pid(pid)
+
+    async def clean_up(self) -> list[int]:
+        """After the process is gone: kill and reap whatever it left behind."""
+        if self.tracker is None:
+            return []
+        killed = await kill_leftovers(self.tracker, self.token)
+        if self._keeper is not None:
+            self._keeper.forget(self.pid)
+            for pid in self.tracker.seen:
+                self._keeper.forget_pid(pid)
+        return killed

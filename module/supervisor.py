@@ -3,29 +3,36 @@
 Theory of operation
 -------------------
 The host (``proxy.main``) makes one ``Supervisor`` from the app specs, subscribes to its
-``AppState`` snapshots and feeds it ``NeedApp`` / ``EndpointFailed`` messages through
-``handle``. That is the whole interface: the supervisor never sees a request, and the
-proxy never sees a process. ``start`` launches the keeper and every ``always`` app;
-``stop`` stops every app and then the keeper. ``status`` is the one query that the admin
-interface, ``bastion status`` and tests use.
+``AppState`` snapshots and feeds it ``NeedApp`` / ``EndpointFailed`` / ``UsageReport``
+messages through ``handle``. That is the whole interface: the supervisor never sees a
+request, and the proxy never sees a process. ``start`` makes Bastion a child subreaper
+(orphans of apps come back to it), launches the keeper and every ``always`` app, and
+starts the tick that drives time-based rules; ``stop`` stops every app, then the keeper.
+``status`` is the one query that the admin interface, ``bastion status`` and tests use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .controller import AppController
 from .errors import UnknownApp
 from .keeper import Keeper
-from .messages import AppState, EndpointFailed, NeedApp
+from .leftovers import become_subreaper, reap_orphan_zombies
+from .messages import AppState, EndpointFailed, NeedApp, UsageReport
 from .spec import AppSpec
 
 log = logging.getLogger("bastion.module")
 
 Subscriber = Callable[[AppState], None]
+TICK = 0.5
 
 
 class Supervisor:
@@ -34,6 +41,8 @@ class Supervisor:
     def __init__(self, specs: Iterable[AppSpec]) -> None:
         self._keeper = Keeper()
         self._subscribers: list[Subscriber] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self.started_at = time.time()
         self.apps: dict[str, AppController] = {
             spec.name: AppController(spec, self._keeper, self._broadcast) for spec in specs
         }
@@ -44,17 +53,22 @@ class Supervisor:
         self._subscribers.append(callback)
         return self.snapshot()
 
+    def unsubscribe(self, callback: Subscriber) -> None:
+        """Stop sending states to ``callback``."""
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(callback)
+
     def snapshot(self) -> list[AppState]:
         """The current state of every app."""
         return [app.snapshot() for app in self.apps.values()]
 
-    def handle(self, message: NeedApp | EndpointFailed) -> None:
+    def handle(self, message: NeedApp | EndpointFailed | UsageReport) -> None:
         """Act on a message from a proxy worker."""
-        app = self.apps.get(message.app)
-        if app is None:
-            raise UnknownApp(message.app)
+        app = self.app(message.app)
         if isinstance(message, NeedApp):
             app.need()
+        elif isinstance(message, UsageReport):
+            app.usage(message)
         else:
             app.endpoint_failed(message.pid)
 
@@ -65,16 +79,44 @@ class Supervisor:
             except Exception:  # a broken subscriber must not stop the module
                 log.exception("state subscriber failed")
 
+    def app(self, name: str) -> AppController:
+        """The controller of app ``name`` (``UnknownApp`` when there is none)."""
+        app = self.apps.get(name)
+        if app is None:
+            raise UnknownApp(name)
+        return app
+
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the keeper and every app whose ``start_mode`` is ``always``."""
+        """Start the keeper, every ``always`` app, and the periodic tick."""
+        if not become_subreaper():
+            log.warning("could not become a child subreaper: setsid grandchildren may escape")
         self._keeper.start()
         for app in self.apps.values():
+            app.tick(time.monotonic())  # app_offline.htm before the first start
             if app.spec.settings.start_mode == "always":
                 app.need()
+        self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            for app in self.apps.values():
+                try:
+                    app.tick(now)
+                except Exception:
+                    log.exception("app %s: periodic check failed", app.spec.name)
+            exclude = {pid for app in self.apps.values() for pid in app.all_pids()}
+            exclude |= self._keeper.pids()
+            reap_orphan_zombies(exclude)
 
     async def stop(self) -> None:
         """Stop every app gracefully, then the keeper."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         await asyncio.gather(*(app.stop() for app in self.apps.values()))
         self._keeper.stop()
 
@@ -84,20 +126,32 @@ class Supervisor:
             app.kill_now()
         self._keeper.stop()
 
+    # -- administration -------------------------------------------------------------
+    def recycle(self, name: str) -> bool:
+        """Overlapped restart of app ``name``; False when it runs no process."""
+        return self.app(name).recycle("requested by the administrator")
+
+    async def stop_app(self, name: str) -> None:
+        """Stop app ``name`` until ``start_app``."""
+        await self.app(name).admin_stop()
+
+    def start_app(self, name: str) -> None:
+        """Allow and start app ``name`` again."""
+        self.app(name).admin_start()
+
     # -- observing and fault injection ----------------------------------------------
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         """Pools, apps and processes, JSON-able."""
         pools: dict[str, list[str]] = {}
         for app in self.apps.values():
             pools.setdefault(app.spec.pool, []).append(app.spec.name)
         return {
+            "pid": os.getpid(),
+            "started": self.started_at,
             "pools": pools,
             "apps": {name: app.status() for name, app in self.apps.items()},
         }
 
     def signal_app(self, name: str, sig: signal.Signals) -> list[int]:
         """Send ``sig`` to every process of app ``name``."""
-        app = self.apps.get(name)
-        if app is None:
-            raise UnknownApp(name)
-        return app.signal(sig)
+        return self.app(name).signal(sig)

@@ -1,42 +1,27 @@
-"""The admin socket: HTTP over a Unix socket (mode 0660) for ``bastion status`` and tools.
+"""The admin socket: HTTP over a Unix socket (mode 0660) for ``bastion`` commands and tools.
 
-``GET /status`` answers the module's status (pools, apps, processes with pid, port,
-state, uptime, restarts) merged with what this worker counted (requests served and in
-flight per process) and psutil's RSS and CPU for each process tree. When the socket's
-directory cannot be created (the demo as a normal user with the default
-``/run/bastion``), Bastion logs one warning and runs without it.
+SPEC section 8: ``GET /status`` (JSON: pools, apps, processes with pid, port, state,
+uptime, requests, in flight, RSS, CPU; restarts; last exit), ``POST /apps/NAME/recycle``,
+``POST /apps/NAME/stop`` and ``POST /apps/NAME/start``. Every handler only calls the
+module's ``Supervisor``; nothing here touches a process. When the socket's directory
+cannot be created (the demo as a normal user with the default ``/run/bastion``),
+Bastion logs one warning and runs without it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import psutil
 from aiohttp import web
+
+from module.errors import UnknownApp
 
 if TYPE_CHECKING:
     from .main import Bastion
 
 log = logging.getLogger("bastion.admin")
-
-
-def process_tree_usage(pid: int) -> tuple[int, float]:
-    """RSS in bytes and CPU percent of ``pid`` and all its descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0, 0.0
-    rss, cpu = 0, 0.0
-    for proc in procs:
-        try:
-            rss += proc.memory_info().rss
-            cpu += proc.cpu_percent(interval=None)
-        except psutil.Error:
-            continue
-    return rss, cpu
 
 
 class AdminServer:
@@ -47,26 +32,34 @@ class AdminServer:
         self.path = bastion.config.admin_socket
         self._runner: web.AppRunner | None = None
 
-    def status(self) -> dict[str, Any]:
-        """The module's status with this worker's request counters and resource usage."""
-        data: dict[str, Any] = self.bastion.supervisor.status()
-        data["pid"] = os.getpid()
-        for name, app in data["apps"].items():
-            counters = self.bastion.table.counters(name)
-            for proc in app["processes"]:
-                in_flight, served = counters.get(proc["pid"], (0, 0))
-                proc["requests"] = served
-                proc["in_flight"] = in_flight
-                proc["rss"], proc["cpu_percent"] = process_tree_usage(proc["pid"])
-        return data
+    async def _status(self, request: web.Request) -> web.Response:
+        self.bastion.table.flush_reports()
+        return web.json_response(self.bastion.supervisor.status())
 
-    async def _get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status())
+    async def _app_action(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        action = request.match_info["action"]
+        supervisor = self.bastion.supervisor
+        try:
+            if action == "recycle":
+                done = supervisor.recycle(name)
+                if not done:
+                    return web.json_response(
+                        {"app": name, "error": "no running process to recycle"}, status=409)
+            elif action == "stop":
+                await supervisor.stop_app(name)
+            else:
+                supervisor.start_app(name)
+        except UnknownApp:
+            return web.json_response({"error": f"no app named {name!r}"}, status=404)
+        log.info("admin: %s %s", action, name)
+        return web.json_response({"app": name, "action": action, "ok": True})
 
     async def start(self) -> None:
         """Listen on the socket (skipped with a warning when it cannot be created)."""
         app = web.Application()
-        app.router.add_get("/status", self._get_status)
+        app.router.add_get("/status", self._status)
+        app.router.add_post(r"/apps/{name}/{action:recycle|stop|start}", self._app_action)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:

@@ -55,14 +55,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check_main(path)
 
 
-async def _admin_get(socket_path: str, path: str) -> Any:
+async def _admin(socket_path: str, method: str, path: str) -> tuple[int, Any]:
     import aiohttp
 
     connector = aiohttp.UnixConnector(path=socket_path)
     async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.get(f"http://bastion{path}") as response:
-            response.raise_for_status()
-            return await response.json()
+        async with session.request(method, f"http://bastion{path}") as response:
+            return response.status, await response.json()
 
 
 def _format_status(data: dict[str, Any]) -> str:
@@ -89,11 +88,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``bastion status``: ask the running Bastion through its admin socket."""
     config = _load(_config_path(args))
     try:
-        data = asyncio.run(_admin_get(config.admin_socket, "/status"))
+        _, data = asyncio.run(_admin(config.admin_socket, "GET", "/status"))
     except OSError as exc:
         print(f"bastion status: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else _format_status(data))
+    return 0
+
+
+def cmd_recycle(args: argparse.Namespace) -> int:
+    """``bastion recycle APP``: overlapped restart of one app."""
+    config = _load(_config_path(args))
+    try:
+        status, data = asyncio.run(
+            _admin(config.admin_socket, "POST", f"/apps/{args.app}/recycle"))
+    except OSError as exc:
+        print(f"bastion recycle: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"bastion recycle: {data.get('error', status)}", file=sys.stderr)
+        return 1
+    print(f"recycling {args.app}")
     return 0
 
 
@@ -120,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", help="configuration file (for the admin socket)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+    recycle = sub.add_parser("recycle", help="overlapped restart of one app")
+    recycle.add_argument("app", help="the app's name")
+    recycle.add_argument("-c", "--config", help="configuration file (for the admin socket)")
+    recycle.set_defaults(func=cmd_recycle)
     dev = sub.add_parser("dev-cert", help="create or show the development certificate")
     dev.set_defaults(func=cmd_dev_cert)
     return parser

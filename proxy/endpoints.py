@@ -1,40 +1,71 @@
-"""The proxy's view of the apps: the latest ``AppState`` per app, and waiting for one.
+"""The proxy's view of the apps: latest ``AppState`` per app, the request queue, usage.
 
 Theory of operation
 -------------------
 The module publishes ``AppState`` snapshots; ``EndpointTable.update`` keeps the newest
-per app and wakes everything waiting on that app. ``acquire`` is what a request calls:
+per app. A request calls ``acquire``:
 
-* ready with endpoints: take the least busy one (fewest requests in flight here);
 * offline: 503 with the offline page; backoff (rapid-fail) still in force: 503 with
   ``Retry-After``;
-* otherwise ask the module (``NeedApp``) once, remember the version of the state it saw,
-  and wait for updates. A ``failed`` or ``stopped`` state *newer* than that version
-  means the start this request waited for failed: 502 with the module's reason. An
-  older ``failed`` is history, and is why it asked.
+* ready, nobody queued, and a process below ``max_concurrency``: take the least busy one
+  (fewest requests in flight from this worker);
+* otherwise wait in the app's FIFO queue (at most ``max_queue`` waiters, else 503). A
+  waiter that found the app not ready asks the module to start it (``NeedApp``) and
+  remembers the state's version. A ``failed`` state newer than that means the start it
+  waited for failed: 502 with the module's reason. A waiter that queued behind busy
+  processes of a ready app is not failed by a crash: the app is asked to start again.
 
-The table never starts anything and never talks to sockets; it only sends messages.
+Releasing a lease or a new ready state hands free processes to waiters in arrival order.
+The table counts requests served and in flight per process and reports them to the
+module (``UsageReport``) at most every ``REPORT_EVERY`` seconds, when they changed. It
+never starts anything and never touches sockets; it only sends messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from module.messages import AppState, Endpoint, EndpointFailed, NeedApp
+from module.messages import (
+    AppState,
+    Endpoint,
+    EndpointFailed,
+    NeedApp,
+    ProcessUsage,
+    UsageReport,
+)
 
-from .errors import BadGateway, Unavailable
+from .errors import BadGateway, GatewayTimeout, ProxyError, Unavailable
 
-Send = Callable[[NeedApp | EndpointFailed], None]
+Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
+REPORT_EVERY = 0.25
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Per-app limits on concurrency and waiting."""
+
+    max_concurrency: int = 0  # requests one process serves at once; 0 = no limit
+    max_queue: int = 100
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[Endpoint]
+    asked: int | None  # version at which it asked for a start; None: queued while ready
+    saw_start: bool = False  # a start began after it asked: its failure is this one's
 
 
 @dataclass
 class _AppView:
     state: AppState
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    limits: QueueLimits
+    queue: deque[_Waiter] = field(default_factory=deque)
     in_flight: dict[int, int] = field(default_factory=dict)  # pid -> requests
     served: dict[int, int] = field(default_factory=dict)  # pid -> requests, since start
 
@@ -60,27 +91,75 @@ class Lease:
 
 
 class EndpointTable:
-    """Latest state of each app, as a proxy worker knows it."""
+    """Latest state of each app, as one proxy worker knows it."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, limits: dict[str, QueueLimits] | None = None,
+                 worker: int = 0) -> None:
         self.send = send
+        self.worker = worker
+        self._limits = limits or {}
         self._apps: dict[str, _AppView] = {}
+        self._dirty: set[str] = set()
+        self._reporter: asyncio.Task[None] | None = None
 
+    # -- from the module ------------------------------------------------------------
     def update(self, state: AppState) -> None:
-        """Take a snapshot from the module and wake the requests waiting on it."""
+        """Take a snapshot from the module, settle or serve the waiting requests."""
         view = self._apps.get(state.app)
         if view is None:
-            self._apps[state.app] = _AppView(state)
+            self._apps[state.app] = _AppView(state, self._limits.get(state.app, QueueLimits()))
             return
         if state.version < view.state.version:
             return  # out of order: keep the newer picture
         view.state = state
         live = {e.pid for e in state.endpoints}
-        for pid in [p for p in view.in_flight if p not in live and view.in_flight[p] == 0]:
+        for pid in [p for p, n in view.in_flight.items() if p not in live and n == 0]:
             del view.in_flight[pid]
-        view.changed.set()
-        view.changed = asyncio.Event()
+            view.served.pop(pid, None)
+        refusal = _refusal(state)
+        if refusal is not None:
+            if state.state == "backoff":
+                self._settle_failure(view, state, ask=False)  # their own start failed: 502
+            self._fail_all(view, refusal)
+        elif state.state == "failed":
+            self._settle_failure(view, state)
+        elif state.state == "starting":
+            for waiter in view.queue:
+                if waiter.asked is not None:
+                    waiter.saw_start = True
+        elif state.state == "stopped" and view.queue:
+            for waiter in view.queue:
+                waiter.asked = state.version
+            self.send(NeedApp(state.app))
+        self._dispatch(view)
 
+    def _settle_failure(self, view: _AppView, state: AppState, ask: bool = True) -> None:
+        """502 for waiters whose start failed; the others ask for a new start."""
+        error = BadGateway(
+            f"the app {state.app!r} failed to start",
+            app=state.app, detail=f"{state.reason}\n\n{state.detail}".strip(),
+        )
+        again = False
+        for waiter in list(view.queue):
+            if waiter.saw_start and waiter.asked is not None and waiter.asked < state.version:
+                view.queue.remove(waiter)
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+            else:
+                waiter.asked = state.version
+                waiter.saw_start = False
+                again = True
+        if again and ask:
+            self.send(NeedApp(state.app))
+
+    @staticmethod
+    def _fail_all(view: _AppView, error: ProxyError) -> None:
+        while view.queue:
+            waiter = view.queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    # -- for requests ---------------------------------------------------------------
     def state(self, app: str) -> AppState | None:
         """The latest snapshot of ``app``."""
         view = self._apps.get(app)
@@ -99,53 +178,125 @@ class EndpointTable:
         view = self._apps.get(app)
         if view is None:
             raise BadGateway(f"the app {app!r} is not known to the process manager", app=app)
-        deadline = time.monotonic() + wait_limit
-        asked_version: int | None = None
-        while True:
-            st = view.state
-            if st.state == "ready" and st.endpoints:
-                return self._take(app, view, st)
-            if st.state == "offline":
-                raise Unavailable(f"the app {app!r} is offline", app=app, body=st.offline_body)
-            if st.state == "backoff" and st.retry_at is not None:
-                wait = st.retry_at - time.time()
-                if wait > 0:
-                    raise Unavailable(
-                        f"the app {app!r} failed too often and is resting",
-                        app=app,
-                        detail=f"{st.reason}\n{st.detail}".strip(),
-                        retry_after=max(1, math.ceil(wait)),
-                    )
-            if asked_version is not None and st.version > asked_version:
-                if st.state in ("failed", "stopped"):
-                    raise BadGateway(
-                        f"the app {app!r} failed to start: {st.reason}" if st.reason
-                        else f"the app {app!r} is not running",
-                        app=app,
-                        detail=st.detail,
-                    )
-            if asked_version is None or st.state in ("failed", "stopped", "backoff"):
-                if asked_version is None or st.version > asked_version:
-                    asked_version = st.version
-                    self.send(NeedApp(app))
-                    if view.state.version != st.version:
-                        continue  # the module answered at once (same event loop)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BadGateway(f"the app {app!r} did not become ready in time", app=app)
-            event = view.changed
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                continue
+        st = view.state
+        refusal = _refusal(st)
+        if refusal is not None:
+            raise refusal
+        if st.state == "ready" and not view.queue:
+            endpoint = self._free(view)
+            if endpoint is not None:
+                return self._lease(app, view, endpoint)
+        if len(view.queue) >= view.limits.max_queue:
+            raise Unavailable(f"too many requests are waiting for the app {app!r}",
+                              app=app, retry_after=1)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), None)
+        view.queue.append(waiter)
+        if st.state != "ready":
+            waiter.asked = st.version
+            waiter.saw_start = st.state == "starting"
+            if st.state != "starting":
+                self.send(NeedApp(app))  # may update (and even settle) at once
+        try:
+            endpoint = await asyncio.wait_for(asyncio.shield(waiter.future), wait_limit)
+        except TimeoutError:
+            with contextlib.suppress(ValueError):
+                view.queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.exception():
+                self._release(app, waiter.future.result().pid)
+            if view.state.state == "ready":
+                raise GatewayTimeout(f"the app {app!r} was busy for {wait_limit:g}s",
+                                     app=app) from None
+            raise BadGateway(f"the app {app!r} did not become ready in time", app=app) from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                view.queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.cancelled() \
+                    and waiter.future.exception() is None:
+                self._release(app, waiter.future.result().pid)
+            raise
+        return Lease(self, app, endpoint)
 
-    def _take(self, app: str, view: _AppView, st: AppState) -> Lease:
-        endpoint = min(st.endpoints, key=lambda e: view.in_flight.get(e.pid, 0))
+    def _free(self, view: _AppView) -> Endpoint | None:
+        limit = view.limits.max_concurrency
+        best: Endpoint | None = None
+        best_load = 0
+        for endpoint in view.state.endpoints:
+            load = view.in_flight.get(endpoint.pid, 0)
+            if limit and load >= limit:
+                continue
+            if best is None or load < best_load:
+                best, best_load = endpoint, load
+        return best
+
+    def _take(self, app: str, view: _AppView, endpoint: Endpoint) -> None:
         view.in_flight[endpoint.pid] = view.in_flight.get(endpoint.pid, 0) + 1
         view.served[endpoint.pid] = view.served.get(endpoint.pid, 0) + 1
+        self._touch(app)
+
+    def _lease(self, app: str, view: _AppView, endpoint: Endpoint) -> Lease:
+        self._take(app, view, endpoint)
         return Lease(self, app, endpoint)
+
+    def _dispatch(self, view: _AppView) -> None:
+        if view.state.state != "ready":
+            return
+        while view.queue:
+            endpoint = self._free(view)
+            if endpoint is None:
+                return
+            waiter = view.queue.popleft()
+            if waiter.future.done():
+                continue
+            self._take(view.state.app, view, endpoint)
+            waiter.future.set_result(endpoint)
 
     def _release(self, app: str, pid: int) -> None:
         view = self._apps.get(app)
-        if view is not None and pid in view.in_flight:
+        if view is None:
+            return
+        if pid in view.in_flight:
             view.in_flight[pid] = max(0, view.in_flight[pid] - 1)
+        self._touch(app)
+        self._dispatch(view)
+
+    # -- usage reports --------------------------------------------------------------
+    def _touch(self, app: str) -> None:
+        self._dirty.add(app)
+        if self._reporter is None or self._reporter.done():
+            with contextlib.suppress(RuntimeError):
+                self._reporter = asyncio.get_running_loop().create_task(self._report_soon())
+
+    async def _report_soon(self) -> None:
+        await asyncio.sleep(REPORT_EVERY)
+        self.flush_reports()
+
+    def flush_reports(self) -> None:
+        """Send a ``UsageReport`` for every app whose counters changed."""
+        dirty, self._dirty = self._dirty, set()
+        for app in dirty:
+            view = self._apps.get(app)
+            if view is None:
+                continue
+            usage = tuple(
+                ProcessUsage(pid, view.served.get(pid, 0), view.in_flight.get(pid, 0))
+                for pid in sorted(set(view.served) | set(view.in_flight))
+            )
+            self.send(UsageReport(app, self.worker, usage))
+
+
+def _refusal(state: AppState) -> ProxyError | None:
+    """The 503 for an app that refuses requests now, or None."""
+    if state.state == "offline":
+        return Unavailable(state.reason or f"the app {state.app!r} is offline",
+                           app=state.app, body=state.offline_body)
+    if state.state == "backoff" and state.retry_at is not None:
+        wait = state.retry_at - time.time()
+        if wait > 0:
+            return Unavailable(
+                f"the app {state.app!r} failed too often and is resting",
+                app=state.app,
+                detail=f"{state.reason}\n{state.detail}".strip(),
+                retry_after=max(1, math.ceil(wait)),
+            )
+    return None

@@ -22,13 +22,13 @@ import ssl
 import sys
 from collections.abc import Callable
 
-from module.messages import EndpointFailed, NeedApp
+from module.messages import EndpointFailed, NeedApp, UsageReport
 from module.supervisor import Supervisor
 
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config
-from .endpoints import EndpointTable
+from .endpoints import EndpointTable, QueueLimits
 from .forwarding import UpstreamPool
 from .routing import Router
 from .server import ListenerSet, RequestHandler, bind_socket
@@ -67,7 +67,11 @@ class Bastion:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.supervisor = Supervisor(config.apps)
-        self.table = EndpointTable(self._to_module)
+        limits = {
+            spec.name: QueueLimits(spec.settings.max_concurrency, spec.settings.max_queue)
+            for spec in config.apps
+        }
+        self.table = EndpointTable(self._to_module, limits)
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.listeners = ListenerSet()
@@ -75,7 +79,7 @@ class Bastion:
         self._stop = asyncio.Event()
         self.stopping = False
 
-    def _to_module(self, message: NeedApp | EndpointFailed) -> None:
+    def _to_module(self, message: NeedApp | EndpointFailed | UsageReport) -> None:
         self.supervisor.handle(message)
 
     async def start(self, bound: list[tuple[object, object, ssl.SSLContext | None]]) -> None:
@@ -90,8 +94,8 @@ class Bastion:
             )
             for listener in self.config.listeners
         }
-        await self.listeners.start(bound, handlers, self.config)  # type: ignore[arg-type]
         await self.admin.start()
+        await self.listeners.start(bound, handlers, self.config)  # type: ignore[arg-type]
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal-safe: only sets a flag)."""

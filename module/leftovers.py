@@ -1,0 +1,145 @@
+"""Finding and killing what an app process leaves behind.
+
+Theory of operation
+-------------------
+Killing an app's process group catches its ordinary children (gunicorn's workers), but
+not a grandchild that called ``setsid()`` or double-forked to leave the group. Bastion
+makes itself a *child subreaper* (``PR_SET_CHILD_SUBREAPER``), so such orphans are
+re-parented to Bastion instead of init, and it recognises them in two ways:
+
+* ``DescendantTracker`` remembers every descendant seen under an app process (pid and
+  creation time, so a reused pid is never mistaken for one) each time it is refreshed;
+* an orphan re-parented to Bastion still carries the ``BASTION_TOKEN`` of the process
+  that started it in its environment, which names its app process exactly.
+
+``kill_leftovers`` SIGKILLs both kinds and reaps the ones that are Bastion's children.
+The keeper is told about tracked descendants too, so they die even if Bastion is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+
+import psutil
+
+log = logging.getLogger("bastion.module")
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process re-parent to it (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _same_process(pid: int, created: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class DescendantTracker:
+    """Every process ever seen below one app process (while it was alive)."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.seen: dict[int, float] = {}  # pid -> create_time
+
+    def refresh(self) -> tuple[list[int], list[int]]:
+        """Look at the tree again; return (pids seen for the first time, pids now gone)."""
+        gone = [pid for pid in self.seen if not _same_process(pid, self.seen[pid])]
+        for pid in gone:
+            del self.seen[pid]
+        try:
+            children = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.Error:
+            return [], gone
+        new = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if child.pid not in self.seen:
+                    self.seen[child.pid] = child.create_time()
+                    new.append(child.pid)
+        return new, gone
+
+    def alive(self) -> list[psutil.Process]:
+        """Tracked descendants that still exist (same pid and creation time)."""
+        found = []
+        for pid, created in self.seen.items():
+            if _same_process(pid, created):
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
+        return found
+
+
+def orphans_with_token(token: str) -> list[psutil.Process]:
+    """Children of this (subreaper) process whose environment holds ``token``."""
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("BASTION_TOKEN") == token:
+                found.append(child)
+    return found
+
+
+async def kill_leftovers(tracker: DescendantTracker, token: str) -> list[int]:
+    """SIGKILL tracked descendants and token-carrying orphans; reap ours. Return pids."""
+    victims = {p.pid: p for p in tracker.alive()}
+    for proc in orphans_with_token(token):
+        victims.setdefault(proc.pid, proc)
+    for pid, proc in victims.items():
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+        log.info("killed leftover process %d of app process %d", pid, tracker.root_pid)
+    await reap_children(list(victims))
+    return list(victims)
+
+
+async def reap_children(pids: list[int], timeout: float = 2.0) -> None:
+    """Collect the exit status of those ``pids`` that are our children (no zombies)."""
+    pending = set(pids)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending:
+        for pid in list(pending):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid  # not our child (the subreaper's init takes it), or reaped
+            if done:
+                pending.discard(pid)
+        if not pending or asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.01)
+
+
+def reap_orphan_zombies(exclude: set[int]) -> list[int]:
+    """Reap zombie children that are not app processes (asyncio reaps those itself)."""
+    reaped = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if child.pid not in exclude and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+                reaped.append(child.pid)
+    return reaped
+
+
+def listener_pids(port: int) -> list[int]:
+    """Pids holding a listening TCP socket on 127.0.0.1:``port`` (best effort)."""
+    pids = []
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                if conn.pid:
+                    pids.append(conn.pid)
+    return pids
