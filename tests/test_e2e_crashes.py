@@ -47,7 +47,11 @@ class Crashes:
         directory.mkdir()
         bastion = BastionProcess(directory, simple_config(apps, **top))
         self.bastions.append(bastion)
-        return bastion.start()
+        bastion.start()
+        # The listeners accept a moment before the admin socket exists.
+        admin = Path(bastion.config["admin_socket"])
+        assert wait_until(admin.exists, timeout=10), f"no admin socket:\n{bastion.log()}"
+        return bastion
 
     def pause(self, pid: int) -> None:
         self.paused.append(pid)
@@ -207,6 +211,8 @@ def test_app_exiting_at_once_gives_502_then_503_with_retry_after(crashes: Crashe
     assert b.status()["apps"]["bad"]["restarts"] == 2  # resting: no third start
 
 
+# Fails at commit 842fa7a (a bug in Bastion). Uncommitted proxy/endpoints.py changes seen in
+# the working tree while this was written make it pass: drop the marker with that fix.
 @pytest.mark.xfail(strict=True, reason=(
     "proxy/endpoints.py EndpointTable.acquire checks 'backoff' before 'the start I asked "
     "for failed', so the request whose own start is the Nth failure gets 503, not 502"))
@@ -390,6 +396,8 @@ def test_detailed_errors_page_shows_exit_status_and_output_of_failed_restart(
     assert b"flaky: refusing to start" in page.body, page.body
 
 
+# Fails at commit 842fa7a (a bug in Bastion). Uncommitted proxy/endpoints.py changes seen in
+# the working tree while this was written make it pass: drop the marker with that fix.
 @pytest.mark.xfail(strict=True, reason=(
     "proxy/endpoints.py puts the module's reason ('exited with status 3 before listening') "
     "in the 502 message, and proxy/error_pages.py shows the message even without "
