@@ -307,6 +307,20 @@ class AppController:
             self.state = "failed"  # need() re-checks the window and publishes
         self.need()
 
+    def update_spec(self, spec: AppSpec) -> None:
+        """A changed configuration: new processes use ``spec``; running ones recycle."""
+        old = self.spec
+        self.spec = spec
+        self.rapid.limit = spec.settings.rapid_fails_per_minute
+        if spec.stdout_log != old.stdout_log:
+            self.output.path = spec.stdout_log
+            self.output.reopen()
+        log.info("app %s: configuration changed", spec.name)
+        if self.processes:
+            self.recycle("configuration changed")
+        elif spec.settings.start_mode == "always":
+            self.need()
+
     # -- recycling ------------------------------------------------------------------
     def recycle(self, reason: str = "requested") -> bool:
         """Overlapped restart of every process; False when there is nothing to recycle."""

@@ -126,6 +126,26 @@ class Supervisor:
             app.kill_now()
         self._keeper.stop()
 
+    def apply(self, specs: Iterable[AppSpec]) -> None:
+        """A new configuration: add, change (recycled overlapped) and remove apps.
+
+        Apps whose spec did not change are not touched at all.
+        """
+        new = {spec.name: spec for spec in specs}
+        for name in [n for n in self.apps if n not in new]:
+            removed = self.apps.pop(name)
+            log.info("app %s removed from the configuration: stopping it", name)
+            asyncio.ensure_future(removed.stop())
+        for name, spec in new.items():
+            existing = self.apps.get(name)
+            if existing is None:
+                added = self.apps[name] = AppController(spec, self._keeper, self._broadcast)
+                self._broadcast(added.snapshot())
+                if spec.settings.start_mode == "always":
+                    added.need()
+            elif existing.spec != spec:
+                existing.update_spec(spec)
+
     # -- administration -------------------------------------------------------------
     def recycle(self, name: str) -> bool:
         """Overlapped restart of app ``name``; False when it runs no process."""

@@ -1,7 +1,8 @@
 """The admin socket: HTTP over a Unix socket (mode 0660) for ``bastion`` commands and tools.
 
 SPEC section 8: ``GET /status`` (JSON: pools, apps, processes with pid, port, state,
-uptime, requests, in flight, RSS, CPU; restarts; last exit), ``POST /apps/NAME/recycle``,
+uptime, requests, in flight, RSS, CPU; restarts; last exit), ``GET /metrics``
+(Prometheus text), ``POST /reload``, ``POST /apps/NAME/recycle``,
 ``POST /apps/NAME/stop`` and ``POST /apps/NAME/start``. Every handler only calls the
 module's ``Supervisor``; nothing here touches a process. When the socket's directory
 cannot be created (the demo as a normal user with the default ``/run/bastion``),
@@ -18,6 +19,8 @@ from aiohttp import web
 
 from module.errors import UnknownApp
 
+from .metrics import render
+
 if TYPE_CHECKING:
     from .main import Bastion
 
@@ -33,8 +36,17 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
 
     async def _status(self, request: web.Request) -> web.Response:
-        self.bastion.table.flush_reports()
-        return web.json_response(self.bastion.supervisor.status())
+        return web.json_response(self.bastion.status())
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = render(self.bastion.metrics(), self.bastion.status(), len(self.bastion.workers))
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        applied, problems = await self.bastion.reload()
+        status = 200 if applied else 400
+        return web.json_response({"reloaded": applied, "problems": problems}, status=status)
 
     async def _app_action(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -59,6 +71,8 @@ class AdminServer:
         """Listen on the socket (skipped with a warning when it cannot be created)."""
         app = web.Application()
         app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/reload", self._reload)
         app.router.add_post(r"/apps/{name}/{action:recycle|stop|start}", self._app_action)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

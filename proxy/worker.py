@@ -1,0 +1,224 @@
+"""A proxy worker: listeners, endpoint table, upstream pool, logs and metrics.
+
+Theory of operation
+-------------------
+``ProxyWorker`` is everything the proxy needs to serve requests, and nothing of the
+module: it is given the bound listening sockets and a ``send`` function for module
+messages, and it is told ``AppState`` snapshots. The main process runs one of them in
+its own event loop (``workers: 1``, no ``user``), or runs N worker *processes*
+(``python -m proxy.worker``), each a ``ProxyWorker`` connected to the main process by a
+socketpair (``proxy.channel``); the messages are the same either way.
+
+A worker process gets its set-up (config, socket fds, worker number) as the first frame,
+builds its TLS contexts (while still root, so it can read private keys), drops to the
+configured ``user``, starts serving, and says READY. It exits when told to stop
+(after draining), on SIGTERM (the same), or at once when the channel closes (the main
+process died): it never outlives the main process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import pickle
+import pwd
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
+
+from . import channel
+from .accesslog import AccessLog
+from .config import Config, Listener
+from .endpoints import EndpointTable, QueueLimits
+from .forwarding import UpstreamPool
+from .metrics import Metrics
+from .routing import Router
+from .server import ListenerSet, RequestHandler
+
+log = logging.getLogger("bastion.worker")
+
+Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
+METRICS_EVERY = 1.0
+
+
+def alpn_protocols(listener: Listener) -> list[str]:
+    """The ALPN protocols a TLS listener offers."""
+    return ["http/1.1"]
+
+
+def server_context(listener: Listener) -> ssl.SSLContext:
+    """The TLS context of ``listener`` (which must have ``tls``)."""
+    from .tls import build_server_context
+
+    assert listener.tls is not None
+    return build_server_context(listener.tls, alpn_protocols(listener))
+
+
+class ProxyWorker:
+    """One worker's proxy: serves requests on the sockets it is given."""
+
+    def __init__(self, config: Config, send: Send, worker_id: int = 0) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        limits = {
+            spec.name: QueueLimits(spec.settings.max_concurrency, spec.settings.max_queue)
+            for spec in config.apps
+        }
+        self.table = EndpointTable(send, limits, worker=worker_id)
+        self.pool = UpstreamPool()
+        self.access_log = AccessLog(config.access_log, config.access_log_format)
+        self.metrics = Metrics()
+        self.listeners = ListenerSet()
+
+    def update(self, state: AppState) -> None:
+        """A state snapshot from the module."""
+        self.table.update(state)
+
+    async def start(self, sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]]
+                    ) -> None:
+        """Serve ``sockets`` (already bound and listening)."""
+        router = Router(self.config.routes)
+        handlers = {
+            listener.address: RequestHandler(
+                listener, self.config, router, self.table, self.pool, self.access_log
+            )
+            for listener in self.config.listeners
+        }
+        for handler in handlers.values():
+            handler.metrics = self.metrics
+        await self.listeners.start(sockets, handlers, self.config)
+
+    def grace(self) -> float:
+        """How long a graceful stop waits for requests in flight."""
+        longest = max((a.settings.request_timeout for a in self.config.apps), default=10.0)
+        return min(longest, 30.0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, finish requests in flight (up to ``grace``), close."""
+        await self.listeners.stop(grace=self.grace() if grace is None else grace)
+        self.table.flush_reports()
+        await self.pool.close()
+        self.access_log.close()
+
+    def metrics_snapshot(self) -> dict[str, object]:
+        """This worker's metrics, with the connections open now."""
+        self.metrics.open_connections = self.listeners.open_connections()
+        return self.metrics.snapshot()
+
+    def reopen_logs(self) -> None:
+        """Reopen the access log (SIGUSR1)."""
+        self.access_log.reopen()
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker process is given by the main process."""
+
+    config: Config
+    worker_id: int
+    fds: tuple[tuple[str, int], ...]  # listener address -> inherited socket fd
+    states: tuple[AppState, ...] = ()  # the module's snapshot when the worker was made
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (and its groups) when running as root."""
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    os.setgroups(sorted({entry.pw_gid, *groups}))
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+async def _worker_process(channel_fd: int) -> None:
+    sock = socket.socket(fileno=channel_fd)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    kind, payload = await channel.read_frame(reader)
+    if kind != channel.SETUP:
+        raise SystemExit("bastion worker: no set-up received")
+    setup: WorkerSetup = pickle.loads(payload)
+    config = setup.config
+    by_address = dict(setup.fds)
+    sockets = []
+    for listener in config.listeners:
+        listen = socket.socket(fileno=by_address[listener.address])
+        context = server_context(listener) if listener.tls is not None else None
+        sockets.append((listener, listen, context))
+    if config.user:
+        drop_privileges(config.user)
+
+    def send(message: NeedApp | EndpointFailed | UsageReport) -> None:
+        if not writer.is_closing():
+            writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
+
+    worker = ProxyWorker(config, send, setup.worker_id)
+    for state in setup.states:
+        worker.update(state)
+    await worker.start(sockets)
+    writer.write(channel.frame(channel.READY))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    grace: list[float] = []
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the main process decides
+    loop.add_signal_handler(signal.SIGUSR1, worker.reopen_logs)
+
+    async def read_loop() -> None:
+        try:
+            while True:
+                kind, payload = await channel.read_frame(reader)
+                if kind == channel.MESSAGE:
+                    message = from_wire(json.loads(payload))
+                    if isinstance(message, AppState):
+                        worker.update(message)
+                elif kind == channel.STOP:
+                    grace.append(float(json.loads(payload or b"10")))
+                    stop.set()
+                    return
+                elif kind == channel.REOPEN:
+                    worker.reopen_logs()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            os._exit(0)  # the main process is gone: never outlive it
+
+    async def metrics_loop() -> None:
+        while True:
+            await asyncio.sleep(METRICS_EVERY)
+            if not writer.is_closing():
+                writer.write(channel.json_frame(channel.METRICS, worker.metrics_snapshot()))
+
+    tasks = [asyncio.create_task(read_loop()), asyncio.create_task(metrics_loop())]
+    await stop.wait()
+    await worker.stop(grace[0] if grace else None)
+    with contextlib.suppress(Exception):
+        writer.write(channel.json_frame(channel.METRICS, worker.metrics_snapshot()))
+        await writer.drain()
+    for task in tasks:
+        task.cancel()
+
+
+def main() -> None:
+    """``python -m proxy.worker --channel FD``: one proxy worker process."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--channel", type=int, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    from .main import install_uvloop
+
+    install_uvloop()
+    asyncio.run(_worker_process(args.channel))
+
+
+if __name__ == "__main__":
+    main()
