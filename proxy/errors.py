@@ -76,3 +76,22 @@ def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
         return BadGateway(f"the app {app!r} sent an invalid response", app=app, detail=str(exc))
     return BadGateway(f"the app {app!r} failed", app=app, detail=repr(exc))
+
+
+class RequestRejected(ProxyError):
+    """A request refused at the edge (strict parsing, limits): 400, 405, 408, 413, 414,
+    431, 501 or 505; never forwarded, and the connection closes after the answer."""
+
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.title = _phrase(status)
+
+
+def _phrase(status: int) -> str:
+    import http
+
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
