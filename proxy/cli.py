@@ -112,6 +112,23 @@ def cmd_recycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``bastion reload``: re-read the configuration without dropping connections."""
+    config = _load(_config_path(args))
+    try:
+        status, data = asyncio.run(_admin(config.admin_socket, "POST", "/reload"))
+    except OSError as exc:
+        print(f"bastion reload: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        for problem in data.get("problems", []):
+            print(problem, file=sys.stderr)
+        print("bastion reload: refused; the running configuration is unchanged", file=sys.stderr)
+        return 1
+    print("reloaded")
+    return 0
+
+
 def cmd_dev_cert(args: argparse.Namespace) -> int:
     """``bastion dev-cert``: create or show the development certificate."""
     from .devcert import describe, ensure_dev_cert
@@ -135,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-c", "--config", help="configuration file (for the admin socket)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=cmd_status)
+    reload = sub.add_parser("reload", help="re-read the configuration (like SIGHUP)")
+    reload.add_argument("-c", "--config", help="configuration file (for the admin socket)")
+    reload.set_defaults(func=cmd_reload)
     recycle = sub.add_parser("recycle", help="overlapped restart of one app")
     recycle.add_argument("app", help="the app's name")
     recycle.add_argument("-c", "--config", help="configuration file (for the admin socket)")

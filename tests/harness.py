@@ -70,6 +70,9 @@ class BastionProcess:
         self.tmp = tmp
         self.config = dict(config)
         self.config.setdefault("admin_socket", str(tmp / "admin.sock"))
+        # One proxy worker in the main process unless a test asks for more: counters
+        # and queues are then exact. tests/test_workers.py covers worker processes.
+        self.config.setdefault("workers", 1)
         self.path = tmp / "bastion.yaml"
         self.path.write_text(yaml.safe_dump(self.config))
         self.env = {**os.environ, **(env or {})}
@@ -181,6 +184,22 @@ class BastionProcess:
         if b"chunked" in head.lower():
             body = _dechunk(body)
         return json.loads(body)  # type: ignore[no-any-return]
+
+    def admin_post(self, path: str) -> tuple[int, Any]:
+        """``POST path`` on the admin socket; return the status and the JSON body."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(self.config["admin_socket"])
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: bastion\r\nContent-Length: 0\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        if b"chunked" in head.lower():
+            body = _dechunk(body)
+        return int(head.split()[1]), json.loads(body) if body else None
 
     def app_pids(self, app: str) -> list[int]:
         """Pids of the running processes of ``app``."""
