@@ -10,9 +10,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import TextIO
 
 from aiohttp import web
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """What the access log says about a request, whatever its protocol."""
+
+    client: str
+    method: str
+    target: str
+    version: str  # "HTTP/1.1", "HTTP/2.0"
+    referer: str = "-"
+    agent: str = "-"
 
 
 class AccessLog:
@@ -36,19 +49,33 @@ class AccessLog:
 
     def write(self, request: web.BaseRequest, status: int, sent: int, app: str, pid: int,
               duration: float) -> None:
-        """Log one finished request."""
+        """Log one finished HTTP/1.x request."""
         if self._file is None:
             return
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
-        target = request.raw_path
-        version = f"HTTP/{request.version.major}.{request.version.minor}"
-        referer = request.headers.get("Referer", "-")
-        agent = request.headers.get("User-Agent", "-")
+        self.write_entry(
+            LogEntry(
+                client=str(peer[0]) if isinstance(peer, tuple) and peer else "-",
+                method=request.method,
+                target=request.raw_path,
+                version=f"HTTP/{request.version.major}.{request.version.minor}",
+                referer=request.headers.get("Referer", "-"),
+                agent=request.headers.get("User-Agent", "-"),
+            ),
+            status, sent, app, pid, duration,
+        )
+
+    def write_entry(self, entry: LogEntry, status: int, sent: int, app: str, pid: int,
+                    duration: float) -> None:
+        """Log one finished request of any protocol (HTTP/2 streams come here directly)."""
+        if self._file is None:
+            return
+        client, target, version = entry.client, entry.target, entry.version
+        referer, agent = entry.referer, entry.agent
         if self.fmt == "json":
             line = json.dumps({
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "client": client, "method": request.method, "target": target,
+                "client": client, "method": entry.method, "target": target,
                 "version": version, "status": status, "bytes": sent,
                 "referer": referer, "user_agent": agent, "app": app, "pid": pid,
                 "duration": round(duration, 6),
@@ -56,7 +83,7 @@ class AccessLog:
         else:
             stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
             esc = _escape
-            line = (f'{client} - - [{stamp}] "{esc(request.method)} {esc(target)} {version}" '
+            line = (f'{client} - - [{stamp}] "{esc(entry.method)} {esc(target)} {version}" '
                     f'{status} {sent} "{esc(referer)}" "{esc(agent)}" {app} {pid or "-"} '
                     f"{duration:.6f}")
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -85,23 +86,144 @@ class UpstreamPool:
             await session.close()
 
 
-async def _client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIterator[bytes]:
+async def client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIterator[bytes]:
+    """An HTTP/1.1 request body, chunk by chunk (``BodyTimeout`` between reads)."""
     while True:
         try:
             chunk = await asyncio.wait_for(request.content.readany(), body_timeout)
         except TimeoutError as exc:
-            raise _BodyTimeout() from exc
+            raise BodyTimeout() from exc
         if not chunk:
             return
         yield chunk
 
 
-class _BodyTimeout(Exception):
+_client_body = client_body
+
+
+class BodyTimeout(Exception):
     """The client stopped sending its body."""
 
 
-def _has_body(request: web.BaseRequest) -> bool:
-    return request.body_exists
+_BodyTimeout = BodyTimeout
+
+
+class UpstreamBroken(Exception):
+    """The app's response body ended early or the connection failed mid-body."""
+
+
+@dataclass
+class Upstream:
+    """The app's answer, transport-neutral: status, head and a body iterator."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]  # without hop-by-hop fields and framing
+    content_length: int | None
+    bodyless: bool  # HEAD, 1xx, 204, 304: no body goes to the client
+    _response: aiohttp.ClientResponse
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The response body, chunk by chunk; ``UpstreamBroken`` when it breaks off."""
+        if self.bodyless:
+            return
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UpstreamBroken(str(exc)) from exc
+
+
+@contextlib.asynccontextmanager
+async def exchange(
+    endpoint: Endpoint,
+    pool: UpstreamPool,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: AsyncIterator[bytes] | None,
+    content_length: int | None,
+    *,
+    app: str,
+    request_timeout: float,
+) -> AsyncIterator[Upstream]:
+    """One HTTP/1.1 exchange with the app, independent of the client's protocol.
+
+    ``headers`` are already rewritten (``headers.upstream_headers``); ``body`` is None
+    for a request without one. Raises ``ProxyError`` before the response head arrives
+    (the caller turns it into an error page); yields the answer, whose body the caller
+    streams within the ``async with``.
+    """
+    session = pool.session_for(endpoint)
+    host = "127.0.0.1" if endpoint.socket_path is None else "localhost"
+    port = endpoint.port if endpoint.socket_path is None else 80
+    url = URL(f"http://{host}:{port}{target}", encoded=True)
+    out_headers = list(headers)
+    if body is not None and content_length is not None:
+        out_headers.append(("Content-Length", str(content_length)))
+    try:
+        async with asyncio.timeout(request_timeout):
+            upstream = await session.request(
+                method,
+                url,
+                headers=_multidict(out_headers),
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                chunked=None if content_length is not None or body is None else True,
+            )
+    except BodyTimeout:
+        raise ProxyError("the client stopped sending its body") from None
+    except Exception as exc:  # noqa: BLE001 - mapped in one place
+        raise from_upstream(exc, app, request_timeout) from exc
+    async with upstream:
+        yield Upstream(
+            status=upstream.status,
+            reason=upstream.reason or "",
+            headers=downstream_headers(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
+            ),
+            content_length=upstream.content_length,
+            bodyless=method == "HEAD" or upstream.status in NO_BODY_STATUSES
+            or upstream.status < 200,
+            _response=upstream,
+        )
+
+
+async def respond_h1(
+    request: web.BaseRequest, upstream: Upstream, response_headers: list[tuple[str, str]]
+) -> tuple[web.StreamResponse, int]:
+    """Stream ``upstream`` to an HTTP/1.1 client; return the response and body size.
+
+    Once the response head is out, a failure of the app aborts the client connection
+    (the status is gone) and the response is returned as it stands.
+    """
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+    for name, value in upstream.headers:
+        response.headers.add(name, value)
+    for name, value in response_headers:
+        response.headers[name] = value
+    length = upstream.content_length
+    if length is not None and not upstream.bodyless:
+        response.content_length = length
+    elif length is not None and request.method == "HEAD":
+        response.headers["Content-Length"] = str(length)
+    elif not upstream.bodyless:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    sent = 0
+    try:
+        async for chunk in upstream.body():
+            await response.write(chunk)
+            sent += len(chunk)
+    except (UpstreamBroken, ConnectionResetError):
+        # The status is already out: all we can do is cut the connection short.
+        if request.transport is not None:
+            request.transport.abort()
+        return response, sent
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response, sent
 
 
 async def forward(
@@ -115,69 +237,16 @@ async def forward(
     body_timeout: float,
     response_headers: list[tuple[str, str]],
 ) -> tuple[web.StreamResponse, int]:
-    """Send ``request`` to ``endpoint``, stream the answer; return it and its body size.
+    """Send an HTTP/1.1 ``request`` to ``endpoint``, stream the answer back.
 
-    Raises ``ProxyError`` when nothing has been sent to the client yet. Once the
-    response head is out, a failure of the app aborts the client connection instead
-    (the status is gone) and the response is returned as it stands.
+    ``exchange`` + ``respond_h1``. Raises ``ProxyError`` when nothing has been sent to
+    the client yet.
     """
-    session = pool.session_for(endpoint)
-    host = "127.0.0.1" if endpoint.socket_path is None else "localhost"
-    port = endpoint.port if endpoint.socket_path is None else 80
-    url = URL(f"http://{host}:{port}{request.raw_path}", encoded=True)
-    out_headers = list(headers)
-    data: AsyncIterator[bytes] | None = None
-    if _has_body(request):
-        if request.content_length is not None:
-            out_headers.append(("Content-Length", str(request.content_length)))
-        data = _client_body(request, body_timeout)
-    try:
-        async with asyncio.timeout(request_timeout):
-            upstream = await session.request(
-                request.method,
-                url,
-                headers=_multidict(out_headers),
-                data=data,
-                allow_redirects=False,
-                compress=None,
-                chunked=None if request.content_length is not None or data is None else True,
-            )
-    except _BodyTimeout:
-        raise ProxyError("the client stopped sending its body") from None
-    except Exception as exc:  # noqa: BLE001 - mapped in one place
-        raise from_upstream(exc, app, request_timeout) from exc
-
-    async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in downstream_headers(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
-        ):
-            response.headers.add(name, value)
-        for name, value in response_headers:
-            response.headers[name] = value
-        length = upstream.content_length
-        bodyless = request.method == "HEAD" or upstream.status in NO_BODY_STATUSES
-        if length is not None and not bodyless:
-            response.content_length = length
-        elif length is not None and request.method == "HEAD":
-            response.headers["Content-Length"] = str(length)
-        elif not bodyless:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
-        sent = 0
-        if not bodyless:
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                    sent += len(chunk)
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                # The status is already out: all we can do is cut the connection short.
-                if request.transport is not None:
-                    request.transport.abort()
-                return response, sent
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
-        return response, sent
+    body = client_body(request, body_timeout) if request.body_exists else None
+    async with exchange(endpoint, pool, request.method, request.raw_path, headers, body,
+                        request.content_length, app=app,
+                        request_timeout=request_timeout) as upstream:
+        return await respond_h1(request, upstream, response_headers)
 
 
 def _multidict(headers: list[tuple[str, str]]) -> CIMultiDict[str]:

@@ -18,25 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import posixpath
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
 
-from .accesslog import AccessLog
+from module.messages import Endpoint
+
+from .accesslog import AccessLog, LogEntry
 from .config import Config, Listener
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import BadRequest, NotFound, ProxyError
-from .forwarding import UpstreamPool, forward
+from .forwarding import UpstreamPool, client_body, exchange, respond_h1
 from .headers import ForwardInfo, upstream_headers
 from .routing import Router
 from .trust import TrustedProxies
+from .websocket import is_upgrade, tunnel, upgrade_headers
 
 log = logging.getLogger("bastion.proxy")
 
@@ -133,7 +138,31 @@ class RequestHandler:
         host = hosts[0]
         if self.listener.redirect_https and self.config.https_port is not None:
             return self._redirect(request, host), _Answer(308, 0)
-        route = self.router.match(host, normalised_path(request.path))
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+        front = Front(request.method, request.raw_path, host, request.path, raw,
+                      _client_ip(request), _client_cert(request))
+        if is_upgrade(request.method, raw):
+            async with self.leased(front, upgrade=True) as leased:
+                response, sent = await tunnel(request, leased, self.response_headers)
+                return response, _Answer(response.status, sent, leased.app, leased.pid)
+        body = client_body(request, self.config.limits.body_timeout) if request.body_exists else None
+        async with self.leased(front) as leased, exchange(
+            leased.endpoint, self.pool, front.method, front.target, leased.headers, body,
+            request.content_length, app=leased.app, request_timeout=leased.request_timeout,
+        ) as upstream:
+            streamed, sent = await respond_h1(request, upstream, self.response_headers)
+            return streamed, _Answer(streamed.status, sent, leased.app, leased.pid)
+
+    @contextlib.asynccontextmanager
+    async def leased(self, front: Front, *, upgrade: bool = False) -> AsyncIterator[Leased]:
+        """Route, wait for an endpoint, rewrite the head: the same for every protocol.
+
+        HTTP/1.1, HTTP/2 streams and WebSocket tunnels all come through here. Yields
+        the app, its endpoint and the header list to send; a ``ProxyError`` raised in
+        the block (before any response byte went out) is tagged with the app, and a 502
+        marks the endpoint failed. The endpoint is released when the block ends.
+        """
+        route = self.router.match(front.host, normalised_path(front.path))
         if route is None:
             raise NotFound("no application is configured for this address")
         spec = self.config.app(route.app)
@@ -142,35 +171,66 @@ class RequestHandler:
         )
         try:
             info = ForwardInfo(
-                client_ip=_client_ip(request),
+                client_ip=front.client_ip,
                 scheme=self.scheme,
-                host=host,
+                host=front.host,
                 port=self.listener.port,
                 path_base=spec.path_base,
                 token=lease.endpoint.token,
-                client_cert_b64=_client_cert(request),
-                trusted=self.trusted.contains(_client_ip(request)),
+                client_cert_b64=front.client_cert,
+                trusted=self.trusted.contains(front.client_ip),
             )
-            raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+            headers = upstream_headers(front.headers, info)
+            if upgrade:
+                headers = upgrade_headers(front.headers, headers)
             try:
-                streamed, sent = await forward(
-                    request,
-                    lease.endpoint,
-                    self.pool,
-                    upstream_headers(raw, info),
-                    app=route.app,
-                    request_timeout=spec.settings.request_timeout,
-                    body_timeout=self.config.limits.body_timeout,
-                    response_headers=self.response_headers,
-                )
+                yield Leased(route.app, lease.endpoint.pid, lease.endpoint, headers,
+                             spec.settings.request_timeout)
             except ProxyError as error:
                 if error.status == 502:
                     lease.failed(str(error))
                 error.app = route.app
                 raise
-            return streamed, _Answer(streamed.status, sent, route.app, lease.endpoint.pid)
         finally:
             lease.release()
+
+    def error_parts(self, error: ProxyError) -> tuple[list[tuple[str, str]], bytes]:
+        """The headers and body of the error page for ``error`` (any protocol)."""
+        body = render(error, self.config.detailed_errors).encode("utf-8")
+        headers = [("Content-Type", "text/html; charset=utf-8")]
+        if error.retry_after is not None:
+            headers.append(("Retry-After", str(error.retry_after)))
+        headers.extend(self.response_headers)
+        return headers, body
+
+    def finished(self, entry: LogEntry, status: int, sent: int, app: str, pid: int,
+                 duration: float) -> None:
+        """Access log and metrics for a request that did not come through aiohttp."""
+        self.access_log.write_entry(entry, status, sent, app, pid, duration)
+
+
+@dataclass(frozen=True)
+class Front:
+    """A client's request head as routing and rewriting need it, whatever the protocol."""
+
+    method: str
+    target: str  # origin-form, sent to the app as is
+    host: str
+    path: str  # decoded path, for routing
+    headers: list[tuple[str, str]]  # as received (HTTP/1.1 form, Host included)
+    client_ip: str
+    client_cert: str | None
+
+
+@dataclass(frozen=True)
+class Leased:
+    """What ``RequestHandler.leased`` yields: where to send the request, and what."""
+
+    app: str
+    pid: int
+    endpoint: Endpoint
+    headers: list[tuple[str, str]]  # rewritten for the app
+    request_timeout: float
 
 
 def _client_ip(request: web.BaseRequest) -> str:
