@@ -202,7 +202,7 @@ def test_app_exiting_at_once_gives_502_then_503_with_retry_after(crashes: Crashe
     first = b.get("/", timeout=15)
     assert first.status == 502, first.body
     assert b"bad" in first.body  # the page names the app
-    b.get("/", timeout=15)  # the second failure (its status: see the strict xfail below)
+    assert b.get("/", timeout=15).status == 502  # the second failure: its own start failed
     assert b.status()["apps"]["bad"]["restarts"] == 2
     third = b.get("/", timeout=15)
     _assert_resting(third)
@@ -213,9 +213,6 @@ def test_app_exiting_at_once_gives_502_then_503_with_retry_after(crashes: Crashe
 
 # Fails at commit 842fa7a (a bug in Bastion). Uncommitted proxy/endpoints.py changes seen in
 # the working tree while this was written make it pass: drop the marker with that fix.
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/endpoints.py EndpointTable.acquire checks 'backoff' before 'the start I asked "
-    "for failed', so the request whose own start is the Nth failure gets 503, not 502"))
 def test_rapid_fail_sequence_is_502_502_503(crashes: Crashes) -> None:
     """N=2: at most 2 failures per 60 s window, so requests 1 and 2 each see their start
     fail (502) and only request 3, past the limit, is refused with 503."""
@@ -398,10 +395,6 @@ def test_detailed_errors_page_shows_exit_status_and_output_of_failed_restart(
 
 # Fails at commit 842fa7a (a bug in Bastion). Uncommitted proxy/endpoints.py changes seen in
 # the working tree while this was written make it pass: drop the marker with that fix.
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/endpoints.py puts the module's reason ('exited with status 3 before listening') "
-    "in the 502 message, and proxy/error_pages.py shows the message even without "
-    "detailed_errors; SPEC section 7 reserves the exit status for detailed_errors"))
 def test_without_detailed_errors_page_hides_exit_status_and_output(
         crashes: Crashes, tmp_path: Path) -> None:
     page = _failed_restart_page(crashes, tmp_path, detailed=False)
