@@ -50,6 +50,7 @@ from .worker import ProxyWorker, WorkerSetup, server_context
 log = logging.getLogger("bastion")
 
 WORKER_START_LIMIT = 30.0
+CERT_POLL = 2.0
 
 
 def compiled_parser_in_use() -> bool:
@@ -443,6 +444,45 @@ def bind_all(config: Config) -> dict[str, socket.socket]:
     return bound
 
 
+def certificate_files(config: Config) -> dict[str, float]:
+    """Every certificate, key and client CA file of ``config`` with its mtime (0: missing)."""
+    files: dict[str, float] = {}
+    for listener in config.listeners:
+        if listener.tls is None:
+            continue
+        paths = [p for pair in listener.tls.certificates for p in (pair.cert, pair.key)]
+        if listener.tls.client_ca:
+            paths.append(listener.tls.client_ca)
+        for path in paths:
+            try:
+                files[path] = os.stat(path).st_mtime
+            except OSError:
+                files[path] = 0.0
+    return files
+
+
+async def watch_certificates(bastion: Bastion, every: float = CERT_POLL) -> None:
+    """Reload when a certificate or key file changes (renewed by certbot, say).
+
+    A renewal writes the certificate and the key one after the other: the reload waits
+    until the files have been quiet for one interval, and a broken pair is refused by
+    the reload itself, which keeps the old contexts.
+    """
+    seen = certificate_files(bastion.config)
+    while True:
+        await asyncio.sleep(every)
+        now = certificate_files(bastion.config)
+        if now == seen:
+            continue
+        await asyncio.sleep(every)
+        settled = certificate_files(bastion.config)
+        if settled != now:
+            continue
+        log.info("certificate files changed: reloading")
+        applied, _ = await bastion.reload()
+        seen = certificate_files(bastion.config) if applied else settled
+
+
 async def _watchdog(notifier: Notifier, interval: float) -> None:
     while True:
         notifier.watchdog()
@@ -466,9 +506,14 @@ async def _run(config: Config, ready: Callable[[Bastion], None] | None) -> None:
         interval = watchdog_interval()
         if interval is not None:
             watchdog = asyncio.create_task(_watchdog(bastion.notifier, interval))
+        certs = None
+        if not config.source.startswith("<") and certificate_files(config):
+            certs = asyncio.create_task(watch_certificates(bastion))
         if ready is not None:
             ready(bastion)
         await bastion.wait_and_stop()
+        if certs is not None:
+            certs.cancel()
     finally:
         if watchdog is not None:
             watchdog.cancel()
