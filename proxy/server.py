@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import posixpath
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -38,6 +39,7 @@ from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import BadRequest, NotFound, ProxyError
 from .forwarding import UpstreamPool, client_body, exchange, respond_h1
+from .h2server import AlpnSelector, H2Server
 from .headers import ForwardInfo, upstream_headers
 from .routing import Router
 from .trust import TrustedProxies
@@ -273,6 +275,7 @@ class ListenerSet:
     def __init__(self) -> None:
         self._servers: list[asyncio.AbstractServer] = []
         self._aiohttp: list[web.Server] = []
+        self._h2: list[H2Server] = []
 
     async def start(
         self,
@@ -295,8 +298,14 @@ class ListenerSet:
                 access_log=None,
             )
             self._aiohttp.append(web_server)
+            factory: Callable[[], asyncio.Protocol] = web_server
+            if context is not None and listener.http2:
+                # ALPN: h2 or http/1.1, chosen per connection after the handshake.
+                h2_server = H2Server(handler, limits)
+                self._h2.append(h2_server)
+                factory = functools.partial(AlpnSelector, web_server, h2_server)
             self._servers.append(
-                await loop.create_server(web_server, sock=sock, ssl=context,
+                await loop.create_server(factory, sock=sock, ssl=context,
                                          ssl_handshake_timeout=10 if context else None)
             )
 
@@ -304,7 +313,9 @@ class ListenerSet:
         """Stop accepting, let requests in flight finish up to ``grace``, then close."""
         for server in self._servers:
             server.close()
+        h2_done = asyncio.gather(*(h2_server.shutdown(grace) for h2_server in self._h2))
         for web_server in self._aiohttp:
             await web_server.shutdown(grace)
+        await h2_done
         for server in self._servers:
             await server.wait_closed()

@@ -166,7 +166,7 @@ async def _switch(request: web.BaseRequest, reader: asyncio.StreamReader,
     await response.prepare(request)
     transport = request.transport
     protocol = request.protocol
-    assert transport is not None and isinstance(transport, asyncio.Transport)
+    assert transport is not None
     protocol.keep_alive(False)
     protocol.set_parser(_ToApp(writer, transport))  # type: ignore[arg-type]
     sent = 0
