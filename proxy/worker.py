@@ -52,8 +52,8 @@ METRICS_EVERY = 1.0
 
 
 def alpn_protocols(listener: Listener) -> list[str]:
-    """The ALPN protocols a TLS listener offers."""
-    return ["http/1.1"]
+    """The ALPN protocols a TLS listener offers (h2 first when ``http2`` is on)."""
+    return ["h2", "http/1.1"] if listener.http2 else ["http/1.1"]
 
 
 def server_context(listener: Listener) -> ssl.SSLContext:
