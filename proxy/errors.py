@@ -65,8 +65,11 @@ class GatewayTimeout(ProxyError):
 
 def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     """Map a failure talking to the app to the status the client gets."""
-    if isinstance(exc, ProxyError):
-        return exc
+    cause: BaseException | None = exc
+    while cause is not None:  # e.g. a body limit, wrapped by aiohttp's client
+        if isinstance(cause, ProxyError):
+            return cause
+        cause = cause.__cause__
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return GatewayTimeout(f"the app {app!r} did not answer within {timeout:g}s", app=app)
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):

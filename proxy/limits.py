@@ -36,7 +36,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from aiohttp import http_exceptions, web, web_protocol
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.streams import StreamReader
+
+from . import strict
+from .errors import RequestRejected
 
 log = logging.getLogger("bastion.proxy")
 
@@ -75,6 +79,13 @@ def raw_response(response: web.Response) -> bytes:
     return "\r\n".join(lines).encode("latin-1") + body
 
 
+def answer_as_http11(request: web.BaseRequest, always: bool = False) -> None:
+    """Make aiohttp write an ``HTTP/1.1`` status line for a refused request whose own
+    version is unusable (HTTP/0.9, 2.0, or aiohttp's placeholder for a parse error)."""
+    if always or request.version not in (HttpVersion10, HttpVersion11):
+        request._version = HttpVersion11  # aiohttp answers in the request's version
+
+
 class EdgeProtocol(web_protocol.RequestHandler):
     """aiohttp's per-connection protocol with a head timer and the edge's error pages."""
 
@@ -85,6 +96,8 @@ class EdgeProtocol(web_protocol.RequestHandler):
         self._head_bytes = 0
         self._head_prefix = b""
         self._last_payload: StreamReader | None = None
+        self._in_head = False
+        self._line_checked = False
 
     # -- head timer ---------------------------------------------------------------
     def _start_head_timer(self) -> None:
@@ -96,8 +109,6 @@ class EdgeProtocol(web_protocol.RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        self._head_bytes = 0
-        self._head_prefix = b""
 
     def _idle(self) -> bool:
         """No request in flight and the last body fully read: bytes now start a head."""
@@ -133,14 +144,28 @@ class EdgeProtocol(web_protocol.RequestHandler):
             return
         idle = self._idle()
         if idle and data:
+            if not self._in_head:  # the first bytes of a new request head
+                self._in_head = True
+                self._head_bytes = 0
+                self._head_prefix = b""
+                self._line_checked = False
             self._start_head_timer()
             self._head_bytes += len(data)
             if len(self._head_prefix) < self.max_line_size + 2:
                 self._head_prefix += data[: self.max_line_size + 2]
+            if not self._line_checked and b"\n" in self._head_prefix.lstrip(b"\r\n"):
+                self._line_checked = True
+                line = self._head_prefix.lstrip(b"\r\n").split(b"\n", 1)[0]
+                try:
+                    strict.check_request_line(line.removesuffix(b"\r"))
+                except strict.StrictError as exc:
+                    self._refuse_now(exc.status, exc.message)
+                    return
         before = len(self._messages)
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
+            self._in_head = False
             self._stop_head_timer()
             if len(self._messages) > before:
                 self._last_payload = self._messages[-1][1]
@@ -153,6 +178,7 @@ class EdgeProtocol(web_protocol.RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
+        answer_as_http11(request, always=True)
         if isinstance(exc, http_exceptions.HttpProcessingError):
             status = parse_error_status(exc, self._head_prefix, self.max_line_size)
             text = "malformed request" if status == 400 else (message or "malformed request")
@@ -317,31 +343,77 @@ class Acceptor(asyncio.AbstractServer):
 
 
 # -- request bodies ----------------------------------------------------------------------
-class BodyTooLarge(Exception):
-    """The client's body went beyond ``max_body_size``."""
+class BodyTooLarge(RequestRejected):
+    """The client's body went beyond ``max_body_size`` (413)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "the request body is larger than allowed")
 
 
-class BodyStalled(Exception):
-    """Nothing of the client's body arrived within ``body_timeout``."""
+class BodyStalled(RequestRejected):
+    """Nothing of the client's body arrived within ``body_timeout`` (408)."""
+
+    def __init__(self) -> None:
+        super().__init__(408, "the client stopped sending its body")
 
 
 class BodyState:
     """Why a streamed request body stopped, for the status after the upstream failed."""
 
     def __init__(self) -> None:
-        self.failure: Exception | None = None
+        self.failure: RequestRejected | None = None
         self.received = 0
+        self.complete = False  # the whole body was prefetched
+
+
+PREFETCH = 64 * 1024
+
+
+async def _read(content: StreamReader, body_timeout: float, state: BodyState) -> bytes:
+    failure: RequestRejected
+    try:
+        return await asyncio.wait_for(content.readany(), body_timeout)
+    except TimeoutError:
+        failure = BodyStalled()
+    except (asyncio.CancelledError, RequestRejected):
+        raise
+    except Exception:  # noqa: BLE001 - aiohttp's payload errors: broken framing
+        failure = RequestRejected(400, "malformed request body")
+    state.failure = failure
+    raise failure
+
+
+async def prefetch_body(content: StreamReader, body_timeout: float, max_size: int,
+                        state: BodyState, limit: int = PREFETCH) -> list[bytes]:
+    """The first ``limit`` bytes of a body (or all of it), read before the app is asked.
+
+    A body whose framing breaks early, that is too large or that never comes is refused
+    (400, 413, 408) before any app sees the request, like nginx's request buffering
+    does for whole bodies; only a larger body streams, from then on unbuffered.
+    """
+    chunks: list[bytes] = []
+    while state.received < limit:
+        chunk = await _read(content, body_timeout, state)
+        if not chunk:
+            state.complete = True
+            break
+        state.received += len(chunk)
+        if max_size and state.received > max_size:
+            state.failure = BodyTooLarge()
+            raise state.failure
+        chunks.append(chunk)
+    return chunks
 
 
 async def limited_body(content: StreamReader, body_timeout: float, max_size: int,
-                       state: BodyState) -> AsyncIterator[bytes]:
-    """A request body chunk by chunk, within ``body_timeout`` and ``max_size`` (0: none)."""
-    while True:
-        try:
-            chunk = await asyncio.wait_for(content.readany(), body_timeout)
-        except TimeoutError:
-            state.failure = BodyStalled()
-            raise state.failure from None
+                       state: BodyState, first: list[bytes] | None = None
+                       ) -> AsyncIterator[bytes]:
+    """A request body chunk by chunk, within ``body_timeout`` and ``max_size`` (0: none),
+    starting with the prefetched ``first`` chunks."""
+    for chunk in first or ():
+        yield chunk
+    while not state.complete:
+        chunk = await _read(content, body_timeout, state)
         if not chunk:
             return
         state.received += len(chunk)

@@ -30,17 +30,28 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
+from yarl import URL
 
 from module.messages import Endpoint
 
+from . import strict
 from .accesslog import AccessLog, LogEntry
 from .config import Config, Listener
 from .endpoints import EndpointTable
 from .error_pages import render
-from .errors import BadRequest, NotFound, ProxyError
-from .forwarding import UpstreamPool, client_body, exchange, respond_h1
+from .errors import NotFound, ProxyError, RequestRejected
+from .forwarding import UpstreamPool, exchange, respond_h1
 from .h2server import AlpnSelector, H2Server
 from .headers import ForwardInfo, upstream_headers
+from .limits import (
+    Acceptor,
+    BodyState,
+    ConnectionGate,
+    EdgeServer,
+    answer_as_http11,
+    limited_body,
+    prefetch_body,
+)
 from .routing import Router
 from .trust import TrustedProxies
 from .websocket import is_upgrade, tunnel, upgrade_headers
@@ -133,21 +144,57 @@ class RequestHandler:
         response.headers["Location"] = f"https://{name}{request.raw_path}"
         return response
 
+    def _strict(self, request: web.BaseRequest) -> strict.Verdict:
+        """Strict HTTP/1.1 checks (proxy/strict.py) and the body size limit, else raise."""
+        limits = self.config.limits
+        try:
+            verdict = strict.check_request(
+                request.method, request._message.path,
+                (request.version.major, request.version.minor),
+                list(request.raw_headers), max_header_size=limits.max_header_size)
+        except strict.StrictError as exc:
+            answer_as_http11(request)
+            raise RequestRejected(exc.status, exc.message) from None
+        if (limits.max_body_size and verdict.content_length is not None
+                and verdict.content_length > limits.max_body_size):
+            raise RequestRejected(413, "the request body is larger than allowed")
+        return verdict
+
+    def reject(self, status: int, message: str, peer: object,
+               request: web.BaseRequest | None) -> web.Response:
+        """The page for a request refused below the handler (parse error, head timeout),
+        with its access log line; the connection closes after it."""
+        response = self._error_response(RequestRejected(status, message))
+        response.force_close()
+        if request is None:
+            client = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+            self.finished(LogEntry(client, "-", "-", "-"), status,
+                          len(response.body) if isinstance(response.body, bytes) else 0,
+                          "-", 0, 0.0)
+        return response
+
     async def _serve(self, request: web.BaseRequest) -> tuple[web.StreamResponse, _Answer]:
-        hosts = request.headers.getall("Host", [])
-        if len(hosts) != 1 or not hosts[0] or any(c in hosts[0] for c in ",@/ \\"):
-            raise BadRequest("missing, repeated or malformed Host header")
-        host = hosts[0]
+        verdict = self._strict(request)
+        host = verdict.host
         if self.listener.redirect_https and self.config.https_port is not None:
             return self._redirect(request, host), _Answer(308, 0)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-        front = Front(request.method, request.raw_path, host, request.path, raw,
+        raw = strict.strip_h2c(strict.replace_host(raw, host) if verdict.host_replaced else raw)
+        path = request.path if not verdict.absolute else URL(verdict.target).path
+        front = Front(request.method, verdict.target, host, path, raw,
                       _client_ip(request), _client_cert(request))
         if is_upgrade(request.method, raw):
             async with self.leased(front, upgrade=True) as leased:
                 response, sent = await tunnel(request, leased, self.response_headers)
                 return response, _Answer(response.status, sent, leased.app, leased.pid)
-        body = client_body(request, self.config.limits.body_timeout) if request.body_exists else None
+        limits = self.config.limits
+        body = None
+        if request.body_exists:
+            state = BodyState()
+            first = await prefetch_body(request.content, limits.body_timeout,
+                                        limits.max_body_size, state)
+            body = limited_body(request.content, limits.body_timeout, limits.max_body_size,
+                                state, first)
         async with self.leased(front) as leased, exchange(
             leased.endpoint, self.pool, front.method, front.target, leased.headers, body,
             request.content_length, app=leased.app, request_timeout=leased.request_timeout,
@@ -276,6 +323,7 @@ class ListenerSet:
         self._servers: list[asyncio.AbstractServer] = []
         self._aiohttp: list[web.Server] = []
         self._h2: list[H2Server] = []
+        self._gate = ConnectionGate(0)
 
     async def start(
         self,
@@ -284,18 +332,22 @@ class ListenerSet:
         config: Config,
     ) -> None:
         """Serve each bound socket with its handler."""
-        loop = asyncio.get_running_loop()
         limits = config.limits
+        self._gate.limit = limits.max_connections
         for listener, sock, context in sockets:
             handler = handlers[listener.address]
-            web_server = web.Server(
+            web_server = EdgeServer(
                 handler.handle,
+                reject=handler.reject,
+                header_timeout=limits.header_timeout,
+                max_header_size=limits.max_header_size,
                 handler_cancellation=True,
                 keepalive_timeout=limits.keepalive_timeout,
                 max_line_size=limits.max_header_size,
                 max_field_size=limits.max_header_size,
                 auto_decompress=False,
                 access_log=None,
+                lingering_time=2.0,  # after a refusal, read what the client still sends
             )
             self._aiohttp.append(web_server)
             factory: Callable[[], asyncio.Protocol] = web_server
@@ -304,10 +356,8 @@ class ListenerSet:
                 h2_server = H2Server(handler, limits)
                 self._h2.append(h2_server)
                 factory = functools.partial(AlpnSelector, web_server, h2_server)
-            self._servers.append(
-                await loop.create_server(factory, sock=sock, ssl=context,
-                                         ssl_handshake_timeout=10 if context else None)
-            )
+            # Accepting stops while the worker is at max_connections (proxy/limits.py).
+            self._servers.append(Acceptor(sock, factory, context, self._gate))
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish up to ``grace``, then close."""

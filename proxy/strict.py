@@ -36,6 +36,7 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _REG_NAME = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+;=]+$|^(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9\-._~])+$")
 _IPV6 = re.compile(r"^\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~]+)?\]$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"^[0-9]+$")
 # Visible ASCII except '#' (fragments are never sent) and the space/controls.
 _TARGET_CHARS = re.compile(r"^[\x21-\x22\x24-\x7e]*$")
@@ -184,10 +185,22 @@ def check_headers(headers: list[tuple[bytes, bytes]], max_size: int) -> None:
         size += len(name) + len(value) + 4
         if not _TOKEN.match(name):
             raise StrictError(400, "malformed header name")
-        if b"\x00" in value or b"\r" in value or b"\n" in value:
+        if _CTL.search(value):
             raise StrictError(400, "control character in a header value")
     if size > max_size:
         raise StrictError(431, "request header block too large")
+
+
+_REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])$")
+
+
+def check_request_line(line: bytes) -> None:
+    """The raw request line (without CRLF) is ``method SP target SP HTTP/d.d``, for
+    HTTP/1.0 or 1.1 (505 for a higher major version); llhttp is lenient about spaces."""
+    match = _REQUEST_LINE.match(line)
+    if match is None:
+        raise StrictError(400, "malformed request line")
+    check_version((int(match.group(3)), int(match.group(4))))
 
 
 def check_request(method: str, target: str, version: tuple[int, int],
