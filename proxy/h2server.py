@@ -55,6 +55,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from yarl import URL
 
 from .accesslog import LogEntry
@@ -207,7 +208,7 @@ class H2Protocol(asyncio.Protocol):
             return
         if events:
             self._clear_stall()
-        elif self._stall is None:
+        if self._stall is None and self._incomplete():
             # Bytes that complete no frame (a slow header block or frame): bounded.
             self._stall = self._loop.call_later(self.limits.header_timeout, self._stalled)
         for event in events:
@@ -366,6 +367,11 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
         self._close()
 
+    def _incomplete(self) -> bool:
+        """Whether h2 holds part of a frame or of a header block (HEADERS+CONTINUATION)."""
+        buffer = self.conn.incoming_buffer
+        return bool(getattr(buffer, "_data", None)) or bool(getattr(buffer, "_headers_buffer", None))
+
     def _clear_stall(self) -> None:
         if self._stall is not None:
             self._stall.cancel()
@@ -386,9 +392,12 @@ class H2Protocol(asyncio.Protocol):
             return
         if not self.closing:
             self.closing = True
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
+            # Written by hand: after h2's close_connection() no stream could finish.
             self._flush()
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.conn.highest_inbound_stream_id
+            frame.error_code = ErrorCodes.NO_ERROR
+            self.transport.write(frame.serialize())
         if not self.streams:
             self._close()
 
