@@ -135,6 +135,14 @@ class EdgeProtocol(web_protocol.RequestHandler):
         super().connection_made(transport)
         self._start_head_timer()
 
+    def _process_keepalive(self) -> None:
+        if self._head_timer is not None:
+            # A head is due (new connection, or bytes of the next request): the head
+            # timer answers 408; aiohttp's idle timer would close silently.
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
         super().connection_lost(exc)
