@@ -13,6 +13,11 @@ time is in memory. ``request_timeout`` bounds the time until the app's response 
 arrives; the response body then streams back chunk by chunk, each ``write`` waiting for
 the client to drain (backpressure both ways). Failures are mapped to statuses by
 ``errors.from_upstream`` only.
+
+``exchange`` is the transport-neutral core (method, target, rewritten headers, body
+iterator in; an ``Upstream`` with status, headers and a body iterator out), used by the
+HTTP/1.1 handler (``respond_h1`` writes it to aiohttp) and by HTTP/2 streams
+(``proxy.h2server``).
 """
 
 from __future__ import annotations
