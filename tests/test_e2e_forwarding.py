@@ -76,7 +76,9 @@ def _start(tmp: Path, config: dict[str, Any], ca: trustme.CA) -> Iterator[Bastio
 def bastion(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[BastionProcess]:
     tmp = tmp_path_factory.mktemp("e2e-main")
-    config = simple_config(MAIN_APPS, tls=tls_config(tls_ca, tmp / "tls"))
+    # 50 MB uploads stream through: above the 30m default max_body_size.
+    config = simple_config(MAIN_APPS, tls=tls_config(tls_ca, tmp / "tls"),
+                           limits={"max_body_size": "64m"})
     yield from _start(tmp, config, tls_ca)
 
 
