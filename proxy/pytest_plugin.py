@@ -327,7 +327,9 @@ class BastionHandle:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._problems.append(f"Bastion (pid {self.proc.pid}) did not exit within "
-                                      f"{timeout}s of SIGTERM; killed")
+                                      f"{timeout}s of SIGTERM; killed. Its processes then:\n"
+                                      + self._tree() + "\n--- last lines of its log ---\n"
+                                      + "\n".join(self.log().splitlines()[-15:]))
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
@@ -349,6 +351,19 @@ class BastionHandle:
             return {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
         except psutil.Error:
             return set()
+
+    def _tree(self) -> str:
+        import psutil
+
+        lines = []
+        try:
+            procs = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+        except psutil.Error:
+            return "  (gone)"
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                lines.append(f"  pid {proc.pid} ({proc.status()}): {' '.join(proc.cmdline())}")
+        return "\n".join(lines)
 
     def _in_session(self) -> set[int]:
         import psutil
