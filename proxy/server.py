@@ -4,11 +4,15 @@ Theory of operation
 -------------------
 Each listener is an aiohttp low-level ``web.Server`` (its HTTP/1.1 parser, keep-alive and
 flow control; decompression off, handler cancelled when the client goes away) on a plain
-or TLS socket. ``RequestHandler.handle`` is the way of a request:
+or TLS socket, made by ``limits.EdgeServer`` (head timer, parse errors as 400/414/431/505)
+and accepted by ``limits.Acceptor`` (stops accepting at ``max_connections``).
+``RequestHandler.handle`` is the way of a request:
 
-    redirect_https? -> Host check -> route (pure) -> endpoint (EndpointTable, which asks
-    the module to start the app and waits) -> header rewrite (pure) -> forward (stream
-    both ways) -> access log
+    strict checks (proxy/strict.py: version, method, target, Host, framing; 413 by
+    Content-Length) -> redirect_https? -> body prefetch (first 64 KiB: a broken,
+    stalled or oversized body is refused before any app sees it) -> route (pure) ->
+    endpoint (EndpointTable, which asks the module to start the app and waits) ->
+    header rewrite (pure) -> forward (stream both ways) -> access log
 
 Every failure on that way is a ``ProxyError``; it becomes an error page here and only
 here. The handler holds no per-app state: the table does, and the module behind it.

@@ -87,6 +87,12 @@ CORPUS: list[Case] = [
          reaches=True, check=lambda a: ("upgrade" not in a["headers"]
                                         and "http2-settings" not in a["headers"])
          or pytest.fail(str(a))),
+    case("valid-h2c-connection-upgrade-stripped",
+         get(b"/", H, b"Connection: Upgrade, HTTP2-Settings, close", b"Upgrade: h2c",
+             b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA"), 200,
+         reaches=True, check=lambda a: ("upgrade" not in a["headers"]
+                                        and "http2-settings" not in a["headers"])
+         or pytest.fail(str(a))),
     case("valid-absolute-form", get(b"http://other.test/x?y=1", b"Host: h", C), 200,
          reaches=True, check=lambda a: (a["target"] == "/x?y=1"
                                         and a["headers"]["host"] == "other.test")
