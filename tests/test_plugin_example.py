@@ -116,3 +116,46 @@ def test_offline_gives_503_with_the_page_and_online_serves_again(shop: BastionHa
     back = shop.get("/shop/whoami")
     assert back.status == 200, back.text
     assert back.json()["pid"] not in old
+
+
+# -- the plugin's own guarantees ----------------------------------------------------------
+def test_loading_the_plugin_imports_nothing_heavy() -> None:
+    import subprocess
+
+    code = ("import sys, proxy.pytest_plugin; "
+            "heavy = {'psutil', 'trustme', 'yaml', 'aiohttp', 'cryptography', 'proxy.devcert',"
+            " 'proxy.main', 'module'} & set(sys.modules); print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_shim_fails_once_then_execs(tmp_path: Path) -> None:
+    import subprocess
+
+    flag = tmp_path / "flag"
+    flag.write_text("x")
+    argv = [sys.executable, "-m", "proxy.pytest_plugin_shim", str(flag), "--",
+            sys.executable, "-c", "import os; print(os.getpid())"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 1
+    assert "fail_next_start" in first.stderr
+    assert not flag.exists()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert int(out) == proc.pid  # exec'd in place: the same pid Bastion started
+
+
+def test_teardown_reports_and_kills_processes_left_alive(tmp_path: Path) -> None:
+    import subprocess
+
+    leftover = subprocess.Popen(["sleep", "60"])
+    handle = BastionHandle(tmp_path, {"listen": [], "apps": {}}, ca_path=None)
+    handle.proc = subprocess.Popen(["true"])  # stands in for a Bastion that already exited
+    handle.proc.wait()
+    handle._seen.add(leftover.pid)  # as if the test had seen this app pid
+    problems = handle.close()
+    assert len(problems) == 1
+    assert f"pid {leftover.pid}: sleep 60" in problems[0]
+    assert leftover.wait(timeout=5) == -9  # and it was killed
