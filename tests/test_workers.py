@@ -1,0 +1,365 @@
+"""Proxy worker processes (``workers: N``), SIGTERM drain, and the top-level ``user`` drop.
+
+Real Bastion processes on loopback. ``Load`` is a small client (threads, one connection
+per request with ``Connection: close`` so the kernel spreads the accepts over the
+workers) that counts every failure; tests/test_reload.py uses it too. Which worker served
+is seen from outside: a worker that forwarded a request keeps a keep-alive connection to
+the app's port, visible with psutil.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from harness import BastionProcess, app_command, pid_alive, simple_config, wait_until
+
+ECHO = app_command("uvicorn", "echo_asgi:app")
+
+
+class Load:
+    """Client threads sending GETs at about ``rate`` requests/s, counting failures.
+
+    ``targets`` is called for every request and returns ``(port, path)``, so a test can
+    change what it hits while the load runs. A failure is any exception (refused, reset,
+    timeout) or a status other than 200; each is kept with its time and description.
+    """
+
+    def __init__(self, targets: Callable[[], tuple[int, str]], rate: float = 150.0,
+                 threads: int = 4, timeout: float = 10.0) -> None:
+        self.targets = targets
+        self.interval = threads / rate
+        self.threads = threads
+        self.timeout = timeout
+        self.ok = 0
+        self.failures: list[tuple[float, str]] = []
+        self.statuses: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def one(self) -> None:
+        port, path = self.targets()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.timeout)
+        try:
+            conn.request("GET", path, headers={"Connection": "close"})
+            resp = conn.getresponse()
+            resp.read()
+            status = resp.status
+        except Exception as exc:  # noqa: BLE001 - every failure counts
+            with self._lock:
+                self.failures.append((time.monotonic(), f"{path}: {type(exc).__name__}: {exc}"))
+            return
+        finally:
+            conn.close()
+        with self._lock:
+            self.statuses[status] += 1
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failures.append((time.monotonic(), f"{path}: HTTP {status}"))
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self.one()
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_at = time.monotonic()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return self.ok + len(self.failures)
+
+    def __enter__(self) -> Load:
+        for _ in range(self.threads):
+            thread = threading.Thread(target=self._run, daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._workers:
+            thread.join(self.timeout + 5)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        """Wait until ``count`` more requests have finished."""
+        goal = self.total + count
+        assert wait_until(lambda: self.total >= goal, timeout), \
+            f"only {self.total} of {goal} requests done in {timeout}s"
+
+    def summary(self) -> str:
+        return (f"{self.ok} ok, {len(self.failures)} failed "
+                f"(statuses {dict(self.statuses)}): {[f for _, f in self.failures[:10]]}")
+
+
+def status_or_none(bastion: BastionProcess) -> dict[str, Any] | None:
+    """``/status``, or None while the admin socket is not up yet (it starts after the
+    listeners are bound, so a port that accepts does not mean the socket exists)."""
+    try:
+        return bastion.status()
+    except OSError:
+        return None
+
+
+def ready_pids(bastion: BastionProcess, app: str) -> list[int]:
+    """Pids of the ready processes of ``app`` ([] while the admin socket is not up)."""
+    status = status_or_none(bastion)
+    if status is None:
+        return []
+    return [p["pid"] for p in status["apps"][app]["processes"] if p["state"] == "ready"]
+
+
+def worker_pids(bastion: BastionProcess) -> list[int]:
+    """Pids of the worker processes in ``/status`` ([] while the admin socket is not up)."""
+    status = status_or_none(bastion)
+    return [] if status is None else [w["pid"] for w in status["workers"]]
+
+
+def worker_children(bastion: BastionProcess) -> list[psutil.Process]:
+    """Direct children of Bastion that run ``proxy.worker``."""
+    found = []
+    for proc in psutil.Process(bastion.pid).children():
+        try:
+            if "proxy.worker" in proc.cmdline():
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def forwarded_to(pid: int, app_port: int) -> bool:
+    """True when process ``pid`` holds a connection to the app's loopback port."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.raddr and c.raddr.port == app_port for c in conns)
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[BastionProcess]:
+    config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}}, workers=2)
+    bastion = BastionProcess(tmp_path, config).start()
+    try:
+        assert wait_until(lambda: ready_pids(bastion, "echo"), 20), bastion.log()
+        # Workers start one after the other; the listener answers once the first is up.
+        assert wait_until(lambda: len(worker_pids(bastion)) == 2, 20), bastion.log()
+        yield bastion
+    finally:
+        bastion.stop(signal.SIGKILL if bastion.proc and bastion.proc.poll() is None else 0)
+
+
+def test_two_worker_processes_both_serve(two_workers: BastionProcess) -> None:
+    bastion = two_workers
+    children = worker_children(bastion)
+    assert len(children) == 2, [c.cmdline() for c in psutil.Process(bastion.pid).children()]
+    pids = worker_pids(bastion)
+    assert sorted(pids) == sorted(c.pid for c in children)
+    assert bastion.pid not in pids
+    app_port = bastion.status()["apps"]["echo"]["processes"][0]["port"]
+
+    with Load(lambda: (bastion.port(), "/info"), rate=200, threads=4) as load:
+        load.wait_for(200)
+    assert not load.failures, load.summary()
+    # Each worker that forwarded a request keeps its keep-alive connection to the app.
+    assert wait_until(lambda: all(forwarded_to(pid, app_port) for pid in pids), 5), (
+        {pid: forwarded_to(pid, app_port) for pid in pids})
+
+
+def test_killed_worker_is_replaced_while_serving(two_workers: BastionProcess) -> None:
+    bastion = two_workers
+    before = worker_pids(bastion)
+    victim = before[0]
+    with Load(lambda: (bastion.port(), "/info"), rate=150, threads=4) as load:
+        load.wait_for(60)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert wait_until(lambda: len(set(worker_pids(bastion)) - set(before)) == 1, 10), (
+            bastion.status()["workers"])
+        replaced_in = time.monotonic() - killed_at
+        load.wait_for(150)
+    now = worker_pids(bastion)
+    print(f"worker kill: {load.summary()}; replaced in {replaced_in:.2f}s")
+    assert victim not in now and len(now) == 2 and before[1] in now
+    assert not pid_alive(victim)
+    assert len(worker_children(bastion)) == 2
+    # Only requests in flight on the killed worker may fail (4 client threads).
+    assert len(load.failures) <= 4, load.summary()
+    assert load.ok >= 200
+    assert bastion.get("/info").status == 200
+
+
+# -- SIGTERM drains ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_finishes_request_in_flight(tmp_path: Path, workers: int) -> None:
+    config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}},
+                           workers=workers)
+    bastion = BastionProcess(tmp_path, config).start()
+    try:
+        assert wait_until(lambda: ready_pids(bastion, "echo"), 20), bastion.log()
+        assert wait_until(lambda: len(worker_pids(bastion)) == workers, 20)
+        assert len(worker_children(bastion)) == (0 if workers == 1 else 2)
+        everything = [p.pid for p in bastion.descendants()]
+        result: dict[str, Any] = {}
+
+        def slow() -> None:
+            started = time.monotonic()
+            try:
+                resp = bastion.get("/slow?s=2", timeout=15)
+                result["status"] = resp.status
+                result["body"] = resp.body
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = repr(exc)
+            result["took"] = time.monotonic() - started
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        # The request has reached the app (in flight) before the signal.
+        assert wait_until(
+            lambda: any(p.get("in_flight") for p in
+                        bastion.status()["apps"]["echo"]["processes"]), 5) or workers > 1
+        time.sleep(0.5)
+        bastion.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        try:
+            code = bastion.proc.wait(20)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            tree = [(p.pid, p.cmdline()[:4]) for p in bastion.descendants()]
+            pytest.fail(f"no exit 20 s after SIGTERM; alive: {tree}; request: {result}\n"
+                        f"{bastion.log()}")
+        thread.join(20)
+        assert result.get("status") == 200, (result, bastion.log())
+        assert result["took"] >= 1.9
+        assert code == 0, bastion.log()
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in everything), 5), [
+            pid for pid in everything if pid_alive(pid)]
+    finally:
+        bastion.stop(signal.SIGKILL)
+
+
+# -- top-level user: privilege drop ---------------------------------------------------------
+
+def _nobody_can_import() -> bool:
+    """True when this interpreter's standard library is readable after dropping to nobody.
+
+    A worker imports some modules lazily (``encodings.idna`` on its first upstream
+    request), after the drop; a Python installed under a 0700 home (pyenv in /root) can
+    then not serve requests. That is the machine's set-up, not Bastion's.
+    """
+    code = ("import os; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+            "import encodings.idna, http.cookies")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          timeout=30).returncode == 0
+
+
+def _wait_dropped(bastion: BastionProcess, count: int, uid: int) -> list[psutil.Process]:
+    """The ``count`` worker processes, once every one of them runs as ``uid``."""
+    def dropped() -> bool:
+        children = worker_children(bastion)
+        try:
+            return len(children) == count and all(c.uids().effective == uid for c in children)
+        except psutil.NoSuchProcess:
+            return False
+
+    assert wait_until(dropped, 20), ([(c.pid, c.uids()) for c in worker_children(bastion)],
+                                     bastion.log())
+    return worker_children(bastion)
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("workers", [1, 2])
+def test_top_level_user_drops_worker_privileges(tmp_path: Path, workers: int) -> None:
+    nobody = pwd.getpwnam("nobody")
+    config = simple_config(
+        {"plain": {"command": app_command("python", "plain_app.py", "{port}"),
+                   "start_mode": "always"}},
+        user="nobody", workers=workers)
+    bastion = BastionProcess(tmp_path, config).start()
+    try:
+        # user: with workers: 1 runs one worker process, not the in-process proxy.
+        procs = _wait_dropped(bastion, workers, nobody.pw_uid)
+        for worker in procs:
+            assert worker.uids() == (nobody.pw_uid,) * 3
+            assert worker.gids().effective == nobody.pw_gid
+            assert worker.ppid() == bastion.pid
+        assert psutil.Process(bastion.pid).uids().effective == 0  # the main process
+        assert sorted(worker_pids(bastion)) == sorted(w.pid for w in procs)
+        assert wait_until(lambda: ready_pids(bastion, "plain"), 20), bastion.log()
+        (app_pid,) = bastion.app_pids("plain")
+        assert psutil.Process(app_pid).uids().effective == 0  # a pool without user: root
+        if not _nobody_can_import():
+            pytest.skip(f"{sys.base_prefix} is not readable by nobody: cannot serve here")
+        resp = bastion.get("/", timeout=10)
+        assert resp.status == 200, resp.body
+        assert resp.json()["euid"] == 0 and resp.json()["pid"] == app_pid
+    finally:
+        assert bastion.stop() == 0, bastion.log()
+
+
+@ROOT_ONLY
+@pytest.mark.xfail(strict=True, reason=(
+    "module/process.py AppProcess.launch passes user=/group=/extra_groups= to "
+    "asyncio.create_subprocess_exec; uvloop (installed by proxy.main.install_uvloop) "
+    "rejects them with ValueError('unexpected kwargs: user, group, extra_groups'), so an "
+    "app of a pool with `user` never starts (unretrieved task exception, app stuck)"))
+def test_top_level_user_with_pool_user(tmp_path: Path) -> None:
+    """Apps of a pool with its own ``user`` run as that user; the workers as the top one."""
+    nobody = pwd.getpwnam("nobody")
+    config = simple_config(
+        {"plain": {"command": app_command("python", "plain_app.py", "{port}"),
+                   "pool": "web", "cwd": "/", "start_mode": "always"}},
+        user="nobody", workers=2, pools={"web": {"user": "nobody"}})
+    with BastionProcess(tmp_path, config) as bastion:
+        _wait_dropped(bastion, 2, nobody.pw_uid)
+        assert wait_until(lambda: ready_pids(bastion, "plain"), 20), bastion.log()
+        (app_pid,) = bastion.app_pids("plain")
+        assert psutil.Process(app_pid).uids().effective == nobody.pw_uid
+        if not _nobody_can_import():
+            pytest.skip(f"{sys.base_prefix} is not readable by nobody: cannot serve here")
+        resp = bastion.get("/", timeout=10)
+        assert resp.status == 200, resp.body
+        assert resp.json()["euid"] == nobody.pw_uid
+
+
+@ROOT_ONLY
+@pytest.mark.xfail(strict=True, reason=(
+    "proxy/worker.py _worker_process: drop_privileges() runs before ProxyWorker() opens "
+    "the access log, so a log in a root-only directory (LogsDirectory=bastion is 0750 "
+    "root) fails with PermissionError; the worker exits 1 and is replaced in a tight "
+    "loop while clients hang on the bound port"))
+def test_top_level_user_access_log_in_root_only_directory(tmp_path: Path) -> None:
+    logs = tmp_path / "log"
+    logs.mkdir(mode=0o750)
+    config = simple_config(
+        {"echo": {"command": ECHO}}, user="nobody", workers=1,
+        access_log=str(logs / "access.log"))
+    with BastionProcess(tmp_path, config) as bastion:
+        time.sleep(2)
+        first = worker_pids(bastion)
+        time.sleep(1)
+        assert worker_pids(bastion) == first, "the worker keeps dying and being replaced"
+        assert "exited with" not in bastion.log(), bastion.log()[-2000:]
+        if _nobody_can_import():
+            assert bastion.get("/info", timeout=5).status == 200
+            assert wait_until(lambda: "/info" in (logs / "access.log").read_text(), 5)
