@@ -56,6 +56,7 @@ from .limits import (
     limited_body,
     prefetch_body,
 )
+from .metrics import Metrics
 from .routing import Router
 from .trust import TrustedProxies
 from .websocket import is_upgrade, tunnel, upgrade_headers
@@ -109,6 +110,7 @@ class RequestHandler:
         if listener.tls is not None and listener.tls.hsts:
             extra.append(("Strict-Transport-Security", f"max-age={listener.tls.hsts}"))
         self.response_headers = extra
+        self.metrics: Metrics | None = None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp's entry point for one request."""
@@ -124,8 +126,11 @@ class RequestHandler:
         except HTTPException:
             raise
         finally:
+            duration = time.monotonic() - started
             self.access_log.write(request, answer.status, answer.sent, answer.app,
-                                  answer.pid, time.monotonic() - started)
+                                  answer.pid, duration)
+            if self.metrics is not None:
+                self.metrics.observe(answer.app, answer.status, duration)
         return response
 
     def _error_response(self, error: ProxyError) -> web.Response:
@@ -260,6 +265,8 @@ class RequestHandler:
                  duration: float) -> None:
         """Access log and metrics for a request that did not come through aiohttp."""
         self.access_log.write_entry(entry, status, sent, app, pid, duration)
+        if self.metrics is not None:
+            self.metrics.observe(app, status, duration)
 
 
 @dataclass(frozen=True)
@@ -362,6 +369,11 @@ class ListenerSet:
                 factory = functools.partial(AlpnSelector, web_server, h2_server)
             # Accepting stops while the worker is at max_connections (proxy/limits.py).
             self._servers.append(Acceptor(sock, factory, context, self._gate))
+
+    def open_connections(self) -> int:
+        """Client connections open now on these listeners."""
+        return (sum(len(web_server.connections) for web_server in self._aiohttp)
+                + sum(len(h2_server.connections) for h2_server in self._h2))
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish up to ``grace``, then close."""
