@@ -147,7 +147,7 @@ class AppController:
         self.last_active = time.monotonic()
         if self._closed or self.admin_stopped or self.offline_body is not None:
             return
-        if self.state in ("starting", "ready"):
+        if self.state == "starting" or (self.state == "ready" and not self._missing()):
             return
         now = time.monotonic()
         until = self.rapid.blocked_until(now)
@@ -160,6 +160,11 @@ class AppController:
             return
         self._start()
 
+    def _missing(self) -> int:
+        """Processes short of ``processes_per_app`` (not counting those starting)."""
+        wanted = max(1, self.spec.settings.processes_per_app)
+        return max(0, wanted - len(self.processes) - len(self.starting))
+
     def endpoint_failed(self, pid: int) -> None:
         """The proxy could not connect to ``pid``: withdraw it if it is really gone."""
         for proc in self.processes:
@@ -169,14 +174,10 @@ class AppController:
 
     def usage(self, report: UsageReport) -> None:
         """Take one worker's request counters for this app."""
-        previous = self._usage.get(report.worker, {})
-        current = {u.pid: u for u in report.processes}
-        self._usage[report.worker] = current
-        for pid, u in current.items():
-            old = previous.get(pid)
-            if u.in_flight or old is None or u.served != old.served:
-                self.last_active = time.monotonic()
-                break
+        # A report is sent only when a count changed: a request began or ended. The
+        # idle clock therefore runs from the end of the last request.
+        self._usage[report.worker] = {u.pid: u for u in report.processes}
+        self.last_active = time.monotonic()
 
     def served(self, pid: int) -> int:
         """Requests sent to ``pid``, summed over workers."""
@@ -232,9 +233,11 @@ class AppController:
     async def _start_one(self) -> None:
         try:
             proc = await self._launch_until_ready()
-        except (StartFailed, LaunchError) as exc:
-            reason = exc.reason if isinstance(exc, StartFailed) else str(exc)
+        except Exception as exc:  # noqa: BLE001 - any launch problem is a failed start
+            reason = exc.reason if isinstance(exc, StartFailed) else str(exc) or repr(exc)
             detail = exc.detail if isinstance(exc, StartFailed) else ""
+            if not isinstance(exc, StartFailed | LaunchError):
+                log.exception("app %s: unexpected error while starting", self.spec.name)
             log.error("app %s failed to start: %s\n%s", self.spec.name, reason, detail)
             self.output.mark(f"start failed: {reason}")
             self._failure(reason, detail)
@@ -272,8 +275,11 @@ class AppController:
         self.restarts += 1
         now = time.monotonic()
         self.rapid.record(now)
-        if self.processes:  # others still serve
+        if self.processes:  # others still serve: replace the lost one at once
             self._set("ready", reason=reason, detail=detail)
+            if not self._closed and self.rapid.blocked_until(now) is None:
+                self._start()
+            return
         elif self.offline_body is not None or self.admin_stopped:
             self._set("offline", reason=reason, detail=detail)
             return

@@ -73,6 +73,16 @@ class DescendantTracker:
                     new.append(child.pid)
         return new, gone
 
+    def adopt(self, proc: psutil.Process) -> bool:
+        """Track ``proc`` too (an orphan of this tree); True when it is new."""
+        if proc.pid in self.seen:
+            return False
+        try:
+            self.seen[proc.pid] = proc.create_time()
+        except psutil.Error:
+            return False
+        return True
+
     def alive(self) -> list[psutil.Process]:
         """Tracked descendants that still exist (same pid and creation time)."""
         found = []

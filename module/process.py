@@ -25,10 +25,11 @@ import pwd
 import secrets
 import signal
 import time
+from collections.abc import Callable
 
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
-from .leftovers import DescendantTracker, kill_leftovers
+from .leftovers import DescendantTracker, kill_leftovers, orphans_with_token
 from .output import AppOutput, drain
 from .spec import AppSpec
 
@@ -38,6 +39,24 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _child_setup(uid: int | None, gid: int | None, groups: list[int]) -> Callable[[], None]:
+    """What the child does between fork and exec: die with Bastion, become the user.
+
+    The identity is switched here rather than with ``subprocess``'s ``user=`` arguments,
+    which uvloop's subprocess support does not accept.
+    """
+
+    def setup() -> None:
+        if gid is not None:
+            os.setgroups(groups)
+            os.setgid(gid)
+        if uid is not None:
+            os.setuid(uid)
+        _die_with_parent()  # after setuid: a credential change clears the death signal
+
+    return setup
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -102,21 +121,19 @@ class AppProcess:
 
     async def launch(self, output: AppOutput, keeper: Keeper) -> None:
         """Start the process; raise ``LaunchError`` when it cannot even be started."""
-        identity: dict[str, object] = {}
+        uid: int | None = None
+        gid: int | None = None
+        groups: list[int] = []
+        env_home: dict[str, str] = {}
         user = self.spec.settings.user
         if user is not None and os.geteuid() == 0:
             try:
                 entry = pwd.getpwnam(user)
             except KeyError as exc:
                 raise LaunchError(f"user {user!r} does not exist") from exc
-            identity = {
-                "user": entry.pw_uid,
-                "group": entry.pw_gid,
-                "extra_groups": os.getgrouplist(user, entry.pw_gid),
-            }
+            uid, gid = entry.pw_uid, entry.pw_gid
+            groups = os.getgrouplist(user, entry.pw_gid)
             env_home = {"HOME": entry.pw_dir, "USER": user, "LOGNAME": user}
-        else:
-            env_home = {}
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self._argv(),
@@ -126,8 +143,7 @@ class AppProcess:
                 cwd=self.spec.cwd,
                 env={**self.environment(), **env_home},
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
-                **identity,  # type: ignore[arg-type]
+                preexec_fn=_child_setup(uid, gid, groups),
             )
         except OSError as exc:
             raise LaunchError(f"cannot run {self.spec.command[0]!r}: {exc.strerror or exc}") from exc
@@ -238,6 +254,11 @@ class AppProcess:
         if self.tracker is None or not self.alive:
             return
         new, gone = self.tracker.refresh()
+        for orphan in orphans_with_token(self.token):
+            # A grandchild that left the tree (setsid, double fork) re-parents to
+            # Bastion, the subreaper: remember it, so the keeper guards it too.
+            if self.tracker.adopt(orphan):
+                new.append(orphan.pid)
         if self._keeper is not None:
             for pid in new:
                 self._keeper.watch_pid(pid)

@@ -33,6 +33,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ from .worker import ProxyWorker, WorkerSetup, server_context
 log = logging.getLogger("bastion")
 
 WORKER_START_LIMIT = 30.0
+WORKER_HEALTHY = 10.0  # a worker up this long died of something other than its start
 CERT_POLL = 2.0
 
 
@@ -168,6 +170,7 @@ class ProcessWorker(WorkerHandle):
         self.to_module = to_module
         self.on_exit = on_exit
         self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = time.monotonic()
         self.stopping = False
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
@@ -256,6 +259,7 @@ class Bastion:
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._next_id = 0
+        self._worker_backoff = 0.0
         self._reloading = asyncio.Lock()
         self.stopping = False
         self.generation = 0
@@ -280,7 +284,23 @@ class Bastion:
         if self.stopping or dead not in self.workers:
             return
         self.workers.remove(dead)
-        asyncio.create_task(self._start_workers(self.config, 1))
+        # A worker that dies young (a broken log path, say) is replaced with a growing
+        # delay, never in a tight loop.
+        young = time.monotonic() - dead.started_at < WORKER_HEALTHY
+        self._worker_backoff = min(max(0.5, self._worker_backoff * 2), 30.0) if young else 0.0
+        delay = self._worker_backoff
+        if delay:
+            log.error("worker died %.1fs after starting: next one in %gs",
+                      time.monotonic() - dead.started_at, delay)
+        asyncio.create_task(self._start_later(delay))
+
+    async def _start_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not self.stopping:
+            try:
+                await self._start_workers(self.config, 1)
+            except RuntimeError as exc:
+                log.error("%s", exc)
 
     async def _start_workers(self, config: Config, count: int) -> list[WorkerHandle]:
         started = []

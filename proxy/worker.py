@@ -155,14 +155,14 @@ async def _worker_process(channel_fd: int) -> None:
         listen = socket.socket(fileno=by_address[listener.address])
         context = server_context(listener) if listener.tls is not None else None
         sockets.append((listener, listen, context))
-    if config.user:
-        drop_privileges(config.user)
 
     def send(message: NeedApp | EndpointFailed | UsageReport) -> None:
         if not writer.is_closing():
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 
-    worker = ProxyWorker(config, send, setup.worker_id)
+    worker = ProxyWorker(config, send, setup.worker_id)  # opens its logs while still root
+    if config.user:
+        drop_privileges(config.user)
     for state in setup.states:
         worker.update(state)
     await worker.start(sockets)

@@ -236,25 +236,8 @@ def python_for(uid: int, gid: int) -> str | None:
     return None
 
 
-def uvloop_installed() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-UVLOOP_USER_BUG = (
-    "module/process.py AppProcess.launch passes user=/group=/extra_groups= to "
-    "asyncio.create_subprocess_exec, which uvloop (installed by proxy.main) rejects with "
-    "ValueError('unexpected kwargs'); module/controller.py _start_one only catches "
-    "StartFailed/LaunchError, so the task dies, the app stays 'starting' with no process "
-    "forever and every request waits startup_time_limit and gets 502")
-
-
 @pytest.mark.parametrize("loop", [
-    pytest.param("default", marks=pytest.mark.xfail(uvloop_installed(), strict=True,
-                                                    reason=UVLOOP_USER_BUG)),
+    "default",
     "asyncio",  # uvloop hidden from Bastion: the feature itself
 ])
 def test_pool_user_runs_the_app_as_that_user(bastions: Bastions, tmp_path: Path,
@@ -334,11 +317,6 @@ def test_setsid_grandchild_dies_when_its_app_crashes(bastions: Bastions, tmp_pat
     assert get_pid(b) != app_pid  # and the app itself comes back
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "module/leftovers.py / controller tick: a double-forked setsid grandchild re-parents to "
-    "Bastion (the subreaper) at once, so DescendantTracker never sees it under the app "
-    "process and the keeper is never told its pid; it is only found by its BASTION_TOKEN "
-    "while Bastion lives. After SIGKILL of Bastion it is re-parented to init and survives"))
 def test_setsid_grandchild_dies_when_bastion_is_killed(
         bastions: Bastions, tmp_path: Path) -> None:
     b, app_pid, grandchild = start_grandchild_app(bastions, tmp_path, "kill")

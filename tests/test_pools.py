@@ -161,13 +161,9 @@ def test_three_processes_share_the_load_and_survive_a_kill(bastions: Bastions) -
     assert len(failed_before) <= 10, failed_before
     assert not failed_after, failed_after[:10]
     assert victim not in served_after
-    assert set(served_after) == pids - {victim}
+    assert pids - {victim} <= set(served_after)  # the survivors (and a replacement) serve
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "module/controller.py: when one of several processes crashes, _failure() leaves the "
-    "app 'ready' and need() returns early for a ready app, so the missing process is "
-    "never replaced (neither on demand nor via _schedule_restart with start_mode always)"))
 @pytest.mark.parametrize("mode", ["on_demand", "always"])
 def test_three_processes_come_back_to_three_after_a_kill(bastions: Bastions, mode: str) -> None:
     b = bastions.start({"echo": uvicorn_app(processes_per_app=3, idle_timeout=0,
@@ -270,11 +266,6 @@ def test_idle_timeout_does_not_stop_an_app_that_keeps_getting_requests(
     assert app_state(b, "echo")["state"] == "ready"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "module/controller.py AppController.usage(): a usage report where in_flight drops to 0 "
-    "(the request finished) does not refresh last_active, so the idle clock runs from the "
-    "START of the last request: a request longer than idle_timeout gets the app stopped "
-    "within one tick of its end"))
 def test_idle_clock_starts_when_the_last_request_ends(bastions: Bastions) -> None:
     b = bastions.start({"echo": uvicorn_app(idle_timeout=1)})
     first = get_pid(b, "/info")
