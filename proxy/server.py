@@ -106,7 +106,8 @@ class RequestHandler:
         self.access_log = access_log
         self.scheme = "https" if listener.tls is not None else "http"
         self.trusted = TrustedProxies(config.trusted_proxies)
-        extra: list[tuple[str, str]] = []
+        # Like nginx, every answer names the edge, not the app's server software.
+        extra: list[tuple[str, str]] = [("Server", "bastion")]
         if listener.tls is not None and listener.tls.hsts:
             extra.append(("Strict-Transport-Security", f"max-age={listener.tls.hsts}"))
         self.response_headers = extra
@@ -151,6 +152,7 @@ class RequestHandler:
             name = f"{name}:{https_port}"
         response = web.Response(status=308, text="")
         response.headers["Location"] = f"https://{name}{request.raw_path}"
+        response.headers["Server"] = "bastion"
         return response
 
     def _strict(self, request: web.BaseRequest) -> strict.Verdict:
