@@ -34,11 +34,12 @@ from yarl import URL
 
 from module.messages import Endpoint
 
-from .errors import ProxyError, from_upstream
+from .errors import BadGateway, ProxyError, from_upstream
 from .headers import downstream_headers
 
 CHUNK = 64 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
+SMALL_BODY = 64 * 1024  # bodies up to this size are sent with the head in one write
 
 
 class UpstreamPool:
@@ -128,6 +129,13 @@ class Upstream:
     bodyless: bool  # HEAD, 1xx, 204, 304: no body goes to the client
     _response: aiohttp.ClientResponse
 
+    async def read_all(self) -> bytes:
+        """The whole body (a small one); 502 when it breaks off before the head is sent."""
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise BadGateway("the app broke off its response", detail=str(exc)) from exc
+
     async def body(self) -> AsyncIterator[bytes]:
         """The response body, chunk by chunk; ``UpstreamBroken`` when it breaks off."""
         if self.bodyless:
@@ -203,12 +211,24 @@ async def respond_h1(
     Once the response head is out, a failure of the app aborts the client connection
     (the status is gone) and the response is returned as it stands.
     """
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY and not upstream.bodyless:
+        # A small body is read whole and sent with the head in one write: one system
+        # call instead of three, and a body cut short still becomes a clean 502.
+        body = await upstream.read_all()
+        small = web.Response(status=upstream.status, reason=upstream.reason or None,
+                             body=body)
+        small.headers.popall("Content-Type", None)
+        for name, value in upstream.headers:
+            small.headers.add(name, value)
+        for name, value in response_headers:
+            small.headers[name] = value
+        return small, len(body)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
     for name, value in upstream.headers:
         response.headers.add(name, value)
     for name, value in response_headers:
         response.headers[name] = value
-    length = upstream.content_length
     if length is not None and not upstream.bodyless:
         response.content_length = length
     elif length is not None and request.method == "HEAD":
