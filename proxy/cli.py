@@ -84,27 +84,34 @@ def _format_status(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """``bastion status``: ask the running Bastion through its admin socket."""
+def _ask(args: argparse.Namespace, command: str, method: str, path: str
+         ) -> tuple[int, Any] | None:
+    """One admin-socket call for ``bastion COMMAND``; None (after saying why) when
+    the running Bastion cannot be reached."""
     config = _load(_config_path(args))
     try:
-        _, data = asyncio.run(_admin(config.admin_socket, "GET", "/status"))
+        return asyncio.run(_admin(config.admin_socket, method, path))
     except OSError as exc:
-        print(f"bastion status: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+        print(f"bastion {command}: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``bastion status``: ask the running Bastion through its admin socket."""
+    answer = _ask(args, "status", "GET", "/status")
+    if answer is None:
         return 1
+    data = answer[1]
     print(json.dumps(data, indent=2) if args.json else _format_status(data))
     return 0
 
 
 def cmd_recycle(args: argparse.Namespace) -> int:
     """``bastion recycle APP``: overlapped restart of one app."""
-    config = _load(_config_path(args))
-    try:
-        status, data = asyncio.run(
-            _admin(config.admin_socket, "POST", f"/apps/{args.app}/recycle"))
-    except OSError as exc:
-        print(f"bastion recycle: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+    answer = _ask(args, "recycle", "POST", f"/apps/{args.app}/recycle")
+    if answer is None:
         return 1
+    status, data = answer
     if status != 200:
         print(f"bastion recycle: {data.get('error', status)}", file=sys.stderr)
         return 1
@@ -114,12 +121,10 @@ def cmd_recycle(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """``bastion reload``: re-read the configuration without dropping connections."""
-    config = _load(_config_path(args))
-    try:
-        status, data = asyncio.run(_admin(config.admin_socket, "POST", "/reload"))
-    except OSError as exc:
-        print(f"bastion reload: cannot reach {config.admin_socket}: {exc}", file=sys.stderr)
+    answer = _ask(args, "reload", "POST", "/reload")
+    if answer is None:
         return 1
+    status, data = answer
     if status != 200:
         for problem in data.get("problems", []):
             print(problem, file=sys.stderr)
