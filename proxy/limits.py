@@ -331,6 +331,8 @@ class Acceptor(asyncio.AbstractServer):
             self._task.cancel()
             self._task = None
         self._sock.close()
+        # A task cancelled before its first step never runs its ``finally``: closed now.
+        self._closed.set()
 
     def is_serving(self) -> bool:
         return self._task is not None
