@@ -100,7 +100,7 @@ class AppController:
         self.last_active = time.monotonic()
         self._usage: dict[int, dict[int, ProcessUsage]] = {}  # worker -> pid -> usage
         self._retry_at_mono: float | None = None
-        self._backoff = policy.BACKOFF_FIRST
+        self._backoff = 0.0  # the first restart of an ``always`` app is immediate
         self._tasks: set[asyncio.Task[None]] = set()
         self._restart_handle: asyncio.TimerHandle | None = None
         self._recycling = False

@@ -16,13 +16,13 @@ HEALTHY_UPTIME = 60.0
 
 
 def next_backoff(previous: float) -> float:
-    """The restart delay after ``previous`` (0.5 s doubling, capped at 30 s)."""
-    return min(max(previous, BACKOFF_FIRST / 2) * 2, BACKOFF_CAP)
+    """The restart delay after ``previous``: 0 (at once), then 0.5 s doubling to 30 s."""
+    return BACKOFF_FIRST if previous <= 0 else min(previous * 2, BACKOFF_CAP)
 
 
 def backoff_after_exit(current: float, uptime: float) -> float:
-    """A process that stayed up ``HEALTHY_UPTIME`` resets the backoff to its start."""
-    return BACKOFF_FIRST if uptime >= HEALTHY_UPTIME else current
+    """A process that stayed up ``HEALTHY_UPTIME`` resets the backoff: restart at once."""
+    return 0.0 if uptime >= HEALTHY_UPTIME else current
 
 
 @dataclass(frozen=True)

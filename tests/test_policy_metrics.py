@@ -23,12 +23,12 @@ from proxy.metrics import BUCKETS, Metrics, merge, render
 
 
 def test_backoff_doubles_from_half_a_second_and_is_capped() -> None:
-    delays = [BACKOFF_FIRST]
+    delays = [0.0]
     for _ in range(10):
         delays.append(next_backoff(delays[-1]))
-    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert delays[:5] == [0.0, BACKOFF_FIRST, 1.0, 2.0, 4.0]
     assert max(delays) == BACKOFF_CAP
-    assert backoff_after_exit(8.0, HEALTHY_UPTIME) == BACKOFF_FIRST
+    assert backoff_after_exit(8.0, HEALTHY_UPTIME) == 0.0
     assert backoff_after_exit(8.0, HEALTHY_UPTIME - 1) == 8.0
 
 
