@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import BastionProcess, app_command, pid_alive, simple_config, wait_until
+from harness import APPS, BastionProcess, app_command, pid_alive, simple_config, wait_until
 
 ECHO = app_command("uvicorn", "echo_asgi:app")
 
@@ -318,16 +319,13 @@ def test_top_level_user_drops_worker_privileges(tmp_path: Path, workers: int) ->
 
 
 @ROOT_ONLY
-@pytest.mark.xfail(strict=True, reason=(
-    "module/process.py AppProcess.launch passes user=/group=/extra_groups= to "
-    "asyncio.create_subprocess_exec; uvloop (installed by proxy.main.install_uvloop) "
-    "rejects them with ValueError('unexpected kwargs: user, group, extra_groups'), so an "
-    "app of a pool with `user` never starts (unretrieved task exception, app stuck)"))
 def test_top_level_user_with_pool_user(tmp_path: Path) -> None:
     """Apps of a pool with its own ``user`` run as that user; the workers as the top one."""
     nobody = pwd.getpwnam("nobody")
+    # A system python3: the tests' interpreter may live where nobody cannot run it.
+    python3 = shutil.which("python3", path="/usr/bin:/bin") or "python3"
     config = simple_config(
-        {"plain": {"command": app_command("python", "plain_app.py", "{port}"),
+        {"plain": {"command": [python3, str(APPS / "plain_app.py"), "{port}"],
                    "pool": "web", "cwd": "/", "start_mode": "always"}},
         user="nobody", workers=2, pools={"web": {"user": "nobody"}})
     with BastionProcess(tmp_path, config) as bastion:
@@ -343,11 +341,6 @@ def test_top_level_user_with_pool_user(tmp_path: Path) -> None:
 
 
 @ROOT_ONLY
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/worker.py _worker_process: drop_privileges() runs before ProxyWorker() opens "
-    "the access log, so a log in a root-only directory (LogsDirectory=bastion is 0750 "
-    "root) fails with PermissionError; the worker exits 1 and is replaced in a tight "
-    "loop while clients hang on the bound port"))
 def test_top_level_user_access_log_in_root_only_directory(tmp_path: Path) -> None:
     logs = tmp_path / "log"
     logs.mkdir(mode=0o750)
