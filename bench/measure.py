@@ -10,7 +10,8 @@ KIND says which processes are "the proxy" (summed) and which are "the app":
 * ``nginx``: PID is the master; proxy = master + every descendant (the workers);
   app = the tree of APP_PID (the standalone upstream).
 * ``bastion``: PID is Bastion's main process; proxy = main + its keeper child
-  (``python -m module.keeper``); app = every other child tree (the apps it launched).
+  (``python -m module.keeper``) + its worker processes (``python -m proxy.worker``,
+  with ``workers`` > 1); app = every other child tree (the apps it launched).
 * ``app``: no proxy; app = the tree of PID.
 """
 
@@ -89,10 +90,10 @@ def _split(kind: str, pid: int, app_pid: int | None) -> tuple[list[psutil.Proces
     proxy, app = [main], []
     for child in children:
         try:
-            keeper = "module.keeper" in " ".join(child.cmdline())
+            cmdline = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        if keeper:
+        if "module.keeper" in cmdline or "proxy.worker" in cmdline:
             proxy.append(child)
         else:
             app.extend(_tree(child.pid))

@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
-# Bastion vs nginx as a reverse proxy in front of the same trivial Python app.
+# Bastion vs nginx, side by side on 127.0.0.1, in one bounded run (about 8 minutes).
 #
-#   bench/run.sh                      # PYTHON=... to choose the interpreter (needs Bastion installed)
-#   DURATION=30s bench/run.sh         # longer runs
+#   bench/run.sh                    # RUNS=3 DURATION=5 (seconds per run), median of the runs
+#   QUICK=1 bench/run.sh            # RUNS=1 DURATION=2, 64 MiB stream: about 2 minutes, a smoke test
+#   RUNS=5 DURATION=10 bench/run.sh
+#   CELLS="http h2" bench/run.sh    # only some load cells (http tls handshake h2 c1 stream)
+#   NO_DOC=1 bench/run.sh           # write bench/results/latest.{md,png}, not docs/performance.*
 #
-# Measures, one after the other on this machine, with `wrk -t2 -c32 -d10s` on 127.0.0.1:
-#   (c) the app directly (baseline, HTTP)
-#   (a) nginx (worker_processes 1, access_log off, keepalive upstream) -> that app, HTTP and HTTPS
-#   (b) Bastion (workers 1; it launches its own copy of the app)          -> app, HTTP and HTTPS
-# and writes bench/results/latest.md (requests/s, p50/p99, peak RSS and CPU of the proxy,
-# ratios Bastion/nginx). Everything it starts is stopped on exit.
+# Targets: the app directly (bench/app.py), nginx -> app, Bastion workers=1 -> app and
+# Bastion workers=auto -> app. Cells: HTTP/1.1 keep-alive, TLS keep-alive, TLS with a new
+# connection (full handshake) per request, HTTP/2 (h2load -c10 -m10), one connection
+# (wrk -c1, latency) and a 1 GiB download; the proxies' CPU per request and peak RSS; the
+# start-up latency of an on-demand app and the time to recover from kill -9 of an app, each
+# against the app's own start time; a py-spy profile of a Bastion worker under load.
+# Writes docs/performance.md + docs/performance.png and bench/results/ (raw JSON, profile).
+# Everything it starts is stopped on exit.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-THREADS="${THREADS:-2}"
-CONNECTIONS="${CONNECTIONS:-32}"
-DURATION="${DURATION:-10s}"
-WARMUP="${WARMUP:-2s}"
-MAX_SECONDS="${MAX_SECONDS:-600}"     # the whole run, including installs
+if [[ -n "${QUICK:-}" ]]; then
+    RUNS="${RUNS:-1}"; DURATION="${DURATION:-2}"; STREAM_SIZE="${STREAM_SIZE:-67108864}"
+    LIFECYCLE_SAMPLES="${LIFECYCLE_SAMPLES:-3}"; PROFILE_SECONDS="${PROFILE_SECONDS:-3}"
+fi
+RUNS="${RUNS:-3}"                           # runs per load cell; the report shows the median
+DURATION="${DURATION:-5}"                   # seconds per run (whole seconds)
+DURATION="${DURATION%s}"
+WARMUP="${WARMUP:-1}"                       # seconds, before the first run of each cell
+WARMUP="${WARMUP%s}"
+STREAM_SIZE="${STREAM_SIZE:-1073741824}"    # bytes of the download cell (1 GiB)
+LIFECYCLE_SAMPLES="${LIFECYCLE_SAMPLES:-5}" # start-up and crash samples per Bastion
+PROFILE_SECONDS="${PROFILE_SECONDS:-5}"     # py-spy on a Bastion worker
+NGINX_WORKERS="${NGINX_WORKERS:-auto}"
+MAX_SECONDS="${MAX_SECONDS:-900}"           # the whole run, including installs
 
-APP_PORT=18080                 # the standalone upstream (baseline and nginx)
+APP_PORT=18080                 # the standalone upstream (direct and nginx)
 NGINX_HTTP=18081
 NGINX_HTTPS=18443
-BASTION_HTTP=18082
-BASTION_HTTPS=18444
+B1_HTTP=18082                  # Bastion workers: 1
+B1_HTTPS=18444
+BA_HTTP=18083                  # Bastion workers: auto
+BA_HTTPS=18445
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -46,6 +62,8 @@ fi
 need_apt=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         log "installing ${need_apt[*]}"
@@ -68,6 +86,17 @@ if ! "$PY" -c 'import trustme' 2>/dev/null; then
     log "installing trustme into $PY"
     timeout 120 "$PY" -m pip install -q trustme
 fi
+# Bench-only tools, not project dependencies: matplotlib (the chart) and py-spy (the profile).
+if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
+    log "installing matplotlib into $PY (for the chart only)"
+    timeout 300 "$PY" -m pip install -q matplotlib || log "no matplotlib: the chart is skipped"
+fi
+PYSPY="$(dirname "$PY")/py-spy"
+if [[ ! -x "$PYSPY" ]]; then
+    log "installing py-spy into $PY (for the profile only)"
+    timeout 300 "$PY" -m pip install -q py-spy || log "no py-spy: the profile is skipped"
+fi
+[[ -x "$PYSPY" ]] || PYSPY=""
 
 # --- processes and cleanup ----------------------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/bastion-bench.XXXXXX")"
@@ -111,14 +140,13 @@ trap 'exit 143' TERM
 ) &
 PIDS+=($!)
 
-for port in $APP_PORT $NGINX_HTTP $NGINX_HTTPS $BASTION_HTTP $BASTION_HTTPS; do
+for port in $APP_PORT $NGINX_HTTP $NGINX_HTTPS $B1_HTTP $B1_HTTPS $BA_HTTP $BA_HTTPS; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         die "port $port on 127.0.0.1 is already in use"
     fi
 done
 
 "$PY" "$HERE/measure.py" cert "$WORK/tls"
-mkdir -p "$WORK/results"
 
 # --- the upstream app ---------------------------------------------------------------------
 log "starting the upstream app on 127.0.0.1:$APP_PORT"
@@ -133,9 +161,16 @@ NGINX_USER=""
 if [[ $(id -u) -eq 0 ]]; then
     if id www-data >/dev/null 2>&1; then NGINX_USER="user www-data;"; else NGINX_USER="user nobody nogroup;"; fi
 fi
+# HTTP/2: "listen ... ssl http2" before nginx 1.25.1, "http2 on;" from it on.
+NGINX_V="$("$NGINX" -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')"
+if [[ "$NGINX_V" != "1.25.1" ]] && printf '%s\n1.25.1\n' "$NGINX_V" | sort -V -C; then
+    NGINX_TLS_LISTEN="listen 127.0.0.1:$NGINX_HTTPS ssl http2;"; NGINX_H2=""
+else
+    NGINX_TLS_LISTEN="listen 127.0.0.1:$NGINX_HTTPS ssl;"; NGINX_H2="http2 on;"
+fi
 cat >"$WORK/nginx/nginx.conf" <<EOF
 $NGINX_USER
-worker_processes 1;
+worker_processes $NGINX_WORKERS;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
@@ -155,7 +190,8 @@ http {
     }
     server {
         listen 127.0.0.1:$NGINX_HTTP;
-        listen 127.0.0.1:$NGINX_HTTPS ssl;
+        $NGINX_TLS_LISTEN
+        $NGINX_H2
         ssl_certificate $WORK/tls/cert.pem;
         ssl_certificate_key $WORK/tls/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -172,70 +208,92 @@ http {
 EOF
 "$NGINX" -t -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" >/dev/null 2>&1 \
     || { "$NGINX" -t -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"; die "nginx config rejected"; }
-log "starting nginx on :$NGINX_HTTP and :$NGINX_HTTPS"
+log "starting nginx $NGINX_V on :$NGINX_HTTP and :$NGINX_HTTPS (worker_processes $NGINX_WORKERS)"
 "$NGINX" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" -g 'daemon off;' &
 NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 "$PY" "$HERE/measure.py" wait "http://127.0.0.1:$NGINX_HTTP/" 20
 "$PY" "$HERE/measure.py" wait "https://127.0.0.1:$NGINX_HTTPS/" 20
 
-# --- Bastion ------------------------------------------------------------------------------
-cat >"$WORK/bastion.yaml" <<EOF
+# --- Bastion, twice -----------------------------------------------------------------------
+# Three apps, each Bastion launching its own copies of bench/app.py: "hello" (any host,
+# always running) takes the load; "cold" (Host: cold.bench, on demand, stops after 2 s
+# idle) is woken for the start-up latency; "crash" (Host: crash.bench, always) is killed with -9.
+# start_bastion NAME WORKERS HTTP_PORT HTTPS_PORT  (sets LAST_PID)
+start_bastion() {
+    local name=$1 workers=$2 http=$3 https=$4
+    cat >"$WORK/$name.yaml" <<EOF
 listen:
-  - address: "127.0.0.1:$BASTION_HTTP"
-  - address: "127.0.0.1:$BASTION_HTTPS"
+  - address: "127.0.0.1:$http"
+  - address: "127.0.0.1:$https"
     tls:
       certificates:
         - {cert: "$WORK/tls/cert.pem", key: "$WORK/tls/key.pem"}
-admin_socket: "$WORK/bastion-admin.sock"
+admin_socket: "$WORK/$name-admin.sock"
 access_log: null
-workers: 1
+workers: $workers
 apps:
   hello:
     command: ["$PY", "$HERE/app.py", "--port", "{port}"]
     start_mode: always
     startup_time_limit: 20s
+  cold:
+    hosts: ["cold.bench"]
+    command: ["$PY", "$HERE/app.py", "--port", "{port}"]
+    start_mode: on_demand
+    idle_timeout: 2s
+    startup_time_limit: 20s
+  crash:
+    hosts: ["crash.bench"]
+    command: ["$PY", "$HERE/app.py", "--port", "{port}"]
+    start_mode: always
+    startup_time_limit: 20s
+    rapid_fails_per_minute: 100
 EOF
-"$PY" -m proxy check -c "$WORK/bastion.yaml" >/dev/null
-log "starting Bastion on :$BASTION_HTTP and :$BASTION_HTTPS"
-"$PY" -m proxy serve -c "$WORK/bastion.yaml" >"$WORK/bastion.log" 2>&1 &
-BASTION_PID=$!
-PIDS+=("$BASTION_PID")
-"$PY" "$HERE/measure.py" wait "http://127.0.0.1:$BASTION_HTTP/" 30 \
-    || { cat "$WORK/bastion.log" >&2; die "Bastion did not answer"; }
-"$PY" "$HERE/measure.py" wait "https://127.0.0.1:$BASTION_HTTPS/" 30
+    "$PY" -m proxy check -c "$WORK/$name.yaml" >/dev/null
+    log "starting Bastion $name (workers: $workers) on :$http and :$https"
+    "$PY" -m proxy serve -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    "$PY" "$HERE/measure.py" wait "http://127.0.0.1:$http/" 30 \
+        || { cat "$WORK/$name.log" >&2; die "Bastion $name did not answer"; }
+    "$PY" "$HERE/measure.py" wait "https://127.0.0.1:$https/" 30
+}
+start_bastion b1 1 "$B1_HTTP" "$B1_HTTPS"
+B1_PID=$LAST_PID
+start_bastion bauto auto "$BA_HTTP" "$BA_HTTPS"
+BA_PID=$LAST_PID
 
 BASTION_VERSION="$("$PY" -c 'from importlib.metadata import version; print(version("bastion"))' 2>/dev/null || echo '?')"
 GIT_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
-cat >"$WORK/results/meta.json" <<EOF
-{"wrk": "wrk -t$THREADS -c$CONNECTIONS -d$DURATION", "warmup": "$WARMUP",
- "bastion": "$BASTION_VERSION (git $GIT_REV)"}
+cat >"$WORK/setup.json" <<EOF
+{
+ "python": "$PY", "pyspy": "$PYSPY", "runs": $RUNS, "duration": $DURATION, "warmup": $WARMUP,
+ "stream_size": $STREAM_SIZE, "stream_timeout": 120, "lifecycle_samples": $LIFECYCLE_SAMPLES,
+ "profile_seconds": $PROFILE_SECONDS, "nginx_workers": "$NGINX_WORKERS",
+ "bastion_version": "$BASTION_VERSION (git $GIT_REV)", "cells": "${CELLS:-}",
+ "targets": {
+  "direct": {"pid": $APP_PID, "http": "http://127.0.0.1:$APP_PORT/"},
+  "nginx": {"pid": $NGINX_PID, "http": "http://127.0.0.1:$NGINX_HTTP/", "https": "https://127.0.0.1:$NGINX_HTTPS/"},
+  "b1": {"pid": $B1_PID, "http": "http://127.0.0.1:$B1_HTTP/", "https": "https://127.0.0.1:$B1_HTTPS/",
+         "http_port": $B1_HTTP, "admin": "$WORK/b1-admin.sock"},
+  "bauto": {"pid": $BA_PID, "http": "http://127.0.0.1:$BA_HTTP/", "https": "https://127.0.0.1:$BA_HTTPS/",
+            "http_port": $BA_HTTP, "admin": "$WORK/bauto-admin.sock"}
+ }
+}
 EOF
 
 # --- measuring ----------------------------------------------------------------------------
-# run NAME URL KIND PID [APP_PID]
-run() {
-    local name=$1 url=$2 kind=$3 pid=$4 app_pid=${5:-}
-    "$PY" "$HERE/measure.py" sample "$kind" "$pid" "$WORK/results/$name.rss.json" $app_pid &
-    local sampler=$!
-    PIDS+=("$sampler")
-    log "$name: warm-up $WARMUP"
-    timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
-    log "$name: wrk -t$THREADS -c$CONNECTIONS -d$DURATION $url"
-    timeout 600 wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency \
-        -s "$HERE/report.lua" "$url" >"$WORK/results/$name.wrk"
-    kill -TERM "$sampler"
-    wait "$sampler" || true
-    grep -E 'Requests/sec|Non-2xx|Socket errors' "$WORK/results/$name.wrk" | sed "s/^/[bench]   /" >&2 || true
-}
-
-run direct-http "http://127.0.0.1:$APP_PORT/" app "$APP_PID"
-run nginx-http "http://127.0.0.1:$NGINX_HTTP/" nginx "$NGINX_PID" "$APP_PID"
-run bastion-http "http://127.0.0.1:$BASTION_HTTP/" bastion "$BASTION_PID"
-run nginx-https "https://127.0.0.1:$NGINX_HTTPS/" nginx "$NGINX_PID" "$APP_PID"
-run bastion-https "https://127.0.0.1:$BASTION_HTTPS/" bastion "$BASTION_PID"
-
 mkdir -p "$HERE/results"
-cp "$WORK"/results/*.wrk "$HERE/results/" 2>/dev/null || true
-"$PY" "$HERE/measure.py" report "$WORK/results" "$HERE/results/latest.md"
-log "written: $HERE/results/latest.md"
+"$PY" "$HERE/matrix.py" run "$WORK/setup.json" "$HERE/results" &
+MATRIX_PID=$!
+PIDS+=("$MATRIX_PID")
+wait "$MATRIX_PID" || die "the measurements failed (see above)"
+if [[ -n "${NO_DOC:-}" ]]; then
+    "$PY" "$HERE/matrix.py" report "$HERE/results" "$HERE/results/latest.md" "$HERE/results/latest.png"
+    log "written: bench/results/latest.md and latest.png"
+else
+    "$PY" "$HERE/matrix.py" report "$HERE/results" "$ROOT/docs/performance.md" "$ROOT/docs/performance.png"
+    cp "$ROOT/docs/performance.md" "$HERE/results/latest.md"
+    log "written: docs/performance.md and docs/performance.png (raw figures in bench/results/)"
+fi
