@@ -104,7 +104,10 @@ class AppProcess:
     def environment(self) -> dict[str, str]:
         """The full environment the process gets."""
         env = dict(os.environ)
-        env.pop("BASTION_CONFIG", None)
+        # Bastion's own settings and systemd's notify channel are not the app's: an app
+        # server that speaks sd_notify (gunicorn does) must not talk for Bastion.
+        for name in ("BASTION_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(name, None)
         env.update(self.spec.environment)
         env.update(
             PORT=str(self.port),

@@ -98,6 +98,26 @@ class EdgeProtocol(web_protocol.RequestHandler):
         self._last_payload: StreamReader | None = None
         self._in_head = False
         self._line_checked = False
+        self.draining = False
+
+    # -- graceful stop ------------------------------------------------------------
+    def drain(self) -> None:
+        """A graceful stop: close now if idle, else after the request being received
+        or served (its response says ``Connection: close``)."""
+        self.draining = True
+        if not self._idle():
+            self.close()  # serving: closed once its response is out
+        elif not self._in_head:
+            self.force_close()  # idle: closed at once
+            if self.transport is not None:
+                self.transport.close()
+        # In the middle of a request head: left to finish it; the handler closes the
+        # connection after that request (``request_started``).
+
+    def request_started(self) -> None:
+        """Called by the handler: a draining connection closes after this request."""
+        if self.draining:
+            self.close()
 
     # -- head timer ---------------------------------------------------------------
     def _start_head_timer(self) -> None:
@@ -350,6 +370,11 @@ class Acceptor(asyncio.AbstractServer):
         if self._task is not None:
             return
         await self._closed.wait()
+
+    async def wait_handshakes(self, limit: float) -> None:
+        """Let connections accepted before ``close`` finish their TLS handshake."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=limit)
 
 
 # -- request bodies ----------------------------------------------------------------------

@@ -46,6 +46,7 @@ from .config import Config, Listener
 from .metrics import merge
 from .sdnotify import Notifier, watchdog_interval
 from .server import bind_socket
+from .tls import TLSConfigError
 from .worker import ProxyWorker, WorkerSetup, server_context
 
 log = logging.getLogger("bastion")
@@ -375,7 +376,14 @@ class Bastion:
     # -- reload ---------------------------------------------------------------------
     def request_reload(self) -> None:
         """SIGHUP: reload in the background (signal-safe)."""
-        asyncio.get_running_loop().create_task(self.reload())
+        asyncio.get_running_loop().create_task(self._reload_logged())
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception:
+            log.exception("reload failed, keeping the old configuration")
+            self.notifier.ready(self._describe())
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Re-read the config file and apply it; (applied, problems)."""
@@ -398,7 +406,7 @@ class Bastion:
                     log.error("reload refused: %s", problem)
                 self.notifier.ready(self._describe())
                 return False, problems
-            except (OSError, RuntimeError, ssl.SSLError) as exc:
+            except (OSError, RuntimeError, ssl.SSLError, TLSConfigError) as exc:
                 log.error("reload failed, keeping the old configuration: %s", exc)
                 self.notifier.ready(self._describe())
                 return False, [str(exc)]
@@ -499,7 +507,11 @@ async def watch_certificates(bastion: Bastion, every: float = CERT_POLL) -> None
         if settled != now:
             continue
         log.info("certificate files changed: reloading")
-        applied, _ = await bastion.reload()
+        try:
+            applied, _ = await bastion.reload()
+        except Exception:  # the watcher must outlive any one failed reload
+            log.exception("reload after a certificate change failed")
+            applied = False
         seen = certificate_files(bastion.config) if applied else settled
 
 
@@ -542,8 +554,6 @@ async def _run(config: Config, ready: Callable[[Bastion], None] | None) -> None:
 
 def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int:
     """Run Bastion in the foreground until SIGTERM/SIGINT; return the exit status."""
-    from .tls import TLSConfigError
-
     if os.environ.get("AIOHTTP_NO_EXTENSIONS") or not compiled_parser_in_use():
         log.warning(
             "aiohttp's compiled HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set or no "

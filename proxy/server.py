@@ -51,6 +51,7 @@ from .limits import (
     Acceptor,
     BodyState,
     ConnectionGate,
+    EdgeProtocol,
     EdgeServer,
     answer_as_http11,
     limited_body,
@@ -63,7 +64,9 @@ from .websocket import is_upgrade, tunnel, upgrade_headers
 
 log = logging.getLogger("bastion.proxy")
 
-WAIT_MARGIN = 5.0  # beyond startup_time_limit, in case the module's own timer is late
+WAIT_MARGIN = 5.0
+HANDSHAKE_GRACE = 2.0  # at a stop, for TLS handshakes of connections already accepted
+FIRST_REQUEST_GRACE = 0.2  # at a stop, for a just-accepted connection's first request  # beyond startup_time_limit, in case the module's own timer is late
 
 
 def normalised_path(raw: str) -> str:
@@ -118,6 +121,8 @@ class RequestHandler:
         started = time.monotonic()
         answer = _Answer(500, 0)
         response: web.StreamResponse
+        if isinstance(request.protocol, EdgeProtocol):
+            request.protocol.request_started()
         try:
             response, answer = await self._serve(request)
         except ProxyError as error:
@@ -378,12 +383,32 @@ class ListenerSet:
                 + sum(len(h2_server.connections) for h2_server in self._h2))
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, let requests in flight finish up to ``grace``, then close."""
+        """Stop accepting, let requests in flight finish up to ``grace``, then close.
+
+        Like nginx's graceful stop: idle keep-alive connections are closed at once (a
+        client retries its next request on a new connection, which another worker
+        generation accepts), busy ones close after their response. A connection
+        accepted just before the stop first finishes its handshake and gets a moment to
+        send its first request, which is then served.
+        """
         for server in self._servers:
             server.close()
+        await asyncio.gather(*(server.wait_handshakes(HANDSHAKE_GRACE)
+                               for server in self._servers if isinstance(server, Acceptor)))
+        await asyncio.sleep(FIRST_REQUEST_GRACE)
         h2_done = asyncio.gather(*(h2_server.shutdown(grace) for h2_server in self._h2))
+        deadline = time.monotonic() + grace
         for web_server in self._aiohttp:
-            await web_server.shutdown(grace)
+            for connection in list(web_server.connections):
+                if isinstance(connection, EdgeProtocol):
+                    connection.drain()  # idle: closed now; busy: after its response
+                else:
+                    connection.close()
+        while any(web_server.connections for web_server in self._aiohttp) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for web_server in self._aiohttp:
+            await web_server.shutdown(max(0.0, deadline - time.monotonic()))
         await h2_done
         for server in self._servers:
             await server.wait_closed()

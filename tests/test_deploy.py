@@ -115,7 +115,7 @@ def test_unit_file() -> None:
         assert key in service, f"{key}= missing from [Service]"
         return service[key][-1]
 
-    assert one("Type") == "simple"
+    assert one("Type") == "notify"
     assert one("ExecStart") == "/usr/local/bin/bastion serve -c /etc/bastion/bastion.yaml"
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one("KillMode") == "mixed"

@@ -28,6 +28,8 @@ import h2.events
 import hpack
 import pytest
 import trustme
+from conftest import ca_pem_path, tls_config
+from harness import BastionProcess, app_command, free_port
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -41,9 +43,6 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
-
-from conftest import ca_pem_path, tls_config
-from harness import BastionProcess, app_command, free_port
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADER_TIMEOUT = 2

@@ -199,13 +199,6 @@ def test_reload_with_unbindable_listener_is_refused(running: BastionProcess) -> 
     assert bastion.get("/two/info").json()["app"] == "one"  # the old routes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/server.py ListenerSet.stop (aiohttp web.Server.shutdown): a connection whose "
-    "request head is not complete when the old generation starts draining is never "
-    "served: the head completed 0.3 s into the reload gets no answer, and the connection "
-    "is closed (EOF) only when the grace (min(request_timeout, 30 s)) ends, which also "
-    "holds the reload for 30 s; when the head has arrived but is not parsed yet, the "
-    "close is a reset (the occasional ConnectionResetError in test_reload_under_load)"))
 @pytest.mark.parametrize("running", [1, 2], indirect=True, ids=["w1", "w2"])
 def test_request_head_arriving_during_reload_is_served(running: BastionProcess) -> None:
     bastion = running

