@@ -130,6 +130,16 @@ class WorkerSetup:
     states: tuple[AppState, ...] = ()  # the module's snapshot when the worker was made
 
 
+def _preload() -> None:
+    """Import what serving may import lazily, while the interpreter's own directory is
+    still readable (it may not be for the unprivileged user)."""
+    import codecs
+    import encodings.idna  # noqa: F401 - host names with non-ASCII labels
+
+    codecs.lookup("idna")
+    "bastion.example".encode("idna")
+
+
 def drop_privileges(user: str) -> None:
     """Become ``user`` (and its groups) when running as root."""
     if os.geteuid() != 0:
@@ -162,6 +172,7 @@ async def _worker_process(channel_fd: int) -> None:
 
     worker = ProxyWorker(config, send, setup.worker_id)  # opens its logs while still root
     if config.user:
+        _preload()
         drop_privileges(config.user)
     for state in setup.states:
         worker.update(state)
