@@ -261,6 +261,7 @@ class Bastion:
         self._stop = asyncio.Event()
         self._next_id = 0
         self._worker_backoff = 0.0
+        self._retired: dict[str, Any] = merge([])
         self._reloading = asyncio.Lock()
         self.stopping = False
         self.generation = 0
@@ -285,6 +286,7 @@ class Bastion:
         if self.stopping or dead not in self.workers:
             return
         self.workers.remove(dead)
+        self._retire(dead)
         # A worker that dies young (a broken log path, say) is replaced with a growing
         # delay, never in a tight loop.
         young = time.monotonic() - dead.started_at < WORKER_HEALTHY
@@ -415,6 +417,8 @@ class Bastion:
             self.workers = new_workers
             grace = self.grace()
             await asyncio.gather(*(w.stop(grace) for w in old_workers))
+            for worker in old_workers:
+                self._retire(worker)
             for address, sock in old_sockets.items():
                 if self.sockets.get(address) is not sock:
                     sock.close()
@@ -438,9 +442,15 @@ class Bastion:
         return sockets
 
     # -- observing ------------------------------------------------------------------
+    def _retire(self, worker: WorkerHandle) -> None:
+        """Keep a gone worker's counters, so totals never go backwards."""
+        last = dict(worker.metrics_snapshot())
+        last["open_connections"] = 0
+        self._retired = merge([self._retired, last])
+
     def metrics(self) -> dict[str, Any]:
-        """Every worker's metrics, added up."""
-        return merge(w.metrics_snapshot() for w in self.workers)
+        """Every worker's metrics, past generations included, added up."""
+        return merge([self._retired, *(w.metrics_snapshot() for w in self.workers)])
 
     def status(self) -> dict[str, Any]:
         """The module's status plus the host's own facts."""
