@@ -23,6 +23,7 @@ STOP = b"S"  # main -> worker: drain and exit (payload: grace seconds as JSON)
 REOPEN = b"L"  # main -> worker: reopen log files
 METRICS = b"X"  # worker -> main: metrics snapshot as JSON
 READY = b"R"  # worker -> main: listening
+CERTIFICATES = b"T"  # main -> worker: re-read certificate and key files in place
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:

@@ -115,6 +115,10 @@ class WorkerHandle(abc.ABC):
     def reopen_logs(self) -> None:
         """Reopen the worker's log files."""
 
+    @abc.abstractmethod
+    def reload_certificates(self) -> None:
+        """Re-read certificate and key files in place (connections stay open)."""
+
     def flush(self) -> None:  # noqa: B027 - optional hook: only a local worker has work
         """Send usage reports now (a local worker; a process reports on its own)."""
 
@@ -137,12 +141,12 @@ class LocalWorker(WorkerHandle):
         self.worker.update(state)
 
     async def start(self) -> None:
-        bound = []
-        for listener in self.config.listeners:
-            context = server_context(listener) if listener.tls is not None else None
-            # A duplicate of the listening socket: this generation may close it freely.
-            bound.append((listener, self.sockets[listener.address].dup(), context))
-        await self.worker.start(bound)
+        # Duplicates of the listening sockets: this generation may close them freely.
+        dups = {address: sock.dup() for address, sock in self.sockets.items()}
+        await self.worker.start(self.worker.bind(dups))
+
+    def reload_certificates(self) -> None:
+        self.worker.reload_certificates()
 
     async def stop(self, grace: float) -> None:
         await self.worker.stop(grace)
@@ -241,6 +245,10 @@ class ProcessWorker(WorkerHandle):
     def reopen_logs(self) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(channel.frame(channel.REOPEN))
+
+    def reload_certificates(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(channel.frame(channel.CERTIFICATES))
 
     def kill(self) -> None:
         """SIGKILL the worker (the main process is exiting in a hurry)."""
@@ -397,6 +405,10 @@ class Bastion:
             self.notifier.reloading()
             try:
                 new = load_config(self.config.source)
+                if new == self.config and not new.user:
+                    # Only certificate files changed, and the workers can still read
+                    # them (they did not drop privileges): swap contexts in place.
+                    return self._reload_certificates()
                 old_sockets = dict(self.sockets)
                 self.sockets = self._rebind(new)
                 self.supervisor.apply(new.apps)
@@ -425,6 +437,18 @@ class Bastion:
             log.info("reloaded %s: %s", new.source, self._describe())
             self.notifier.ready(self._describe())
             return True, []
+
+    def _reload_certificates(self) -> tuple[bool, list[str]]:
+        """The configuration is unchanged: re-read certificates in place, in every
+        worker, without a new generation, so no connection is touched at all."""
+        for listener in self.config.listeners:
+            if listener.tls is not None:
+                server_context(listener)  # a broken pair raises: nothing is changed
+        for worker in self.workers:
+            worker.reload_certificates()
+        log.info("configuration unchanged: certificates re-read in place")
+        self.notifier.ready(self._describe())
+        return True, []
 
     def _rebind(self, new: Config) -> dict[str, socket.socket]:
         sockets: dict[str, socket.socket] = {}

@@ -44,6 +44,7 @@ from .forwarding import UpstreamPool
 from .metrics import Metrics
 from .routing import Router
 from .server import ListenerSet, RequestHandler
+from .tls import TLSConfigError, TLSContextSet
 
 log = logging.getLogger("bastion.worker")
 
@@ -64,6 +65,12 @@ def server_context(listener: Listener) -> ssl.SSLContext:
     return build_server_context(listener.tls, alpn_protocols(listener))
 
 
+def context_set(listener: Listener) -> TLSContextSet:
+    """The reloadable TLS contexts of ``listener`` (which must have ``tls``)."""
+    assert listener.tls is not None
+    return TLSContextSet(listener.tls, alpn_protocols(listener))
+
+
 class ProxyWorker:
     """One worker's proxy: serves requests on the sockets it is given."""
 
@@ -79,6 +86,25 @@ class ProxyWorker:
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.metrics = Metrics()
         self.listeners = ListenerSet()
+        self.tls: dict[str, TLSContextSet] = {}  # listener address -> its contexts
+
+    def bind(self, sockets: dict[str, socket.socket]
+             ) -> list[tuple[Listener, socket.socket, ssl.SSLContext | None]]:
+        """Pair each listener with its socket and (new) TLS contexts."""
+        bound = []
+        for listener in self.config.listeners:
+            context = None
+            if listener.tls is not None:
+                self.tls[listener.address] = context_set(listener)
+                context = self.tls[listener.address].context
+            bound.append((listener, sockets[listener.address], context))
+        return bound
+
+    def reload_certificates(self) -> None:
+        """Re-read every certificate and key in place: connections stay open, new
+        handshakes use the new files. A broken pair raises and the old one stays."""
+        for contexts in self.tls.values():
+            contexts.reload()
 
     def update(self, state: AppState) -> None:
         """A state snapshot from the module."""
@@ -160,17 +186,14 @@ async def _worker_process(channel_fd: int) -> None:
     setup: WorkerSetup = pickle.loads(payload)
     config = setup.config
     by_address = dict(setup.fds)
-    sockets = []
-    for listener in config.listeners:
-        listen = socket.socket(fileno=by_address[listener.address])
-        context = server_context(listener) if listener.tls is not None else None
-        sockets.append((listener, listen, context))
+    listening = {address: socket.socket(fileno=fd) for address, fd in by_address.items()}
 
     def send(message: NeedApp | EndpointFailed | UsageReport) -> None:
         if not writer.is_closing():
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 
     worker = ProxyWorker(config, send, setup.worker_id)  # opens its logs while still root
+    sockets = worker.bind(listening)  # reads the private keys while still root
     if config.user:
         _preload()
         drop_privileges(config.user)
@@ -199,6 +222,11 @@ async def _worker_process(channel_fd: int) -> None:
                     return
                 elif kind == channel.REOPEN:
                     worker.reopen_logs()
+                elif kind == channel.CERTIFICATES:
+                    try:
+                        worker.reload_certificates()
+                    except TLSConfigError as exc:
+                        log.error("certificates not reloaded, old ones kept: %s", exc)
         except (asyncio.IncompleteReadError, ConnectionError):
             os._exit(0)  # the main process is gone: never outlive it
 

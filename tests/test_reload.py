@@ -202,6 +202,9 @@ def test_reload_with_unbindable_listener_is_refused(running: BastionProcess) -> 
 @pytest.mark.parametrize("running", [1, 2], indirect=True, ids=["w1", "w2"])
 def test_request_head_arriving_during_reload_is_served(running: BastionProcess) -> None:
     bastion = running
+    # A real change (not only certificates), so a new generation of workers takes over.
+    changed = dict(bastion.config, limits={"keepalive_timeout": "76s"})
+    bastion.path.write_text(yaml.safe_dump(changed))
     with socket.create_connection(("127.0.0.1", bastion.port()), timeout=10) as sock:
         sock.sendall(b"GET /info HTTP/1.1\r\nHost: example.com\r\n")
         time.sleep(0.3)  # accepted, head half received

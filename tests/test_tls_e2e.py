@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
 from conftest import SERVER_NAMES, ca_pem_path, tls_config
 from cryptography import x509
 from harness import BastionProcess, app_command, free_port, wait_until
@@ -684,16 +685,16 @@ def test_reload_new_connections_get_new_certificate(reloadable: Reloadable,
 def test_sighup_without_changes_keeps_certificate(reloadable: Reloadable) -> None:
     r = reloadable
     os.kill(r.b.pid, signal.SIGHUP)
-    assert wait_until(lambda: "reloaded" in r.b.log(), timeout=8)
+    assert wait_until(lambda: "certificates re-read in place" in r.b.log(), timeout=8)
     assert peer_der(r.port, "localhost") == r.first.der
 
 
 @pytest.mark.parametrize("trigger", ["sighup", "file_change"])
-def test_reload_closes_idle_keepalive_connection_at_once(reloadable: Reloadable,
-                                                          trigger: str) -> None:
-    """Like nginx: the old generation closes its idle keep-alive connections at once
-    (the client's next request goes out on a new connection, to the new generation);
-    nothing is left hanging until the grace period ends."""
+def test_certificate_reload_keeps_open_keepalive_connection(reloadable: Reloadable,
+                                                            trigger: str) -> None:
+    """Only the certificate files changed: the contexts are swapped in place, so an open
+    keep-alive connection goes on serving on the same socket (old certificate), while
+    new connections get the new one."""
     r = reloadable
     conn = r.connection()
     try:
@@ -703,6 +704,33 @@ def test_reload_closes_idle_keepalive_connection_at_once(reloadable: Reloadable,
         new = r.new_pair("second")
         _trigger(r, trigger, new)
         assert r.wait_for_certificate(new), "the reload did not happen"
+        second = _get(conn)
+        assert second.status == 200
+        assert conn.sock is sock, "the client had to reconnect"
+        assert conn.sock.getpeercert(binary_form=True) == r.first.der
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("trigger", ["sighup", "file_change"])
+def test_config_reload_closes_idle_keepalive_connection_at_once(reloadable: Reloadable,
+                                                                trigger: str) -> None:
+    """A real configuration change starts a new generation of workers. Like nginx, the
+    old one closes its idle keep-alive connections at once (the client's next request
+    goes out on a new connection, to the new generation); nothing is left hanging until
+    the grace period ends."""
+    r = reloadable
+    conn = r.connection()
+    try:
+        assert _get(conn).status == 200
+        sock = conn.sock
+        assert sock.getpeercert(binary_form=True) == r.first.der
+        config = dict(r.b.config, limits={"keepalive_timeout": "76s"})
+        r.b.path.write_text(yaml.safe_dump(config))
+        new = r.new_pair("second")
+        _trigger(r, trigger, new)
+        assert r.wait_for_certificate(new), "the reload did not happen"
+        assert wait_until(lambda: "reloaded" in r.b.log(), timeout=8)
         sock.settimeout(5.0)
         started = time.monotonic()
         try:
