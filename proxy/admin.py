@@ -74,7 +74,9 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/reload", self._reload)
         app.router.add_post(r"/apps/{name}/{action:recycle|stop|start}", self._app_action)
-        runner = web.AppRunner(app, access_log=None)
+        # Admin calls are short: a client that keeps a connection open must not hold up
+        # a stop for aiohttp's default 60 s.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)

@@ -44,6 +44,7 @@ from .errors import BadGateway, GatewayTimeout, ProxyError, Unavailable
 
 Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
 REPORT_EVERY = 0.25
+SUSPEND_FOR = 1.0  # a process that refused a connection gets no request for this long
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class _AppView:
     queue: deque[_Waiter] = field(default_factory=deque)
     in_flight: dict[int, int] = field(default_factory=dict)  # pid -> requests
     served: dict[int, int] = field(default_factory=dict)  # pid -> requests, since start
+    suspended: dict[int, float] = field(default_factory=dict)  # pid -> until (monotonic)
 
 
 class Lease:
@@ -86,7 +88,8 @@ class Lease:
             self._table._release(self.app, self.endpoint.pid)
 
     def failed(self, error: str) -> None:
-        """Tell the module this endpoint could not be reached."""
+        """This endpoint could not be reached: avoid it for a moment, tell the module."""
+        self._table.suspend(self.app, self.endpoint.pid)
         self._table.send(EndpointFailed(self.app, self.endpoint.pid, error))
 
 
@@ -217,16 +220,25 @@ class EndpointTable:
             raise
         return Lease(self, app, endpoint)
 
+    def suspend(self, app: str, pid: int) -> None:
+        """Send ``pid`` nothing for ``SUSPEND_FOR`` seconds while others can serve (like
+        nginx's ``fail_timeout``); the module's next state settles it for good."""
+        view = self._apps.get(app)
+        if view is not None:
+            view.suspended[pid] = time.monotonic() + SUSPEND_FOR
+
     def _free(self, view: _AppView) -> Endpoint | None:
         limit = view.limits.max_concurrency
+        now = time.monotonic()
         best: Endpoint | None = None
-        best_load = 0
+        best_key = (True, 0)
         for endpoint in view.state.endpoints:
             load = view.in_flight.get(endpoint.pid, 0)
             if limit and load >= limit:
                 continue
-            if best is None or load < best_load:
-                best, best_load = endpoint, load
+            key = (view.suspended.get(endpoint.pid, 0.0) > now, load)
+            if best is None or key < best_key:
+                best, best_key = endpoint, key
         return best
 
     def _take(self, app: str, view: _AppView, endpoint: Endpoint) -> None:

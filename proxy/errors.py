@@ -63,6 +63,10 @@ class GatewayTimeout(ProxyError):
     title = "Gateway Timeout"
 
 
+class ConnectRefused(BadGateway):
+    """502, and nothing reached the app: the request may go to another process."""
+
+
 def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     """Map a failure talking to the app to the status the client gets."""
     cause: BaseException | None = exc
@@ -73,7 +77,8 @@ def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return GatewayTimeout(f"the app {app!r} did not answer within {timeout:g}s", app=app)
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
-        return BadGateway(f"the app {app!r} refused the connection", app=app, detail=str(exc))
+        return ConnectRefused(f"the app {app!r} refused the connection", app=app,
+                              detail=str(exc))
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | OSError):
         return BadGateway(f"the app {app!r} closed the connection", app=app, detail=str(exc))
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):

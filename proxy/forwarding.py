@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import aiohttp
 from aiohttp import web
@@ -51,14 +52,21 @@ class UpstreamPool:
 
     @staticmethod
     def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_note_reuse)
+        session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None, connect=10),
             requote_redirect_url=False,
+            trace_configs=[trace],
         )
+        # aiohttp would resend any idempotent request whose connection broke, even one
+        # the app was busy with when it crashed: ``exchange`` decides that itself.
+        session._retry_connection = False
+        return session
 
     def session_for(self, endpoint: Endpoint) -> aiohttp.ClientSession:
         """The session whose pool reaches ``endpoint``."""
@@ -105,6 +113,22 @@ async def client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIte
 
 
 _client_body = client_body
+
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+class _Attempt(SimpleNamespace):
+    """What aiohttp's tracing tells about one attempt: was a pooled connection reused?"""
+
+    reused: bool = False
+
+
+async def _note_reuse(session: aiohttp.ClientSession, context: SimpleNamespace,
+                      params: object) -> None:
+    attempt = context.trace_request_ctx
+    if isinstance(attempt, _Attempt):
+        attempt.reused = True
 
 
 class BodyTimeout(Exception):
@@ -176,15 +200,32 @@ async def exchange(
         out_headers.append(("Content-Length", str(content_length)))
     try:
         async with asyncio.timeout(request_timeout):
-            upstream = await session.request(
-                method,
-                url,
-                headers=_multidict(out_headers),
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None if content_length is not None or body is None else True,
-            )
+            for tries_left in (1, 0):
+                attempt = _Attempt()
+                try:
+                    upstream = await session.request(
+                        method,
+                        url,
+                        headers=_multidict(out_headers),
+                        data=body,
+                        allow_redirects=False,
+                        compress=None,
+                        chunked=None if content_length is not None or body is None else True,
+                        trace_request_ctx=attempt,
+                    )
+                    break
+                except aiohttp.ClientConnectorError as exc:
+                    if not tries_left:  # the process is gone since the first try: no
+                        # other process gets a request that may have been under way
+                        raise BadGateway(f"the app {app!r} closed the connection",
+                                         app=app, detail=str(exc)) from exc
+                    raise
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # A kept-alive connection the app had closed meanwhile: the one case
+                    # worth a second try, and only when resending cannot do harm.
+                    if not (tries_left and attempt.reused and body is None
+                            and method in IDEMPOTENT):
+                        raise
     except BodyTimeout:
         raise ProxyError("the client stopped sending its body") from None
     except Exception as exc:  # noqa: BLE001 - mapped in one place

@@ -60,7 +60,7 @@ from yarl import URL
 
 from .accesslog import LogEntry
 from .errors import ProxyError, RequestRejected
-from .forwarding import BodyTimeout, UpstreamBroken, exchange
+from .forwarding import BodyTimeout, UpstreamBroken
 from .h2translate import H1Request, Malformed, check_body_length, request_from_h2, response_to_h2
 
 if TYPE_CHECKING:
@@ -480,11 +480,7 @@ class H2Protocol(asyncio.Protocol):
         has_body = not stream.ended or stream.received > 0 or bool(stream.chunks)
         body = self._body(stream) if has_body else None
         length = request.content_length if has_body else None
-        async with self.handler.leased(front) as leased, exchange(
-            leased.endpoint, self.handler.pool, request.method, request.target,
-            leased.headers, body, length, app=leased.app,
-            request_timeout=leased.request_timeout,
-        ) as upstream:
+        async with self.handler.connected(front, body, length) as (leased, upstream):
             if stream.gone:
                 raise _StreamGone()
             fields = [*upstream.headers, *self.handler.response_headers]

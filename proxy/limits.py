@@ -105,10 +105,12 @@ class EdgeProtocol(web_protocol.RequestHandler):
         """A graceful stop: close now if idle, else after the request being received
         or served (its response says ``Connection: close``)."""
         self.draining = True
-        if not self._idle():
+        if self._request_in_progress:
             self.close()  # serving: closed once its response is out
-        elif not self._in_head:
-            self.force_close()  # idle: closed at once
+        elif not (self._in_head and self._idle()):
+            # Idle (even with an unread body left from an answered request): closed at
+            # once. ``close()`` alone would end aiohttp's loop but leave the socket open.
+            self.force_close()
             if self.transport is not None:
                 self.transport.close()
         # In the middle of a request head: left to finish it; the handler closes the

@@ -54,6 +54,7 @@ log = logging.getLogger("bastion")
 WORKER_START_LIMIT = 30.0
 WORKER_HEALTHY = 10.0  # a worker up this long died of something other than its start
 CERT_POLL = 2.0
+STOP_MARGIN = 10.0  # beyond the drain grace and the apps' shutdown_time_limit
 
 
 def compiled_parser_in_use() -> bool:
@@ -369,9 +370,17 @@ class Bastion:
         self.stopping = True
         self.notifier.stopping()
         log.info("stopping: finishing requests in flight")
-        await self.admin.stop()
-        await asyncio.gather(*(w.stop(self.grace()) for w in self.workers))
-        await self.supervisor.stop()
+        longest_app_stop = max(
+            (a.settings.shutdown_time_limit for a in self.config.apps), default=10.0)
+        limit = self.grace() + longest_app_stop + STOP_MARGIN
+        try:
+            async with asyncio.timeout(limit):
+                await self.admin.stop()
+                await asyncio.gather(*(w.stop(self.grace()) for w in self.workers))
+                await self.supervisor.stop()
+        except TimeoutError:
+            # A stop must end: whatever still runs is killed by ``kill_now``.
+            log.error("graceful stop took longer than %gs: killing what is left", limit)
         for sock in self.sockets.values():
             sock.close()
         log.info("stopped")

@@ -43,8 +43,8 @@ from .accesslog import AccessLog, LogEntry
 from .config import Config, Listener
 from .endpoints import EndpointTable
 from .error_pages import render
-from .errors import NotFound, ProxyError, RequestRejected
-from .forwarding import UpstreamPool, exchange, respond_h1
+from .errors import ConnectRefused, NotFound, ProxyError, RequestRejected
+from .forwarding import Upstream, UpstreamPool, exchange, respond_h1
 from .h2server import AlpnSelector, H2Server
 from .headers import ForwardInfo, upstream_headers
 from .limits import (
@@ -211,12 +211,32 @@ class RequestHandler:
                                         limits.max_body_size, state)
             body = limited_body(request.content, limits.body_timeout, limits.max_body_size,
                                 state, first)
-        async with self.leased(front) as leased, exchange(
-            leased.endpoint, self.pool, front.method, front.target, leased.headers, body,
-            request.content_length, app=leased.app, request_timeout=leased.request_timeout,
-        ) as upstream:
+        async with self.connected(front, body, request.content_length) as (leased, upstream):
             streamed, sent = await respond_h1(request, upstream, self.response_headers)
             return streamed, _Answer(streamed.status, sent, leased.app, leased.pid)
+
+    @contextlib.asynccontextmanager
+    async def connected(self, front: Front, body: AsyncIterator[bytes] | None,
+                        length: int | None) -> AsyncIterator[tuple[Leased, Upstream]]:
+        """``leased`` + ``exchange``, for every protocol: the app's answer, its head in.
+
+        A process that refuses the connection has been sent nothing, so the request
+        goes once more to another process (or the restarted one), as nginx's
+        ``proxy_next_upstream error`` does; that process is avoided for a moment.
+        """
+        for attempt in (1, 2):
+            yielded = False
+            try:
+                async with self.leased(front) as leased, exchange(
+                    leased.endpoint, self.pool, front.method, front.target, leased.headers,
+                    body, length, app=leased.app, request_timeout=leased.request_timeout,
+                ) as upstream:
+                    yielded = True
+                    yield leased, upstream
+                    return
+            except ConnectRefused:
+                if yielded or attempt == 2:
+                    raise
 
     @contextlib.asynccontextmanager
     async def leased(self, front: Front, *, upgrade: bool = False) -> AsyncIterator[Leased]:
