@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import pickle
+import pwd
 import signal
 import socket
 import ssl
@@ -595,8 +596,30 @@ async def _run(config: Config, ready: Callable[[Bastion], None] | None) -> None:
         bastion.kill_now()
 
 
+def privilege_problems(config: Config, uid: int) -> list[str]:
+    """``user`` settings that need root when Bastion runs as ``uid``."""
+    if uid == 0:
+        return []
+    me = pwd.getpwuid(uid).pw_name
+    problems = []
+    if config.user and config.user != me:
+        problems.append(f"{config.source}: user: {config.user!r} needs Bastion to start "
+                        f"as root (it runs as {me!r})")
+    for app in config.apps:
+        user = app.settings.user
+        if user and user != me:
+            problems.append(f"{config.source}: app {app.name!r} runs as user {user!r}, "
+                            f"which needs Bastion to start as root (it runs as {me!r})")
+    return problems
+
+
 def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int:
     """Run Bastion in the foreground until SIGTERM/SIGINT; return the exit status."""
+    problems = privilege_problems(config, os.geteuid())
+    if problems:
+        for problem in problems:
+            print(f"bastion: {problem}", file=sys.stderr)
+        return 1
     if os.environ.get("AIOHTTP_NO_EXTENSIONS") or not compiled_parser_in_use():
         log.warning(
             "aiohttp's compiled HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set or no "
