@@ -590,10 +590,12 @@ def _bad_initial_window(raw: RawClient) -> int:
 
 
 def _headers_after_end_stream(raw: RawClient) -> int:
-    raw.send(raw.headers(1, [(":method", "GET"), *BASE[1:]], end_stream=False))
     data = DataFrame(1, b"")
     data.flags.add("END_STREAM")
-    raw.send(data, raw.headers(1, [("x-trailer", "1")]))
+    # One write: the violation is seen before any answer could complete the stream
+    # (a stream answered first may be reset with NO_ERROR, RFC 9113 8.1).
+    raw.send(raw.headers(1, [(":method", "GET"), *BASE[1:]], end_stream=False), data,
+             raw.headers(1, [("x-trailer", "1")]))
     return 1
 
 
