@@ -70,6 +70,7 @@ class Route:
     app: str
     hosts: tuple[str, ...] = ()
     path: str = "/"
+    websockets: bool = True  # WebSocket upgrades tunnelled to the app
 
 
 @dataclass(frozen=True)

@@ -570,6 +570,7 @@ _APP_RULES: Final[dict[str, Rule]] = {
     "cwd": _directory,
     "stdout_log": _path_rule(optional=True),
     "transport": _scalar(_choice("tcp", "unix")),
+    "websockets": _scalar(_boolean),
 }
 _TOP_RULES: Final[dict[str, Rule]] = {
     "user": _scalar(_user),
@@ -670,9 +671,10 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         routable = app_entries is not None and all(
             key in values or key not in app_entries for key in ("hosts", "path"))
         hosts, url_path = values.pop("hosts", ()), values.pop("path", "/")
+        websockets = values.pop("websockets", True)
         if routable:
             _claim(checker, claimed, Route(app=name, hosts=hosts, path=url_path), item.key_line)
-        routes.append(Route(app=name, hosts=hosts, path=url_path))
+        routes.append(Route(app=name, hosts=hosts, path=url_path, websockets=websockets))
         if not has_command:
             continue
         own = {key: values.pop(key) for key in list(values) if key in POOL_SETTING_NAMES}

@@ -199,7 +199,7 @@ class RequestHandler:
         path = request.path if not verdict.absolute else URL(verdict.target).path
         front = Front(request.method, verdict.target, host, path, raw,
                       _client_ip(request), _client_cert(request))
-        if is_upgrade(request.method, raw):
+        if is_upgrade(request.method, raw) and self._websockets_allowed(front):
             async with self.leased(front, upgrade=True) as leased:
                 response, sent = await tunnel(request, leased, self.response_headers)
                 return response, _Answer(response.status, sent, leased.app, leased.pid)
@@ -214,6 +214,14 @@ class RequestHandler:
         async with self.connected(front, body, request.content_length) as (leased, upstream):
             streamed, sent = await respond_h1(request, upstream, self.response_headers)
             return streamed, _Answer(streamed.status, sent, leased.app, leased.pid)
+
+    def _websockets_allowed(self, front: Front) -> bool:
+        """Whether the app of this request takes WebSocket upgrades (``websockets``).
+
+        When it does not, the request goes on as a plain one: ``Upgrade`` is hop-by-hop
+        and never reaches the app, which answers as it would any GET."""
+        route = self.router.match(front.host, normalised_path(front.path))
+        return route is None or route.websockets
 
     @contextlib.asynccontextmanager
     async def connected(self, front: Front, body: AsyncIterator[bytes] | None,

@@ -22,7 +22,9 @@ def bastion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionProcess
     tmp = tmp_path_factory.mktemp("ws")
     ca = trustme.CA()
     config = simple_config(
-        {"ws": {"command": app_command("uvicorn", "ws_starlette:app")}},
+        {"ws": {"command": app_command("uvicorn", "ws_starlette:app")},
+         "nows": {"command": app_command("uvicorn", "ws_starlette:app"),
+                  "hosts": ["nows.test"], "websockets": False}},
         tls=tls_config(ca, tmp / "tls"),
     )
     with BastionProcess(tmp, config, tls_ca=ca) as proc:
@@ -145,3 +147,21 @@ def test_client_vanishing_closes_upstream(bastion: BastionProcess, tmp_path: Pat
             assert await ws.receive_str() == "still"
 
     run(go())
+
+
+def test_app_without_websockets_gets_a_plain_request(bastion: BastionProcess) -> None:
+    """``websockets: false``: the upgrade is not tunnelled; the app sees a plain GET
+    (Upgrade is hop-by-hop) and answers it as such, so the handshake fails."""
+    base, _ = _urls(bastion)[False]
+    assert bastion.get("/plain", host="nows.test").body == b"plain"
+
+    async def go() -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(f"{base}/ws", headers={"Host": "nows.test"}):
+                    return 101
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    status = run(go())
+    assert status != 101 and isinstance(status, int) and status >= 400, status
