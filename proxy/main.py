@@ -239,6 +239,8 @@ class ProcessWorker(WorkerHandle):
         try:
             await asyncio.wait_for(self.proc.wait(), grace + 5)
         except TimeoutError:
+            log.error("worker %d (pid %d) did not stop within %gs: killed",
+                      self.worker_id, self.proc.pid, grace + 5)
             self.proc.kill()
             await self.proc.wait()
         if self._writer is not None:

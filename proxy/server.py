@@ -426,15 +426,21 @@ class ListenerSet:
         await asyncio.sleep(FIRST_REQUEST_GRACE)
         h2_done = asyncio.gather(*(h2_server.shutdown(grace) for h2_server in self._h2))
         deadline = time.monotonic() + grace
-        for web_server in self._aiohttp:
-            for connection in list(web_server.connections):
+        while True:
+            # Every pass also drains connections that finished their handshake since.
+            open_now = [c for web_server in self._aiohttp for c in web_server.connections]
+            if not open_now or time.monotonic() >= deadline:
+                break
+            for connection in open_now:
                 if isinstance(connection, EdgeProtocol):
-                    connection.drain()  # idle: closed now; busy: after its response
+                    if not connection.draining:
+                        connection.drain()  # idle: closed now; busy: after its response
                 else:
                     connection.close()
-        while any(web_server.connections for web_server in self._aiohttp) \
-                and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if open_now:
+            log.warning("stop: %d connection(s) still open after %gs; closing them",
+                        len(open_now), grace)
         for web_server in self._aiohttp:
             await web_server.shutdown(max(0.0, deadline - time.monotonic()))
         await h2_done
