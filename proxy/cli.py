@@ -65,23 +65,48 @@ async def _admin(socket_path: str, method: str, path: str) -> tuple[int, Any]:
 
 
 def _format_status(data: dict[str, Any]) -> str:
-    lines = [f"bastion pid {data.get('pid')}"]
+    """A ``passenger-status``-like table: one block per pool, one row per process."""
+    lines = [f"bastion pid {data.get('pid')}, generation {data.get('generation', 0)}, "
+             f"{len(data.get('workers', []))} worker(s)"]
+    header = ("APP", "STATE", "PID", "PORT", "UPTIME", "REQUESTS", "IN FLIGHT", "RSS MiB",
+              "CPU %")
     for pool, apps in sorted(data["pools"].items()):
-        lines.append(f"pool {pool}")
+        rows: list[tuple[str, ...]] = [header]
+        notes: list[str] = []
         for name in apps:
             app = data["apps"][name]
-            lines.append(
-                f"  app {name}: {app['state']}, restarts {app['restarts']}"
-                + (f", last exit: {app['last_exit']}" if app.get("last_exit") else "")
-            )
-            for proc in app["processes"]:
-                lines.append(
-                    f"    pid {proc['pid']} port {proc['port']} {proc['state']} "
-                    f"uptime {proc['uptime']:.0f}s requests {proc.get('requests', 0)} "
-                    f"in flight {proc.get('in_flight', 0)} "
-                    f"rss {proc.get('rss', 0) / 1048576:.1f} MiB cpu {proc.get('cpu_percent', 0):.1f}%"
-                )
+            procs = app["processes"] or [None]
+            for proc in procs:
+                if proc is None:
+                    rows.append((name, app["state"], "-", "-", "-", "-", "-", "-", "-"))
+                    continue
+                rows.append((
+                    name, f"{app['state']}/{proc['state']}", str(proc["pid"]),
+                    str(proc["port"] or proc.get("socket") or "-"),
+                    _duration(proc["uptime"]), str(proc.get("requests", 0)),
+                    str(proc.get("in_flight", 0)), f"{proc.get('rss', 0) / 1048576:.1f}",
+                    f"{proc.get('cpu_percent', 0.0):.1f}",
+                ))
+            if app["restarts"] or app.get("last_exit"):
+                notes.append(f"  {name}: restarts {app['restarts']}"
+                             + (f", last exit: {app['last_exit']}" if app.get("last_exit") else ""))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines.append("")
+        lines.append(f"pool {pool}")
+        for row in rows:
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                         .rstrip())
+        lines.extend(notes)
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _ask(args: argparse.Namespace, command: str, method: str, path: str

@@ -116,9 +116,11 @@ def test_status_command(bastion: BastionProcess) -> None:
     pid = bastion.app_pids("x")[0]
     table = bastion_cli("status", "-c", str(bastion.path))
     assert table.returncode == 0, table.stderr
-    assert re.search(r"^\s*app x: ready", table.stdout, re.M), table.stdout
-    assert re.search(rf"^\s*pid {pid} port \d+ ready ", table.stdout, re.M), table.stdout
-    assert "pool default" in table.stdout and "app other" in table.stdout
+    # One row per process: app, state, pid, port, uptime, requests, in flight, RSS, CPU.
+    assert re.search(rf"^\s*x\s+ready/ready\s+{pid}\s+\d+\s+\d+s\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+$",
+                     table.stdout, re.M), table.stdout
+    assert re.search(r"^\s*other\s+stopped\s+-", table.stdout, re.M), table.stdout
+    assert "pool default" in table.stdout and "APP" in table.stdout
     as_json = bastion_cli("status", "--json", "-c", str(bastion.path))
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout)["apps"]["x"]["processes"][0]["pid"] == pid
