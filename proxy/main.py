@@ -48,13 +48,14 @@ from .metrics import merge
 from .sdnotify import Notifier, watchdog_interval
 from .server import bind_socket
 from .tls import TLSConfigError
-from .worker import ProxyWorker, WorkerSetup, server_context
+from .worker import ProxyWorker, WorkerSetup, report_slow_stop, server_context
 
 log = logging.getLogger("bastion")
 
 WORKER_START_LIMIT = 30.0
 WORKER_HEALTHY = 10.0  # a worker up this long died of something other than its start
 CERT_POLL = 2.0
+SLOW_STOP = 8.0  # a stop still running after this long logs what it waits on
 STOP_MARGIN = 10.0  # beyond the drain grace and the apps' shutdown_time_limit
 
 
@@ -376,6 +377,7 @@ class Bastion:
         longest_app_stop = max(
             (a.settings.shutdown_time_limit for a in self.config.apps), default=10.0)
         limit = self.grace() + longest_app_stop + STOP_MARGIN
+        reporter = asyncio.create_task(report_slow_stop(SLOW_STOP))
         try:
             async with asyncio.timeout(limit):
                 await self.admin.stop()
@@ -384,6 +386,7 @@ class Bastion:
         except TimeoutError:
             # A stop must end: whatever still runs is killed by ``kill_now``.
             log.error("graceful stop took longer than %gs: killing what is left", limit)
+        reporter.cancel()
         for sock in self.sockets.values():
             sock.close()
         log.info("stopped")

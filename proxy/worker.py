@@ -146,6 +146,20 @@ class ProxyWorker:
         self.access_log.reopen()
 
 
+async def report_slow_stop(after: float) -> None:
+    """Log what a stop is still waiting for, once it has taken ``after`` seconds."""
+    await asyncio.sleep(after)
+    current = asyncio.current_task()
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is current or task.done():
+            continue
+        frames = task.get_stack(limit=6)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        lines.append(f"  {task.get_name()}: {where}")
+    log.warning("the stop is taking more than %gs; waiting on:\n%s", after, "\n".join(lines))
+
+
 @dataclass(frozen=True)
 class WorkerSetup:
     """What a worker process is given by the main process."""
@@ -238,7 +252,9 @@ async def _worker_process(channel_fd: int) -> None:
 
     tasks = [asyncio.create_task(read_loop()), asyncio.create_task(metrics_loop())]
     await stop.wait()
+    reporter = asyncio.create_task(report_slow_stop(8.0))
     await worker.stop(grace[0] if grace else None)
+    reporter.cancel()
     with contextlib.suppress(Exception):
         writer.write(channel.json_frame(channel.METRICS, worker.metrics_snapshot()))
         await writer.drain()
