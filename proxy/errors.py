@@ -26,6 +26,7 @@ class ProxyError(Exception):
         self.detail = detail  # shown only with detailed_errors
         self.retry_after = retry_after
         self.body = body  # a complete HTML body that replaces the error page (app_offline)
+        self.pid = 0  # the app process it concerns, when there is one
 
 
 class BadRequest(ProxyError):
@@ -65,6 +66,12 @@ class GatewayTimeout(ProxyError):
 
 class ConnectRefused(BadGateway):
     """502, and nothing reached the app: the request may go to another process."""
+
+
+class UpstreamGone(BadGateway):
+    """502: a kept-alive connection broke and its process refuses new ones (it is gone).
+    Only raised for idempotent requests without a body, which may go to another
+    process that was already serving."""
 
 
 def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:

@@ -43,7 +43,7 @@ from .accesslog import AccessLog, LogEntry
 from .config import Config, Listener
 from .endpoints import EndpointTable
 from .error_pages import render
-from .errors import ConnectRefused, NotFound, ProxyError, RequestRejected
+from .errors import ConnectRefused, NotFound, ProxyError, RequestRejected, UpstreamGone
 from .forwarding import Upstream, UpstreamPool, exchange, respond_h1
 from .h2server import AlpnSelector, H2Server
 from .headers import ForwardInfo, upstream_headers
@@ -228,12 +228,17 @@ class RequestHandler:
                         length: int | None) -> AsyncIterator[tuple[Leased, Upstream]]:
         """``leased`` + ``exchange``, for every protocol: the app's answer, its head in.
 
-        A process that refuses the connection has been sent nothing, so the request
-        goes once more to another process (or the restarted one), as nginx's
-        ``proxy_next_upstream error`` does; that process is avoided for a moment.
+        When the process it went to is gone (it refused the connection, so it got
+        nothing; or, for an idempotent request without a body, its kept-alive
+        connection broke and it refuses new ones), the request goes once more to
+        another process of the app that was already ready, as nginx's
+        ``proxy_next_upstream error`` does; the gone one is avoided meanwhile. With no
+        other process ready it is a 502: a request is never held back for a restart of
+        the process that may have crashed on it.
         """
         for attempt in (1, 2):
             yielded = False
+            failed_pid = 0
             try:
                 async with self.leased(front) as leased, exchange(
                     leased.endpoint, self.pool, front.method, front.target, leased.headers,
@@ -242,9 +247,14 @@ class RequestHandler:
                     yielded = True
                     yield leased, upstream
                     return
-            except ConnectRefused:
-                if yielded or attempt == 2:
+            except (ConnectRefused, UpstreamGone) as error:
+                state = self.table.state(error.app)
+                others = [] if state is None else [
+                    e for e in state.endpoints if e.pid != error.pid]
+                if yielded or attempt == 2 or not others:
                     raise
+                failed_pid = error.pid
+            log.info("pid %d is gone: the request goes to another process", failed_pid)
 
     @contextlib.asynccontextmanager
     async def leased(self, front: Front, *, upgrade: bool = False) -> AsyncIterator[Leased]:
@@ -283,6 +293,7 @@ class RequestHandler:
                 if error.status == 502:
                     lease.failed(str(error))
                 error.app = route.app
+                error.pid = lease.endpoint.pid
                 raise
         finally:
             lease.release()
