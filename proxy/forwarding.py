@@ -35,7 +35,7 @@ from yarl import URL
 
 from module.messages import Endpoint
 
-from .errors import BadGateway, ProxyError, from_upstream
+from .errors import BadGateway, ProxyError, UpstreamGone, from_upstream
 from .headers import downstream_headers
 
 CHUNK = 64 * 1024
@@ -217,7 +217,7 @@ async def exchange(
                 except aiohttp.ClientConnectorError as exc:
                     if not tries_left:  # the process is gone since the first try: no
                         # other process gets a request that may have been under way
-                        raise BadGateway(f"the app {app!r} closed the connection",
+                        raise UpstreamGone(f"the app {app!r} closed the connection",
                                          app=app, detail=str(exc)) from exc
                     raise
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
