@@ -89,7 +89,6 @@ class AppController:
         self.processes: list[AppProcess] = []  # ready, taking requests
         self.starting: list[AppProcess] = []
         self.draining: list[AppProcess] = []
-        self._launched: list[AppProcess] = []  # until reaped: never reaped by the sweep
         self.restarts = 0
         self.recycles = 0
         self.last_exit = ""
@@ -212,7 +211,6 @@ class AppController:
         tried: set[int] = set()
         for attempt in range(PORT_RETRIES):
             proc = self._new_process(tried)
-            self._launched.append(proc)
             tried.add(proc.port)
             self.starting.append(proc)
             try:
@@ -494,11 +492,6 @@ class AppController:
                 pids.append(proc.pid)
         return pids
 
-    def all_pids(self) -> set[int]:
-        """Pids of every process this controller launched and asyncio has not reaped."""
-        self._launched = [p for p in self._launched if p.returncode is None]
-        return {p.pid for p in self._launched if p.pid}
-
     # -- observing ------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """A JSON-able description of this app for ``bastion status``."""
@@ -509,7 +502,9 @@ class AppController:
                   ("draining", self.draining))
         for state, group in groups:
             for proc in group:
-                rss, cpu = tree_usage(proc.pid) if proc.pid else (0, 0.0)
+                if not proc.pid:
+                    continue  # chosen a port, not launched yet: nothing to show
+                rss, cpu = tree_usage(proc.pid)
                 procs.append({
                     "pid": proc.pid,
                     "port": proc.port,

@@ -104,10 +104,6 @@ class Keeper:
         """Process ``pid`` is gone; stop guarding it."""
         self._send(f"-p{pid}")
 
-    def pids(self) -> set[int]:
-        """The keeper's own pid, when it runs."""
-        return {self._proc.pid} if self._proc is not None else set()
-
     def stop(self) -> None:
         """Close the pipe (the keeper kills what is left, then exits) and reap it."""
         proc = self._proc

@@ -71,6 +71,7 @@ class DescendantTracker:
                 if child.pid not in self.seen:
                     self.seen[child.pid] = child.create_time()
                     new.append(child.pid)
+        note_descendants(new)
         return new, gone
 
     def adopt(self, proc: psutil.Process) -> bool:
@@ -81,6 +82,7 @@ class DescendantTracker:
             self.seen[proc.pid] = proc.create_time()
         except psutil.Error:
             return False
+        note_descendants([proc.pid])
         return True
 
     def alive(self) -> list[psutil.Process]:
@@ -108,6 +110,7 @@ async def kill_leftovers(tracker: DescendantTracker, token: str) -> list[int]:
     victims = {p.pid: p for p in tracker.alive()}
     for proc in orphans_with_token(token):
         victims.setdefault(proc.pid, proc)
+    note_descendants(list(victims))
     for pid, proc in victims.items():
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGKILL)
@@ -133,14 +136,32 @@ async def reap_children(pids: list[int], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def reap_orphan_zombies(exclude: set[int]) -> list[int]:
-    """Reap zombie children that are not app processes (asyncio reaps those itself)."""
+# Descendants of app processes ever seen. Only these may be reaped by the sweep: every
+# other child of this process (app processes, the keeper, proxy workers) was started
+# through asyncio or subprocess, which must collect its exit status itself.
+_DESCENDANTS: set[int] = set()
+
+
+def note_descendants(pids: list[int]) -> None:
+    """Remember ``pids`` as app descendants (reaped by the sweep if they come to us)."""
+    _DESCENDANTS.update(pids)
+
+
+def reap_orphan_zombies() -> list[int]:
+    """Reap zombie children that are orphaned app descendants, and only those."""
     reaped = []
-    for child in psutil.Process().children():
+    children = {child.pid: child for child in psutil.Process().children()}
+    for pid in list(_DESCENDANTS):
+        child = children.get(pid)
+        if child is None:
+            if not psutil.pid_exists(pid):
+                _DESCENDANTS.discard(pid)
+            continue
         with contextlib.suppress(psutil.Error, ChildProcessError):
-            if child.pid not in exclude and child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, os.WNOHANG)
-                reaped.append(child.pid)
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(pid, os.WNOHANG)
+                _DESCENDANTS.discard(pid)
+                reaped.append(pid)
     return reaped
 
 

@@ -107,9 +107,7 @@ class Supervisor:
                     app.tick(now)
                 except Exception:
                     log.exception("app %s: periodic check failed", app.spec.name)
-            exclude = {pid for app in self.apps.values() for pid in app.all_pids()}
-            exclude |= self._keeper.pids()
-            reap_orphan_zombies(exclude)
+            reap_orphan_zombies()
 
     async def stop(self) -> None:
         """Stop every app gracefully, then the keeper."""
