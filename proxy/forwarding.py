@@ -2,17 +2,21 @@
 
 Theory of operation
 -------------------
-The upstream side is an aiohttp ``ClientSession`` per worker with a keep-alive pool of
-loopback connections (one ``UnixConnector`` session per socket path for
-``transport: unix``). The session adds nothing of its own: no default headers, no
-decompression, no cookie jar, no redirects, and the target is sent byte for byte.
+The upstream side is Bastion's own lean HTTP/1.1 client (``proxy.upstream``): a pool of
+idle kept-alive loopback connections per endpoint (TCP port or unix socket), requests
+written from the rewritten header list as they are (a small body in the same write), a
+strict response parser. Nothing is added but the body's framing.
 
 The request body streams from the client to the app through an async generator that
 reads whatever the client sent (``body_timeout`` between reads), so only one chunk at a
-time is in memory. ``request_timeout`` bounds the time until the app's response head
-arrives; the response body then streams back chunk by chunk, each ``write`` waiting for
-the client to drain (backpressure both ways). Failures are mapped to statuses by
-``errors.from_upstream`` only.
+time is in memory; a body up to 64 KiB with a known length is read whole and sent with
+the head. ``request_timeout`` bounds the time until the app's response head arrives;
+the response body then streams back chunk by chunk, each ``write`` waiting for the
+client to drain, and reading from the app pauses while 256 KiB wait unread
+(backpressure both ways). A kept-alive connection the app closed before answering is
+retried once on a new connection, only for an idempotent request without a body.
+Failures are mapped to statuses by ``errors.from_upstream`` only (an invalid response is
+a 502 here).
 
 ``exchange`` is the transport-neutral core (method, target, rewritten headers, body
 iterator in; an ``Upstream`` with status, headers and a body iterator out), used by the
@@ -24,80 +28,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from module.messages import Endpoint
 
 from .errors import BadGateway, ProxyError, UpstreamGone, from_upstream
 from .headers import downstream_headers
+from .upstream import (
+    NO_BODY_STATUSES,
+    SMALL_BODY,
+    Closed,
+    ConnectFailed,
+    Connection,
+    ConnectionPool,
+    InvalidResponse,
+    ResponseHead,
+    build_head,
+)
+from .upstream import UpstreamBroken as UpstreamBroken
 
 CHUNK = 64 * 1024
-NO_BODY_STATUSES = frozenset({204, 304})
-SMALL_BODY = 64 * 1024  # bodies up to this size are sent with the head in one write
 
 
-class UpstreamPool:
-    """Keep-alive HTTP/1.1 connections to app processes."""
-
-    def __init__(self) -> None:
-        self._tcp: aiohttp.ClientSession | None = None
-        self._unix: dict[str, aiohttp.ClientSession] = {}
-
-    @staticmethod
-    def _session(connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_reuseconn.append(_note_reuse)
-        session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, connect=10),
-            requote_redirect_url=False,
-            trace_configs=[trace],
-        )
-        # aiohttp would resend any idempotent request whose connection broke, even one
-        # the app was busy with when it crashed: ``exchange`` decides that itself.
-        session._retry_connection = False
-        return session
-
-    def session_for(self, endpoint: Endpoint) -> aiohttp.ClientSession:
-        """The session whose pool reaches ``endpoint``."""
-        if endpoint.socket_path is not None:
-            session = self._unix.get(endpoint.socket_path)
-            if session is None:
-                unix = aiohttp.UnixConnector(path=endpoint.socket_path, limit=0)
-                session = self._unix[endpoint.socket_path] = self._session(unix)
-            return session
-        if self._tcp is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=30, enable_cleanup_closed=False, use_dns_cache=False
-            )
-            self._tcp = self._session(connector)
-        return self._tcp
-
-    def forget(self, socket_path: str) -> None:
-        """Drop the pool of a unix socket whose process is gone."""
-        session = self._unix.pop(socket_path, None)
-        if session is not None:
-            asyncio.ensure_future(session.close())
+class UpstreamPool(ConnectionPool):
+    """Keep-alive HTTP/1.1 connections to app processes (``proxy.upstream``)."""
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        sessions = list(self._unix.values())
-        if self._tcp is not None:
-            sessions.append(self._tcp)
-        self._tcp = None
-        self._unix.clear()
-        for session in sessions:
-            await session.close()
+        self.close_all()
 
 
 async def client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIterator[bytes]:
@@ -116,19 +78,8 @@ _client_body = client_body
 
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-
-
-class _Attempt(SimpleNamespace):
-    """What aiohttp's tracing tells about one attempt: was a pooled connection reused?"""
-
-    reused: bool = False
-
-
-async def _note_reuse(session: aiohttp.ClientSession, context: SimpleNamespace,
-                      params: object) -> None:
-    attempt = context.trace_request_ctx
-    if isinstance(attempt, _Attempt):
-        attempt.reused = True
+# Methods that mean nothing by a body: no ``Content-Length: 0`` when they have none.
+NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
 
 
 class BodyTimeout(Exception):
@@ -136,10 +87,6 @@ class BodyTimeout(Exception):
 
 
 _BodyTimeout = BodyTimeout
-
-
-class UpstreamBroken(Exception):
-    """The app's response body ended early or the connection failed mid-body."""
 
 
 @dataclass
@@ -151,24 +98,24 @@ class Upstream:
     headers: list[tuple[str, str]]  # without hop-by-hop fields and framing
     content_length: int | None
     bodyless: bool  # HEAD, 1xx, 204, 304: no body goes to the client
-    _response: aiohttp.ClientResponse
+    _conn: Connection
 
     async def read_all(self) -> bytes:
         """The whole body (a small one); 502 when it breaks off before the head is sent."""
+        if self.bodyless:
+            return b""
         try:
-            return await self._response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return await self._conn.read_all()
+        except (UpstreamBroken, OSError) as exc:
             raise BadGateway("the app broke off its response", detail=str(exc)) from exc
 
     async def body(self) -> AsyncIterator[bytes]:
         """The response body, chunk by chunk; ``UpstreamBroken`` when it breaks off."""
         if self.bodyless:
             return
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise UpstreamBroken(str(exc)) from exc
+        read = self._conn.read
+        while chunk := await read():
+            yield chunk
 
 
 @contextlib.asynccontextmanager
@@ -191,57 +138,138 @@ async def exchange(
     (the caller turns it into an error page); yields the answer, whose body the caller
     streams within the ``async with``.
     """
-    session = pool.session_for(endpoint)
-    host = "127.0.0.1" if endpoint.socket_path is None else "localhost"
-    port = endpoint.port if endpoint.socket_path is None else 80
-    url = URL(f"http://{host}:{port}{target}", encoded=True)
-    out_headers = list(headers)
-    if body is not None and content_length is not None:
-        out_headers.append(("Content-Length", str(content_length)))
+    key: int | str = endpoint.socket_path if endpoint.socket_path is not None \
+        else endpoint.port
+    sent = _Sent()
     try:
         async with asyncio.timeout(request_timeout):
-            for tries_left in (1, 0):
-                attempt = _Attempt()
-                try:
-                    upstream = await session.request(
-                        method,
-                        url,
-                        headers=_multidict(out_headers),
-                        data=body,
-                        allow_redirects=False,
-                        compress=None,
-                        chunked=None if content_length is not None or body is None else True,
-                        trace_request_ctx=attempt,
-                    )
-                    break
-                except aiohttp.ClientConnectorError as exc:
-                    if not tries_left:  # the process is gone since the first try: no
-                        # other process gets a request that may have been under way
-                        raise UpstreamGone(f"the app {app!r} closed the connection",
-                                         app=app, detail=str(exc)) from exc
-                    raise
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                    # A kept-alive connection the app had closed meanwhile: the one case
-                    # worth a second try, and only when resending cannot do harm.
-                    if not (tries_left and attempt.reused and body is None
-                            and method in IDEMPOTENT):
-                        raise
+            head = await _request(pool, key, method, target, headers, body, content_length,
+                                  app, sent)
     except BodyTimeout:
+        _give_up(pool, sent)
         raise ProxyError("the client stopped sending its body") from None
-    except Exception as exc:  # noqa: BLE001 - mapped in one place
-        raise from_upstream(exc, app, request_timeout) from exc
-    async with upstream:
+    except InvalidResponse as exc:
+        _give_up(pool, sent)
+        raise BadGateway(f"the app {app!r} sent an invalid response", app=app,
+                         detail=str(exc)) from exc
+    except BaseException as exc:
+        _give_up(pool, sent)
+        if not isinstance(exc, Exception):
+            raise
+        mapped = from_upstream(exc, app, request_timeout)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+    conn = sent.conn
+    assert conn is not None
+    try:
         yield Upstream(
-            status=upstream.status,
-            reason=upstream.reason or "",
-            headers=downstream_headers(
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
-            ),
-            content_length=upstream.content_length,
-            bodyless=method == "HEAD" or upstream.status in NO_BODY_STATUSES
-            or upstream.status < 200,
-            _response=upstream,
+            status=head.status,
+            reason=head.reason,
+            headers=downstream_headers(head.headers),
+            content_length=head.content_length,
+            bodyless=method == "HEAD" or head.status in NO_BODY_STATUSES,
+            _conn=conn,
         )
+    finally:
+        writer = sent.writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+        pool.release(conn)
+
+
+class _Sent:
+    """The connection of one exchange, and the task writing its streamed body."""
+
+    __slots__ = ("conn", "writer")
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self.writer: asyncio.Task[None] | None = None
+
+
+def _give_up(pool: UpstreamPool, sent: _Sent) -> None:
+    """Drop the connection of a request that failed before its answer."""
+    if sent.writer is not None and not sent.writer.done():
+        sent.writer.cancel()
+    if sent.conn is not None:
+        sent.conn.abort()
+        pool.release(sent.conn)
+        sent.conn = None
+
+
+async def _request(pool: UpstreamPool, key: int | str, method: str, target: str,
+                   headers: list[tuple[str, str]], body: AsyncIterator[bytes] | None,
+                   content_length: int | None, app: str,
+                   sent: _Sent) -> ResponseHead:
+    """Send the request and wait for the response head; ``sent`` gets the connection and
+    the task writing a streamed body (for the caller to release or drop)."""
+    has_body = body is not None
+    payload: bytes | None = None
+    chunked = False
+    if body is None:
+        framing = None if method in NO_BODY_METHODS else "Content-Length: 0"
+    elif content_length is not None:
+        framing = f"Content-Length: {content_length}"
+        if content_length <= SMALL_BODY:
+            # A small body is read whole and sent with the head in one write.
+            payload = b"".join([chunk async for chunk in body])
+            body = None
+    else:
+        framing = "Transfer-Encoding: chunked"
+        chunked = True
+    data = build_head(method, target, headers, framing)
+    if payload:
+        data += payload
+    conn = pool.pooled(key)
+    reused = conn is not None
+    if conn is None:
+        conn = await pool.open(key)
+    sent.conn = conn
+    while True:
+        waiter = conn.start(data, method == "HEAD", body is None)
+        if body is not None:
+            writer = asyncio.ensure_future(_write_body(conn, body, chunked))
+            writer.add_done_callback(functools.partial(_written, conn))
+            sent.writer = writer
+        try:
+            return await waiter
+        except Closed as exc:
+            # A kept-alive connection the app had closed meanwhile: the one case worth a
+            # second try, and only when resending cannot do harm.
+            if not (exc.early and reused and not has_body and method in IDEMPOTENT):
+                raise
+        sent.conn = None
+        pool.release(conn)
+        reused = False
+        try:
+            conn = await pool.open(key)
+        except ConnectFailed as exc:
+            # The process is gone since the first try: no other process gets a request
+            # that may have been under way.
+            raise UpstreamGone(f"the app {app!r} closed the connection", app=app,
+                             detail=str(exc)) from exc
+        sent.conn = conn
+
+
+async def _write_body(conn: Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Stream a request body to the app, waiting while its write buffer is full."""
+    async for chunk in body:
+        if not chunk:
+            continue
+        if chunked:
+            conn.write_chunk(chunk)
+        else:
+            conn.write(chunk)
+        await conn.drain()
+    if chunked:
+        conn.write(b"0\r\n\r\n")
+    conn.request_sent = True
+
+
+def _written(conn: Connection, task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        conn.request_failed(exc)
 
 
 async def respond_h1(
@@ -313,7 +341,3 @@ async def forward(
                         request.content_length, app=app,
                         request_timeout=request_timeout) as upstream:
         return await respond_h1(request, upstream, response_headers)
-
-
-def _multidict(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
-    return CIMultiDict(headers)
