@@ -62,21 +62,6 @@ class UpstreamPool(ConnectionPool):
         self.close_all()
 
 
-async def client_body(request: web.BaseRequest, body_timeout: float) -> AsyncIterator[bytes]:
-    """An HTTP/1.1 request body, chunk by chunk (``BodyTimeout`` between reads)."""
-    while True:
-        try:
-            chunk = await asyncio.wait_for(request.content.readany(), body_timeout)
-        except TimeoutError as exc:
-            raise BodyTimeout() from exc
-        if not chunk:
-            return
-        yield chunk
-
-
-_client_body = client_body
-
-
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Methods that mean nothing by a body: no ``Content-Length: 0`` when they have none.
 NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
@@ -85,8 +70,6 @@ NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
 class BodyTimeout(Exception):
     """The client stopped sending its body."""
 
-
-_BodyTimeout = BodyTimeout
 
 
 @dataclass
@@ -318,26 +301,3 @@ async def respond_h1(
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response, sent
-
-
-async def forward(
-    request: web.BaseRequest,
-    endpoint: Endpoint,
-    pool: UpstreamPool,
-    headers: list[tuple[str, str]],
-    *,
-    app: str,
-    request_timeout: float,
-    body_timeout: float,
-    response_headers: list[tuple[str, str]],
-) -> tuple[web.StreamResponse, int]:
-    """Send an HTTP/1.1 ``request`` to ``endpoint``, stream the answer back.
-
-    ``exchange`` + ``respond_h1``. Raises ``ProxyError`` when nothing has been sent to
-    the client yet.
-    """
-    body = client_body(request, body_timeout) if request.body_exists else None
-    async with exchange(endpoint, pool, request.method, request.raw_path, headers, body,
-                        request.content_length, app=app,
-                        request_timeout=request_timeout) as upstream:
-        return await respond_h1(request, upstream, response_headers)

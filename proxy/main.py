@@ -43,7 +43,7 @@ from module.supervisor import Supervisor
 
 from . import channel
 from .admin import AdminServer
-from .config import Config, Listener
+from .config import Config
 from .metrics import merge
 from .sdnotify import Notifier, watchdog_interval
 from .server import bind_socket
@@ -644,4 +644,4 @@ def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int
     return 0
 
 
-__all__ = ["Bastion", "Listener", "serve"]
+__all__ = ["Bastion", "serve"]
