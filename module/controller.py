@@ -43,6 +43,7 @@ import psutil
 from . import policy
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
+from .leftovers import Orphans
 from .messages import AppState, Endpoint, ProcessUsage, State, UsageReport
 from .output import AppOutput
 from .ports import pick_free_port
@@ -369,7 +370,7 @@ class AppController:
         self.draining.append(proc)
 
     # -- the periodic tick ----------------------------------------------------------
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, orphans: Orphans | None = None) -> None:
         """Time-based rules: app_offline, draining, recycle triggers, idle stop."""
         if self._closed:
             return
@@ -380,7 +381,7 @@ class AppController:
                 self.draining.remove(proc)
                 self._spawn(self._stop_one(proc))
         for proc in self.processes:
-            proc.refresh_descendants()
+            proc.refresh_descendants(orphans)
         self._check_recycle(now)
         if self.processes and not self.starting and policy.is_idle(
             self.spec.settings.idle_timeout, self.last_active,

@@ -95,20 +95,30 @@ class DescendantTracker:
         return found
 
 
-def orphans_with_token(token: str) -> list[psutil.Process]:
-    """Children of this (subreaper) process whose environment holds ``token``."""
-    found = []
+Orphans = dict[str, list[psutil.Process]]  # BASTION_TOKEN -> children carrying it
+
+
+def orphans_by_token() -> Orphans:
+    """This (subreaper) process's children, by the ``BASTION_TOKEN`` they carry: one
+    scan of /proc serves every app process of a tick."""
+    found: Orphans = {}
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if child.environ().get("BASTION_TOKEN") == token:
-                found.append(child)
+            token = child.environ().get("BASTION_TOKEN")
+            if token:
+                found.setdefault(token, []).append(child)
     return found
+
+
+def orphans_with_token(token: str, root_pid: int) -> list[psutil.Process]:
+    """Children carrying ``token``, other than its app process ``root_pid`` itself."""
+    return [p for p in orphans_by_token().get(token, []) if p.pid != root_pid]
 
 
 async def kill_leftovers(tracker: DescendantTracker, token: str) -> list[int]:
     """SIGKILL tracked descendants and token-carrying orphans; reap ours. Return pids."""
     victims = {p.pid: p for p in tracker.alive()}
-    for proc in orphans_with_token(token):
+    for proc in orphans_with_token(token, tracker.root_pid):
         victims.setdefault(proc.pid, proc)
     note_descendants(list(victims))
     for pid, proc in victims.items():

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
-from .leftovers import DescendantTracker, kill_leftovers, orphans_with_token
+from .leftovers import DescendantTracker, Orphans, kill_leftovers, orphans_by_token
 from .output import AppOutput, drain
 from .spec import AppSpec
 
@@ -254,15 +254,20 @@ class AppProcess:
         """SIGKILL the group without waiting (last resort at shutdown)."""
         self.signal_group(signal.SIGKILL)
 
-    def refresh_descendants(self) -> None:
-        """Note new descendants (and tell the keeper), forget vanished ones."""
+    def refresh_descendants(self, orphans: Orphans | None = None) -> None:
+        """Note new descendants (and tell the keeper), forget vanished ones.
+
+        ``orphans`` is this tick's ``orphans_by_token()``, shared by every process."""
         if self.tracker is None or not self.alive:
             return
         new, gone = self.tracker.refresh()
-        for orphan in orphans_with_token(self.token):
+        if orphans is None:
+            orphans = orphans_by_token()
+        for orphan in orphans.get(self.token, []):
             # A grandchild that left the tree (setsid, double fork) re-parents to
-            # Bastion, the subreaper: remember it, so the keeper guards it too.
-            if self.tracker.adopt(orphan):
+            # Bastion, the subreaper: remember it, so the keeper guards it too. The
+            # process itself carries the token as well and is no orphan.
+            if orphan.pid != self.pid and self.tracker.adopt(orphan):
                 new.append(orphan.pid)
         if self._keeper is not None:
             for pid in new:

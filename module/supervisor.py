@@ -25,7 +25,7 @@ from typing import Any
 from .controller import AppController
 from .errors import UnknownApp
 from .keeper import Keeper
-from .leftovers import become_subreaper, reap_orphan_zombies
+from .leftovers import become_subreaper, orphans_by_token, reap_orphan_zombies
 from .messages import AppState, EndpointFailed, NeedApp, UsageReport
 from .spec import AppSpec
 
@@ -102,9 +102,10 @@ class Supervisor:
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            orphans = orphans_by_token()
             for app in self.apps.values():
                 try:
-                    app.tick(now)
+                    app.tick(now, orphans)
                 except Exception:
                     log.exception("app %s: periodic check failed", app.spec.name)
             reap_orphan_zombies()
