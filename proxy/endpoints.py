@@ -176,6 +176,24 @@ class EndpointTable:
         pids = set(view.in_flight) | set(view.served)
         return {p: (view.in_flight.get(p, 0), view.served.get(p, 0)) for p in pids}
 
+    def try_acquire(self, app: str) -> Lease | None:
+        """An endpoint of ``app`` at once, when one is free without waiting; None when
+        the caller must ``acquire`` (which may wait or start the app). Raises the same
+        refusals as ``acquire`` for an app that is offline or resting."""
+        view = self._apps.get(app)
+        if view is None:
+            return None
+        st = view.state
+        if st.state == "ready" and not view.queue:
+            endpoint = self._free(view)
+            if endpoint is not None:
+                return self._lease(app, view, endpoint)
+            return None
+        refusal = _refusal(st)
+        if refusal is not None:
+            raise refusal
+        return None
+
     async def acquire(self, app: str, wait_limit: float) -> Lease:
         """An endpoint of ``app`` for one request, starting the app if need be."""
         view = self._apps.get(app)

@@ -1,15 +1,13 @@
 """The proxy's exceptions, and the one place where upstream failures become statuses.
 
 Every failure on a request's way is a ``ProxyError`` carrying the HTTP status the client
-gets; ``from_upstream`` maps what the network layer raised (aiohttp's client errors,
-OSError, timeouts) to 502 or 504, the way httpcore's ``map_exceptions`` does.
+gets; ``from_upstream`` maps what the upstream side raised (``proxy.edge.upstream``'s
+errors, OSError, timeouts) to 502 or 504, the way httpcore's ``map_exceptions`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-
-import aiohttp
 
 
 class ProxyError(Exception):
@@ -76,19 +74,21 @@ class UpstreamGone(BadGateway):
 
 def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     """Map a failure talking to the app to the status the client gets."""
+    from .edge.upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
+
     cause: BaseException | None = exc
-    while cause is not None:  # e.g. a body limit, wrapped by aiohttp's client
+    while cause is not None:
         if isinstance(cause, ProxyError):
             return cause
         cause = cause.__cause__
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, asyncio.TimeoutError):
         return GatewayTimeout(f"the app {app!r} did not answer within {timeout:g}s", app=app)
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+    if isinstance(exc, ConnectFailed | ConnectionRefusedError):
         return ConnectRefused(f"the app {app!r} refused the connection", app=app,
                               detail=str(exc))
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | OSError):
+    if isinstance(exc, Closed | UpstreamBroken | OSError):
         return BadGateway(f"the app {app!r} closed the connection", app=app, detail=str(exc))
-    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+    if isinstance(exc, InvalidResponse):
         return BadGateway(f"the app {app!r} sent an invalid response", app=app, detail=str(exc))
     return BadGateway(f"the app {app!r} failed", app=app, detail=repr(exc))
 

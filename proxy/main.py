@@ -44,9 +44,9 @@ from module.supervisor import Supervisor
 from . import channel
 from .admin import AdminServer
 from .config import Config
+from .edge.listeners import bind_socket
 from .metrics import merge
 from .sdnotify import Notifier, watchdog_interval
-from .server import bind_socket
 from .tls import TLSConfigError
 from .worker import ProxyWorker, WorkerSetup, report_slow_stop, server_context
 

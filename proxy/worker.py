@@ -37,13 +37,14 @@ from dataclasses import dataclass
 from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
 
 from . import channel
-from .accesslog import AccessLog
 from .config import Config, Listener
+from .edge.accesslog import AccessLog
+from .edge.listeners import ListenerSet
+from .edge.site import Site
+from .edge.upstream import UpstreamPool
 from .endpoints import EndpointTable, QueueLimits
-from .forwarding import UpstreamPool
 from .metrics import Metrics
 from .routing import Router
-from .server import ListenerSet, RequestHandler
 from .tls import TLSConfigError, TLSContextSet
 
 log = logging.getLogger("bastion.worker")
@@ -114,15 +115,14 @@ class ProxyWorker:
                     ) -> None:
         """Serve ``sockets`` (already bound and listening)."""
         router = Router(self.config.routes)
-        handlers = {
-            listener.address: RequestHandler(
-                listener, self.config, router, self.table, self.pool, self.access_log
+        sites = {
+            listener.address: Site(
+                listener, self.config, router, self.table, self.pool, self.access_log,
+                self.metrics,
             )
             for listener in self.config.listeners
         }
-        for handler in handlers.values():
-            handler.metrics = self.metrics
-        await self.listeners.start(sockets, handlers, self.config)
+        await self.listeners.start(sockets, sites, self.config)
 
     def grace(self) -> float:
         """How long a graceful stop waits for requests in flight."""

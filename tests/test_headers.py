@@ -17,12 +17,12 @@ INFO = ForwardInfo(
 )
 
 OURS = [
-    ("X-Forwarded-For", "203.0.113.7"),
-    ("X-Forwarded-Proto", "https"),
-    ("X-Forwarded-Host", "shop.example.com"),
-    ("X-Forwarded-Port", "8443"),
-    ("X-Forwarded-Prefix", "/shop"),
-    ("X-Bastion-Token", "tok123"),
+    (b"X-Forwarded-For", b"203.0.113.7"),
+    (b"X-Forwarded-Proto", b"https"),
+    (b"X-Forwarded-Host", b"shop.example.com"),
+    (b"X-Forwarded-Port", b"8443"),
+    (b"X-Forwarded-Prefix", b"/shop"),
+    (b"X-Bastion-Token", b"tok123"),
 ]
 
 
@@ -31,7 +31,7 @@ def names(headers: list[tuple[str, str]]) -> list[str]:
 
 
 def test_plain_request_keeps_client_headers_in_order_then_ours() -> None:
-    client = [("Host", "shop.example.com"), ("Accept", "*/*"), ("User-Agent", "t/1")]
+    client = [(b"Host", b"shop.example.com"), (b"Accept", b"*/*"), (b"User-Agent", b"t/1")]
     assert upstream_headers(client, INFO) == [*client, *OURS]
 
 
@@ -41,30 +41,30 @@ def test_plain_request_keeps_client_headers_in_order_then_ours() -> None:
      "Upgrade", "HTTP2-Settings", "Proxy-Authorization", "proxy-authenticate"],
 )
 def test_hop_by_hop_headers_removed(name: str) -> None:
-    out = upstream_headers([("Host", "h"), (name, "x"), ("Accept", "a")], INFO)
+    out = upstream_headers([(b"Host", b"h"), (name, "x"), (b"Accept", b"a")], INFO)
     assert name.lower() not in names(out)
-    assert out[:2] == [("Host", "h"), ("Accept", "a")]
+    assert out[:2] == [(b"Host", b"h"), (b"Accept", b"a")]
 
 
 def test_headers_named_by_connection_removed() -> None:
     client = [
-        ("Host", "h"),
-        ("Connection", "keep-alive, X-Secret"),
-        ("Connection", " Other-One "),
-        ("X-Secret", "1"),
-        ("other-one", "2"),
-        ("X-Kept", "3"),
+        (b"Host", b"h"),
+        (b"Connection", b"keep-alive, X-Secret"),
+        (b"Connection", b" Other-One "),
+        (b"X-Secret", b"1"),
+        (b"other-one", b"2"),
+        (b"X-Kept", b"3"),
     ]
     out = upstream_headers(client, INFO)
-    assert out[:2] == [("Host", "h"), ("X-Kept", "3")]
+    assert out[:2] == [(b"Host", b"h"), (b"X-Kept", b"3")]
     assert {"x-secret", "other-one", "connection"}.isdisjoint(names(out))
 
 
 def test_connection_cannot_remove_the_host_header() -> None:
     # SPEC 5: Host goes to the app unchanged; a "Connection: host" must not strip it
     # (the HTTP client would then invent Host: 127.0.0.1:PORT).
-    out = upstream_headers([("Host", "shop.example.com"), ("Connection", "Host")], INFO)
-    assert ("Host", "shop.example.com") in out
+    out = upstream_headers([(b"Host", b"shop.example.com"), (b"Connection", b"Host")], INFO)
+    assert (b"Host", b"shop.example.com") in out
 
 
 @pytest.mark.parametrize(
@@ -74,40 +74,40 @@ def test_connection_cannot_remove_the_host_header() -> None:
      "Forwarded", "X-Real-IP"],
 )
 def test_forgeable_client_headers_removed(name: str) -> None:
-    out = upstream_headers([("Host", "h"), (name, "forged")], INFO)
+    out = upstream_headers([(b"Host", b"h"), (name, "forged")], INFO)
     assert "forged" not in [v for _, v in out]
-    assert out[0] == ("Host", "h")
+    assert out[0] == (b"Host", b"h")
     assert out[1:] == OURS
 
 
 @pytest.mark.parametrize("name", ["X_Forwarded_For", "X_Bastion_Token", "My_Header"])
 def test_headers_with_underscores_dropped(name: str) -> None:
-    out = upstream_headers([("Host", "h"), (name, "forged"), ("My-Header", "ok")], INFO)
-    assert out[:2] == [("Host", "h"), ("My-Header", "ok")]
+    out = upstream_headers([(b"Host", b"h"), (name, "forged"), (b"My-Header", b"ok")], INFO)
+    assert out[:2] == [(b"Host", b"h"), (b"My-Header", b"ok")]
     assert "forged" not in [v for _, v in out]
 
 
 def test_content_length_dropped_for_reframing() -> None:
-    out = upstream_headers([("Host", "h"), ("Content-Length", "12"), ("Content-Type", "a/b")], INFO)
+    out = upstream_headers([(b"Host", b"h"), (b"Content-Length", b"12"), (b"Content-Type", b"a/b")], INFO)
     assert "content-length" not in names(out)
-    assert ("Content-Type", "a/b") in out
+    assert (b"Content-Type", b"a/b") in out
 
 
 def test_duplicate_headers_preserved_in_order() -> None:
-    client = [("Host", "h"), ("Cookie", "a=1"), ("Accept", "x"), ("cookie", "b=2"), ("Cookie", "c=3")]
+    client = [(b"Host", b"h"), (b"Cookie", b"a=1"), (b"Accept", b"x"), (b"cookie", b"b=2"), (b"Cookie", b"c=3")]
     out = upstream_headers(client, INFO)
     assert out[: len(client)] == client
 
 
 def test_prefix_only_when_path_base_is_not_root() -> None:
-    out = upstream_headers([("Host", "h")], ForwardInfo("10.0.0.1", "http", "h", 80, "", "t"))
+    out = upstream_headers([(b"Host", b"h")], ForwardInfo("10.0.0.1", "http", "h", 80, "", "t"))
     assert out == [
-        ("Host", "h"),
-        ("X-Forwarded-For", "10.0.0.1"),
-        ("X-Forwarded-Proto", "http"),
-        ("X-Forwarded-Host", "h"),
-        ("X-Forwarded-Port", "80"),
-        ("X-Bastion-Token", "t"),
+        (b"Host", b"h"),
+        (b"X-Forwarded-For", b"10.0.0.1"),
+        (b"X-Forwarded-Proto", b"http"),
+        (b"X-Forwarded-Host", b"h"),
+        (b"X-Forwarded-Port", b"80"),
+        (b"X-Bastion-Token", b"t"),
     ]
 
 
@@ -115,14 +115,14 @@ def test_client_cert_only_when_given() -> None:
     without = upstream_headers([], INFO)
     assert "x-bastion-client-cert" not in names(without)
     info = ForwardInfo("::1", "https", "h", 443, "", "t", client_cert_b64="TUlJQg==")
-    out = upstream_headers([("X-Bastion-Client-Cert", "forged")], info)
+    out = upstream_headers([(b"X-Bastion-Client-Cert", b"forged")], info)
     assert [v for n, v in out if n.lower() == "x-bastion-client-cert"] == ["TUlJQg=="]
-    assert out[-1] == ("X-Bastion-Client-Cert", "TUlJQg==")
-    assert ("X-Forwarded-For", "::1") in out
+    assert out[-1] == (b"X-Bastion-Client-Cert", b"TUlJQg==")
+    assert (b"X-Forwarded-For", b"::1") in out
 
 
 def test_untrusted_peer_chain_is_replaced() -> None:
-    client = [("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-Proto", "https")]
+    client = [(b"X-Forwarded-For", b"1.1.1.1"), (b"X-Forwarded-Proto", b"https")]
     info = ForwardInfo("198.51.100.2", "http", "h", 80, "", "t")
     out = upstream_headers(client, info)
     assert [v for n, v in out if n == "X-Forwarded-For"] == ["198.51.100.2"]
@@ -131,12 +131,12 @@ def test_untrusted_peer_chain_is_replaced() -> None:
 
 def test_trusted_proxy_chain_kept_and_appended() -> None:
     client = [
-        ("Host", "h"),
-        ("X-Forwarded-For", "1.1.1.1, 2.2.2.2"),
-        ("X-Forwarded-For", "3.3.3.3"),
-        ("X-Forwarded-Proto", "https"),
-        ("X-Bastion-Token", "forged"),
-        ("Forwarded", "for=9.9.9.9"),
+        (b"Host", b"h"),
+        (b"X-Forwarded-For", b"1.1.1.1, 2.2.2.2"),
+        (b"X-Forwarded-For", b"3.3.3.3"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Bastion-Token", b"forged"),
+        (b"Forwarded", b"for=9.9.9.9"),
     ]
     info = ForwardInfo("10.0.0.5", "http", "h", 80, "", "t", trusted=True)
     out = upstream_headers(client, info)
@@ -149,27 +149,27 @@ def test_trusted_proxy_chain_kept_and_appended() -> None:
 
 def test_trusted_proxy_without_chain_gets_ours() -> None:
     info = ForwardInfo("10.0.0.5", "http", "h", 80, "", "t", trusted=True)
-    out = upstream_headers([("Host", "h")], info)
-    assert ("X-Forwarded-For", "10.0.0.5") in out
-    assert ("X-Forwarded-Proto", "http") in out
+    out = upstream_headers([(b"Host", b"h")], info)
+    assert (b"X-Forwarded-For", b"10.0.0.5") in out
+    assert (b"X-Forwarded-Proto", b"http") in out
 
 
 def test_downstream_removes_hop_by_hop_connection_listed_and_length() -> None:
     app = [
-        ("Content-Type", "text/plain"),
-        ("Connection", "close, X-Internal"),
-        ("X-Internal", "1"),
-        ("Keep-Alive", "timeout=5"),
-        ("Transfer-Encoding", "chunked"),
-        ("Content-Length", "5"),
-        ("Set-Cookie", "a=1"),
-        ("Set-Cookie", "b=2"),
-        ("Upgrade", "h2c"),
+        (b"Content-Type", b"text/plain"),
+        (b"Connection", b"close, X-Internal"),
+        (b"X-Internal", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Length", b"5"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Upgrade", b"h2c"),
     ]
     assert downstream_headers(app) == [
-        ("Content-Type", "text/plain"),
-        ("Set-Cookie", "a=1"),
-        ("Set-Cookie", "b=2"),
+        (b"Content-Type", b"text/plain"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
     ]
 
 

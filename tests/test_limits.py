@@ -216,10 +216,3 @@ def test_access_log_json(small: BastionProcess) -> None:
     assert entry["method"] == "GET" and entry["status"] == 200 and entry["app"] == "raw"
     assert entry["client"] == "127.0.0.1" and entry["pid"] > 0 and entry["bytes"] > 0
     assert entry["duration"] >= 0
-
-
-def test_limits_keep_a_path(tmp_path: Path) -> None:
-    """The module's own docs say which limit does what (kept in sync with SPEC 3)."""
-    from proxy import limits
-
-    assert "max_connections" in (limits.__doc__ or "")

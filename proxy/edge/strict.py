@@ -228,18 +228,21 @@ def check_request(method: str, target: str, version: tuple[int, int],
     )
 
 
-def strip_h2c(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def strip_h2c(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Headers without ``HTTP2-Settings`` and without ``h2c`` among the Upgrade tokens."""
-    out: list[tuple[str, str]] = []
+    if not any(n.lower() in (b"upgrade", b"http2-settings") for n, _ in headers):
+        return headers
+    out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         low = name.lower()
-        if low == "http2-settings":
+        if low == b"http2-settings":
             continue
-        if low == "upgrade":
-            kept = [t.strip() for t in value.split(",") if t.strip().lower() not in ("h2c", "")]
+        if low == b"upgrade":
+            kept = [t.strip() for t in value.split(b",")
+                    if t.strip().lower() not in (b"h2c", b"")]
             if not kept:
                 continue
-            value = ", ".join(kept)
+            value = b", ".join(kept)
         out.append((name, value))
     return out
 

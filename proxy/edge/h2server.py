@@ -5,22 +5,24 @@ Theory of operation
 A TLS listener with ``http2: true`` offers ``h2`` and ``http/1.1`` by ALPN. Its protocol
 factory makes an :class:`AlpnSelector` per connection. With asyncio's (and uvloop's)
 TLS transports the application protocol's ``connection_made`` runs once the handshake
-is done, so the selector reads ``ssl_object.selected_alpn_protocol()`` there and hands
-every later callback either to aiohttp's ``RequestHandler`` (HTTP/1.1, unchanged) or to
-an :class:`H2Protocol` (delegation rather than ``set_protocol``, so wrappers around it,
-such as the connection counter, keep seeing the connection end).
+is done, so the selector (``proxy.edge.listeners.AlpnSelector``) reads
+``ssl_object.selected_alpn_protocol()`` there and hands the transport to either an
+``H1Connection`` or an :class:`H2Protocol`.
 
 :class:`H2Protocol` drives an ``h2.connection.H2Connection`` (sans-I/O). Each request
-stream is checked and translated by :mod:`proxy.h2translate`, then served by a task
-that goes the *same* way as HTTP/1.1: ``RequestHandler.leased`` (route, endpoint,
-header rewrite), ``forwarding.exchange`` (the app over the keep-alive pool), the same
-error pages (``RequestHandler.error_parts``), HSTS and access log.
+stream is checked and translated by :mod:`proxy.edge.h2translate`, then driven through
+the *same* ``Flow`` as an HTTP/1.1 request (``proxy.edge.flow``: prefetch, route,
+endpoint, header rewrite, the app over the keep-alive pool, the same error pages and
+statuses, HSTS, access log); the stream (``_Stream``) is the flow's ``Downstream``. No
+task is made per stream.
 
-Flow control is end to end. Received DATA is acknowledged (WINDOW_UPDATE) only when the
-upload to the app has taken it, so a slow app slows the client; the connection window is
-opened to ``CONNECTION_WINDOW`` so one stalled stream cannot block the others. Response
-DATA is sent only within the peer's stream and connection windows (and while the TLS
-transport is not paused), waiting for WINDOW_UPDATE, at most ``body_timeout`` each time.
+Flow control is end to end. Received DATA is acknowledged (WINDOW_UPDATE) at once
+unless the flow asked to pause the request body (the app cannot take more), then when
+it resumes, so a slow app slows the client; the connection window is opened to
+``CONNECTION_WINDOW`` so one stalled stream cannot block the others. Response DATA is
+sent only within the peer's stream and connection windows (and while the TLS transport
+is not paused); what does not fit waits in the stream's outbox, and reading from the
+app pauses until WINDOW_UPDATE makes room.
 
 Known attacks are bounded per connection: at most ``MAX_STREAMS`` concurrent streams
 (h2 refuses more); header lists up to ``limits.max_header_size`` (h2's decoder, and h2
@@ -46,7 +48,6 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, cast
 
 import h2.config
@@ -56,16 +57,14 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
-from yarl import URL
 
-from .accesslog import LogEntry
-from .errors import ProxyError, RequestRejected
-from .forwarding import BodyTimeout, UpstreamBroken
-from .h2translate import H1Request, Malformed, check_body_length, request_from_h2, response_to_h2
+from .flow import Flow, Request
+from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
+from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .config import Limits
-    from .server import RequestHandler
+    from .listeners import Connections
+    from .site import Site
 
 log = logging.getLogger("bastion.h2")
 
@@ -96,24 +95,153 @@ class _Budget:
         return self.count <= self.limit
 
 
-class _StreamGone(Exception):
-    """The client reset the stream or the connection went away."""
-
-
 class _Stream:
-    """One request stream: its request, its body queue and its task."""
+    """One request stream: the flow's ``Downstream`` on an HTTP/2 connection."""
 
-    def __init__(self, stream_id: int, request: H1Request, ended: bool) -> None:
+    def __init__(self, proto: H2Protocol, stream_id: int, content_length: int | None,
+                 ended: bool) -> None:
+        self.proto = proto
         self.id = stream_id
-        self.request = request
+        self.content_length = content_length
         self.ended = ended  # the client finished sending (END_STREAM seen)
         self.gone = False  # reset by either side, or the connection is lost
         self.received = 0
-        self.chunks: deque[tuple[bytes, int]] = deque()
-        self.readable = asyncio.Event()
-        self.headers_sent = False
-        self.too_large = False
-        self.task: asyncio.Task[None] | None = None
+        self.flow: Flow | None = None
+        self.paused = False  # the flow asked to stop the request body
+        self.unacked = 0  # flow-controlled bytes held back while paused
+        self.outbox: deque[bytes] = deque()
+        self.end_pending = False  # END_STREAM after the outbox
+        self.blocked = False  # the outbox waits for the window (the app's reading paused)
+        self.finished = False  # the flow is done
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- Downstream -------------------------------------------------------------------
+    def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                length: int | None, bodyless: bool, body: list[bytes], end: bool) -> None:
+        proto = self.proto
+        if self.gone:
+            return
+        fields = [(n.decode("latin-1"), v.decode("latin-1"))
+                  for n, v in (*headers, *proto.site.response_headers)]
+        if bodyless and proto.request_method(self) != "HEAD":
+            length = None
+        try:
+            proto.conn.send_headers(self.id, response_to_h2(status, fields, length),
+                                    end_stream=bodyless and end)
+        except h2.exceptions.ProtocolError:
+            self._lost()
+            return
+        if bodyless:
+            if not end:
+                self.end_pending = False
+            proto.flush()
+            return
+        self.respond_body(body, end)
+
+    def respond_body(self, body: list[bytes], end: bool) -> None:
+        if self.gone:
+            return
+        for piece in body:
+            if piece:
+                self.outbox.append(piece)
+        if end:
+            self.end_pending = True
+        self.pump()
+
+    def abort(self) -> None:
+        self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
+        self._lost()
+
+    def pause_request(self) -> None:
+        self.paused = True
+
+    def resume_request(self) -> None:
+        self.paused = False
+        if self.unacked:
+            self.proto.ack(self.id, self.unacked)
+            self.unacked = 0
+            self.proto.flush()
+
+    def rearm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        flow = self.flow
+        if flow is not None and flow.deadline is not None:
+            self.timer = self.proto.loop.call_later(
+                max(0.0, flow.deadline - time.monotonic()), flow.expire)
+
+    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+        conn.abort()  # never asked for over HTTP/2
+        self.abort()
+
+    def flow_done(self, flow: Flow) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.gone and not self.ended:
+            # Answered before the client finished its body (RFC 9113 8.1).
+            self.proto.reset(self.id, ErrorCodes.NO_ERROR)
+            self.gone = True
+        self._maybe_close()
+
+    # -- sending ----------------------------------------------------------------------
+    def pump(self) -> None:
+        """Send what the windows allow; pause the app's side while the rest waits."""
+        proto = self.proto
+        conn = proto.conn
+        while self.outbox and not self.gone:
+            if proto.write_paused:
+                break
+            try:
+                window = conn.local_flow_control_window(self.id)
+            except (h2.exceptions.ProtocolError, KeyError):
+                self._lost()
+                return
+            if window <= 0:
+                break
+            data = self.outbox.popleft()
+            size = min(window, len(data), conn.max_outbound_frame_size)
+            if size < len(data):
+                self.outbox.appendleft(data[size:])
+                data = data[:size]
+            try:
+                conn.send_data(self.id, data)
+            except h2.exceptions.ProtocolError:
+                self._lost()
+                return
+        if self.gone:
+            return
+        if self.outbox:
+            if not self.blocked and self.flow is not None:
+                self.blocked = True
+                self.flow.pause_response()
+        else:
+            if self.blocked and self.flow is not None:
+                self.blocked = False
+                self.flow.resume_response()
+            if self.end_pending:
+                self.end_pending = False
+                with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                    conn.end_stream(self.id)
+                if self.ended:
+                    self.gone = True  # closed on both sides
+        proto.flush()
+        self._maybe_close()
+
+    def _lost(self) -> None:
+        if not self.gone:
+            self.gone = True
+        self.outbox.clear()
+        flow = self.flow
+        if flow is not None and not flow.done:
+            flow.client_gone()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.finished and (self.gone or not self.outbox and not self.end_pending):
+            self.proto.forget(self)
 
 
 class H2Protocol(asyncio.Protocol):
@@ -121,8 +249,9 @@ class H2Protocol(asyncio.Protocol):
 
     def __init__(self, server: H2Server) -> None:
         self.server = server
-        self.handler = server.handler
-        self.limits = server.limits
+        self.site = server.site
+        self.limits = server.site.limits
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(
@@ -142,7 +271,7 @@ class H2Protocol(asyncio.Protocol):
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
         self.write_paused = False
-        self._send_ready = asyncio.Event()
+        self._trusted = False
         self._stall: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -157,6 +286,7 @@ class H2Protocol(asyncio.Protocol):
         if isinstance(ssl_object, ssl.SSLObject):
             der = ssl_object.getpeercert(binary_form=True)
             self.client_cert = base64.b64encode(der).decode("ascii") if der else None
+        self._trusted = self.site.trusted.contains(self.client_ip)
         self.conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -168,19 +298,21 @@ class H2Protocol(asyncio.Protocol):
         self.conn.decoder.max_header_list_size = self.limits.max_header_size
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.server.connections.add(self)
+        self.server.open.add(self)
+        self.server.connections.opened(self)
         self._flush()
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.open.discard(self)
+        self.server.connections.closed(self)
         self.closing = True
         for timer in (self._stall, self._idle):
             if timer is not None:
                 timer.cancel()
         for stream in list(self.streams.values()):
             self._drop(stream)
-        self._wake_senders()
+        self.streams.clear()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -192,6 +324,10 @@ class H2Protocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         self._wake_senders()
+
+    def drain(self) -> None:
+        """A graceful stop: GOAWAY, then close once the open streams are done."""
+        self.goaway()
 
     def eof_received(self) -> bool | None:
         return None
@@ -225,10 +361,10 @@ class H2Protocol(asyncio.Protocol):
             self._on_data(event)
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
+            if stream is not None and not stream.ended:
                 stream.ended = True
-                self._check_length(stream)
-                stream.readable.set()
+                if self._check_length(stream) and stream.flow is not None:
+                    stream.flow.feed_end()
         elif isinstance(event, h2.events.StreamReset):
             self._on_reset(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -252,50 +388,67 @@ class H2Protocol(asyncio.Protocol):
         stream_id = event.stream_id
         assert stream_id is not None
         if self.closing:
-            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         try:
-            request = request_from_h2(event.headers or [], self.handler.scheme)
+            h1 = request_from_h2(event.headers or [], self.site.scheme)
         except Malformed as exc:
             log.debug("h2 malformed request from %s: %s", self.client_ip, exc)
-            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
-        stream = _Stream(stream_id, request, event.stream_ended is not None)
+        ended = event.stream_ended is not None
+        stream = _Stream(self, stream_id, h1.content_length, ended)
         self.streams[stream_id] = stream
         self._disarm_idle()
-        stream.task = self._loop.create_task(self._serve(stream))
+        target = h1.target
+        path = "*" if target == "*" else _unquote(target.split("?", 1)[0])
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in h1.headers]
+        has_body = not ended and h1.content_length != 0
+        request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
+                          self.client_cert, h1.content_length if has_body else None,
+                          has_body, "HTTP/2.0", trusted=self._trusted)
+        flow = Flow(self.site, request, stream)
+        stream.flow = flow
+        flow.start()
+        if ended and not flow.done:
+            flow.feed_end()
+
+    def request_method(self, stream: _Stream) -> str:
+        """The method of ``stream``'s request."""
+        flow = stream.flow
+        return flow.request.method if flow is not None else "GET"
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream_id = event.stream_id
         assert stream_id is not None
         data = event.data or b""
-        flow = event.flow_controlled_length or 0
+        flow_len = event.flow_controlled_length or 0
         if not data and event.stream_ended is None and not self.empty_data.spend():
             self._calm("empty DATA frame flood")
             return
         stream = self.streams.get(stream_id)
-        if stream is None or stream.gone:
-            self._ack(stream_id, flow)
+        if stream is None or stream.gone or stream.flow is None or stream.flow.done:
+            self.ack(stream_id, flow_len)
             return
         stream.received += len(data)
         if event.stream_ended is not None:
             stream.ended = True
         if not self._check_length(stream):
-            self._ack(stream_id, flow)
+            self.ack(stream_id, flow_len)
             return
-        max_body = self.limits.max_body_size
-        if max_body and stream.received > max_body:
-            stream.too_large = True
-            self._ack(stream_id, flow)
+        if stream.paused:
+            stream.unacked += flow_len
         else:
-            stream.chunks.append((data, flow))
-        stream.readable.set()
+            self.ack(stream_id, flow_len)
+        stream.flow.feed(data)
+        if stream.ended and not stream.flow.done:
+            stream.flow.feed_end()
 
     def _check_length(self, stream: _Stream) -> bool:
         try:
-            check_body_length(stream.request.content_length, stream.received, stream.ended)
+            check_body_length(stream.content_length, stream.received, stream.ended)
         except Malformed:
-            self._reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
+            self.reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
             self._drop(stream)
             return False
         return True
@@ -308,6 +461,29 @@ class H2Protocol(asyncio.Protocol):
             self._calm("stream reset flood")
 
     # -- helpers --------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what h2 has for the client."""
+        self._flush()
+
+    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+        """Reset a stream (counted against the reset budget unless NO_ERROR)."""
+        self._reset(stream_id, code)
+
+    def ack(self, stream_id: int, flow: int) -> None:
+        """Open the windows again for ``flow`` bytes of DATA."""
+        self._ack(stream_id, flow)
+
+    def forget(self, stream: _Stream) -> None:
+        """A stream is over on both sides."""
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        self._flush()
+        if not self.streams:
+            if self.closing:
+                self._close()
+            else:
+                self._arm_idle()
+
     def _flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
@@ -342,20 +518,17 @@ class H2Protocol(asyncio.Protocol):
                 self.conn.acknowledge_received_data(flow, stream_id)
 
     def _drop(self, stream: _Stream) -> None:
-        """Forget a stream that ended abnormally: stop its task, free its window."""
-        if stream.gone:
-            return
-        stream.gone = True
-        stream.readable.set()
-        for _, flow in stream.chunks:
-            self._ack(stream.id, flow)
-        stream.chunks.clear()
-        if stream.task is not None and not stream.task.done():
-            stream.task.cancel()
+        """Forget a stream that ended abnormally: stop its flow, free its window."""
+        if stream.unacked:
+            self._ack(stream.id, stream.unacked)
+            stream.unacked = 0
+        stream._lost()
+        self.streams.pop(stream.id, None)
 
     def _wake_senders(self) -> None:
-        self._send_ready.set()
-        self._send_ready = asyncio.Event()
+        for stream in list(self.streams.values()):
+            if stream.outbox or stream.end_pending:
+                stream.pump()
 
     def _stalled(self) -> None:
         self._stall = None
@@ -401,204 +574,28 @@ class H2Protocol(asyncio.Protocol):
         if not self.streams:
             self._close()
 
-    # -- a stream -------------------------------------------------------------------------
-    async def _body(self, stream: _Stream) -> AsyncIterator[bytes]:
-        """The request body for the app; each chunk acknowledged once the upload took it."""
-        while True:
-            if not stream.chunks and not stream.ended and not stream.gone \
-                    and not stream.too_large:
-                stream.readable.clear()
-                try:
-                    await asyncio.wait_for(stream.readable.wait(), self.limits.body_timeout)
-                except TimeoutError as exc:
-                    raise BodyTimeout() from exc
-                continue
-            if stream.gone:
-                raise _StreamGone()
-            if stream.too_large:
-                raise RequestRejected(413, "the request body is larger than allowed")
-            if stream.chunks:
-                data, flow = stream.chunks.popleft()
-                yield data
-                self._ack(stream.id, flow)
-                self._flush()
-                continue
-            return
-
-    async def _serve(self, stream: _Stream) -> None:
-        started = time.monotonic()
-        request = stream.request
-        status, sent, app, pid = 500, 0, "-", 0
-        try:
-            status, sent, app, pid = await self._forward(stream)
-        except ProxyError as error:
-            status, app = error.status, error.app or "-"
-            if not stream.headers_sent and not stream.gone:
-                sent = await self._error_page(stream, error)
-            else:
-                self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
-        except (_StreamGone, asyncio.CancelledError):
-            status = 499 if not stream.headers_sent else status
-        except UpstreamBroken:
-            self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
-        except Exception:  # noqa: BLE001 - one stream must not take the connection down
-            log.exception("h2 stream %d failed", stream.id)
-            if not stream.headers_sent and not stream.gone:
-                sent = await self._error_page(stream, ProxyError("internal error"))
-            else:
-                self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
-        finally:
-            if not stream.gone and not stream.ended:
-                # Answered before the client finished its body (RFC 9113 8.1).
-                self._reset(stream.id, ErrorCodes.NO_ERROR)
-            self._drop(stream)
-            self.streams.pop(stream.id, None)
-            self._flush()
-            headers = dict(request.headers)
-            self.handler.finished(
-                LogEntry(self.client_ip, request.method, request.target, "HTTP/2.0",
-                         headers.get("referer", "-"), headers.get("user-agent", "-")),
-                status, sent, app, pid, time.monotonic() - started,
-            )
-            if not self.streams:
-                if self.closing:
-                    self._close()
-                else:
-                    self._arm_idle()
-
-    async def _forward(self, stream: _Stream) -> tuple[int, int, str, int]:
-        from .server import Front  # server imports this module
-
-        request = stream.request
-        limits = self.limits
-        if (limits.max_body_size and request.content_length is not None
-                and request.content_length > limits.max_body_size):
-            raise RequestRejected(413, "the request body is larger than allowed")
-        path = "*" if request.target == "*" else URL(request.target, encoded=True).path
-        front = Front(request.method, request.target, request.authority, path,
-                      request.headers, self.client_ip, self.client_cert)
-        has_body = not stream.ended or stream.received > 0 or bool(stream.chunks)
-        body = self._body(stream) if has_body else None
-        length = request.content_length if has_body else None
-        async with self.handler.connected(front, body, length) as (leased, upstream):
-            if stream.gone:
-                raise _StreamGone()
-            fields = [*upstream.headers, *self.handler.response_headers]
-            length = upstream.content_length
-            if upstream.bodyless and request.method != "HEAD":
-                length = None
-            self.conn.send_headers(stream.id, response_to_h2(upstream.status, fields, length),
-                                   end_stream=upstream.bodyless)
-            stream.headers_sent = True
-            self._flush()
-            sent = 0
-            if not upstream.bodyless:
-                async for chunk in upstream.body():
-                    await self._send(stream, chunk)
-                    sent += len(chunk)
-                self._end(stream)
-            return upstream.status, sent, leased.app, leased.pid
-
-    async def _error_page(self, stream: _Stream, error: ProxyError) -> int:
-        headers, body = self.handler.error_parts(error)
-        try:
-            self.conn.send_headers(stream.id, response_to_h2(error.status, headers, len(body)),
-                                   end_stream=False)
-            stream.headers_sent = True
-            self._flush()
-            await self._send(stream, body)
-            self._end(stream)
-        except (_StreamGone, h2.exceptions.ProtocolError, asyncio.CancelledError):
-            return 0
-        return len(body)
-
-    def _end(self, stream: _Stream) -> None:
-        if stream.gone:
-            raise _StreamGone()
-        self.conn.end_stream(stream.id)
-        self._flush()
-
-    async def _send(self, stream: _Stream, data: bytes) -> None:
-        """Send ``data`` on ``stream`` within the flow-control windows."""
-        view = memoryview(data)
-        while view:
-            if stream.gone or self.transport is None or self.transport.is_closing():
-                raise _StreamGone()
-            try:
-                window = self.conn.local_flow_control_window(stream.id)
-            except (h2.exceptions.ProtocolError, KeyError):
-                raise _StreamGone() from None
-            if window <= 0 or self.write_paused:
-                ready = self._send_ready
-                try:
-                    await asyncio.wait_for(ready.wait(), self.limits.body_timeout)
-                except TimeoutError:
-                    self._reset(stream.id, ErrorCodes.CANCEL)
-                    raise _StreamGone() from None
-                continue
-            size = min(window, len(view), self.conn.max_outbound_frame_size)
-            try:
-                self.conn.send_data(stream.id, view[:size].tobytes())
-            except h2.exceptions.ProtocolError:
-                raise _StreamGone() from None
-            view = view[size:]
-            self._flush()
-
 
 class H2Server:
-    """The HTTP/2 connections of one listener (for a graceful stop)."""
+    """The HTTP/2 connections of one listener."""
 
-    def __init__(self, handler: RequestHandler, limits: Limits) -> None:
-        self.handler = handler
-        self.limits = limits
-        self.connections: set[H2Protocol] = set()
+    def __init__(self, site: Site, connections: Connections) -> None:
+        self.site = site
+        self.connections = connections
+        self.open: set[H2Protocol] = set()
 
     def __call__(self) -> H2Protocol:
         return H2Protocol(self)
 
-    async def shutdown(self, grace: float) -> None:
-        """GOAWAY to every connection, wait up to ``grace`` for their streams, close."""
-        for conn in list(self.connections):
+    def goaway_all(self) -> None:
+        """GOAWAY to every connection (a graceful stop); each closes when its streams
+        are done."""
+        for conn in list(self.open):
             conn.goaway()
-        deadline = time.monotonic() + grace
-        while any(c.streams for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
 
 
-class AlpnSelector(asyncio.Protocol):
-    """Picks HTTP/2 or HTTP/1.1 once the TLS handshake chose a protocol; delegates."""
+def _unquote(path: str) -> str:
+    if "%" not in path:
+        return path
+    from urllib.parse import unquote
 
-    def __init__(self, http1: Callable[[], asyncio.BaseProtocol],
-                 http2: Callable[[], asyncio.BaseProtocol]) -> None:
-        self._http1 = http1
-        self._http2 = http2
-        self.inner: asyncio.Protocol | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        inner = cast(asyncio.Protocol, self._http2() if alpn == "h2" else self._http1())
-        self.inner = inner
-        inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.inner is not None:
-            self.inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
+    return unquote(path, errors="surrogateescape")

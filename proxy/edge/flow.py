@@ -1,0 +1,656 @@
+"""One request's way to the app and back, whatever the client's protocol.
+
+Theory of operation
+-------------------
+A ``Flow`` is made by a client-side protocol (HTTP/1.1 connection, HTTP/2 stream) for
+each request head it accepted (``Request``). The protocol feeds it the request body
+(``feed``, ``feed_end``, ``feed_failed``) and gets the answer through its
+``Downstream`` interface (``respond``: a head with the body bytes available so far;
+``respond_body``; ``respond_end``; ``abort``; ``pause_request``/``resume_request``
+for the body's backpressure; ``switch`` for a WebSocket's 101). Every failure on the
+way is a ``ProxyError`` and becomes the same error page or the same cut connection on
+every protocol; the status mapping of upstream failures is ``errors.from_upstream``.
+
+The way:
+
+    prefetch (the first 64 KiB of a body, or all of it: a broken, stalled or too
+    large body is refused before any app sees it) -> route (pure) -> endpoint
+    (``EndpointTable.try_acquire``; else a task awaits ``acquire``, which may start
+    the app) -> header rewrite (pure, bytes) -> an idle kept-alive connection from the
+    pool (else a task opens one) -> the head (and the body so far) in one write ->
+    callbacks from the upstream parser -> the client.
+
+The fast path (ready process, idle connection, head and body in the first read)
+creates no task, future or coroutine. Deadlines live in the flow (``deadline``), and
+the client-side protocol's one timer calls ``expire``: ``body_timeout`` since the last
+body bytes while the request body is incomplete (408), ``request_timeout`` from the
+request sent to the response head (504).
+
+Retries only where nothing was sent: a refused connection goes once to another process
+of the app that was already ready; a kept-alive connection that the app closed before
+answering is retried on a new one for an idempotent request without a body (and if that
+process refuses it, once on another ready process).
+
+The answer's head is held back while the body is known to be small (``SMALL_BODY``), so
+a small answer goes out in one write and a body cut short is still a clean 502; other
+answers go out at the end of each read from the app, head and body together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import time
+from typing import Protocol
+
+from module.messages import Endpoint
+
+from ..endpoints import Lease
+from ..errors import (
+    BadGateway,
+    ConnectRefused,
+    GatewayTimeout,
+    NotFound,
+    ProxyError,
+    RequestRejected,
+    UpstreamGone,
+    from_upstream,
+)
+from .accesslog import LogEntry
+from .codec import request_head
+from .headers import ForwardInfo, downstream_headers, upstream_headers
+from .site import WAIT_MARGIN, Site
+from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
+
+log = logging.getLogger("bastion.proxy")
+
+PREFETCH = 64 * 1024  # body bytes read before the app is asked
+SMALL_BODY = 64 * 1024  # a body up to this size goes with its head in one write
+PENDING_HIGH = 256 * 1024  # body bytes buffered before reading from the client pauses
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Methods that mean nothing by a body: no ``Content-Length: 0`` when they have none.
+NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
+
+
+class BodyTooLarge(RequestRejected):
+    """The client's body went beyond ``max_body_size`` (413)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "the request body is larger than allowed")
+
+
+class BodyStalled(RequestRejected):
+    """Nothing of the client's body arrived within ``body_timeout`` (408)."""
+
+    def __init__(self) -> None:
+        super().__init__(408, "the client stopped sending its body")
+
+
+def normalised_path(raw: str) -> str:
+    """The decoded path with dot segments and doubled slashes resolved, for routing."""
+    if not raw.startswith("/"):
+        return raw
+    path = posixpath.normpath(raw)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    if raw.endswith("/") and path != "/":
+        path += "/"
+    return path
+
+
+class Request:
+    """A client's request head as the flow needs it, whatever the protocol."""
+
+    __slots__ = ("method", "target", "host", "path", "headers", "client_ip", "client_cert",
+                 "content_length", "has_body", "upgrade", "version", "trusted")
+
+    def __init__(self, method: str, target: str, host: str, path: str,
+                 headers: list[tuple[bytes, bytes]], client_ip: str,
+                 client_cert: str | None, content_length: int | None, has_body: bool,
+                 version: str, *, upgrade: bool = False, trusted: bool = False) -> None:
+        self.method = method
+        self.target = target  # origin-form, sent to the app as is
+        self.host = host
+        self.path = path  # decoded path, for routing
+        self.headers = headers  # as received (Host included)
+        self.client_ip = client_ip
+        self.client_cert = client_cert
+        self.content_length = content_length
+        self.has_body = has_body
+        self.version = version  # for the access log: "HTTP/1.1", "HTTP/2.0"
+        self.upgrade = upgrade  # a WebSocket upgrade to tunnel
+        self.trusted = trusted  # the client is a trusted proxy
+
+    def log_entry(self) -> LogEntry:
+        """The access log's view of this request."""
+        referer = agent = "-"
+        for name, value in self.headers:
+            low = name.lower()
+            if low == b"referer":
+                referer = value.decode("latin-1")
+            elif low == b"user-agent":
+                agent = value.decode("latin-1")
+        return LogEntry(self.client_ip, self.method, self.target, self.version, referer,
+                        agent)
+
+
+class Downstream(Protocol):
+    """The client side of a flow (an HTTP/1.1 connection or an HTTP/2 stream)."""
+
+    def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                length: int | None, bodyless: bool, body: list[bytes], end: bool) -> None:
+        """The response head, the body pieces so far, and whether that is all."""
+
+    def respond_body(self, body: list[bytes], end: bool) -> None:
+        """More of the response body."""
+
+    def abort(self) -> None:
+        """The answer broke off after its head went out: cut the client off."""
+
+    def pause_request(self) -> None:
+        """Stop reading the request body for now."""
+
+    def resume_request(self) -> None:
+        """Read the request body again."""
+
+    def rearm(self) -> None:
+        """The flow's deadline changed."""
+
+    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+        """A WebSocket upgrade was accepted: ``head`` goes to the client, then both
+        connections become one byte pipe (``rest``: the app's first tunnelled bytes)."""
+
+    def flow_done(self, flow: Flow) -> None:
+        """The exchange is over (its log line is written)."""
+
+
+# Flow states
+_PREFETCH, _WAIT_LEASE, _CONNECTING, _SENT, _RESPONDING, _DONE = range(6)
+
+
+class Flow:
+    """One request forwarded to an app: see the module's theory of operation."""
+
+    __slots__ = ("site", "request", "down", "state", "started", "status", "sent", "app",
+                 "pid", "lease", "conn", "deadline", "_pending", "_pending_size",
+                 "_received", "_body_end", "_body_failed", "_body_at", "_sent_at",
+                 "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
+                 "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
+                 "refused", "_retry")
+
+    def __init__(self, site: Site, request: Request, down: Downstream) -> None:
+        self.site = site
+        self.request = request
+        self.down = down
+        self.state = _PREFETCH
+        self.started = time.monotonic()
+        self.status = 0
+        self.sent = 0
+        self.app = "-"
+        self.pid = 0
+        self.lease: Lease | None = None
+        self.conn: UpstreamConnection | None = None
+        self.deadline: float | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._received = 0
+        self._body_end = not request.has_body
+        self._body_failed: ProxyError | None = None
+        self._body_at = self.started
+        self._sent_at = 0.0
+        self._attempt = 1
+        self._reused = False  # the connection came from the pool
+        self._retry = False  # on a new connection after a stale kept-alive one
+        self._chunked = False
+        self._task: asyncio.Task[None] | None = None
+        self._held: ResponseHead | None = None  # a head waiting for its small body
+        self._head_out = False
+        self._response_bodyless = False
+        self._timeout = 0.0
+        self._paused_up = False
+        self._endpoint: Endpoint | None = None
+        self._paused_down = False  # reading the request body is paused by us
+        self.refused = False  # ended by a refusal at the edge (the connection closes)
+
+    @property
+    def done(self) -> bool:
+        """The exchange is over."""
+        return self.state == _DONE
+
+    # -- from the client ------------------------------------------------------------------
+    def start(self) -> None:
+        """The head is in: go on at once, or after the body's first bytes arrived."""
+        request = self.request
+        limit = self.site.limits.max_body_size
+        if limit and request.content_length is not None and request.content_length > limit:
+            self.fail(BodyTooLarge())
+            return
+        if request.has_body:
+            self._set_deadline()
+        self._maybe_dispatch()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes of the request body."""
+        if self.state == _DONE or not data:
+            return
+        self._received += len(data)
+        self._body_at = time.monotonic()
+        limit = self.site.limits.max_body_size
+        if limit and self._received > limit:
+            self.feed_failed(BodyTooLarge())
+            return
+        conn = self.conn
+        if conn is not None and self.state >= _SENT:
+            if self._chunked:
+                conn.write_chunk(data)
+            else:
+                conn.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > PENDING_HIGH:
+            self._pause_down()
+        if self.state == _PREFETCH:
+            self._maybe_dispatch()
+
+    def feed_end(self) -> None:
+        """The request body is complete."""
+        if self._body_end:
+            return
+        self._body_end = True
+        conn = self.conn
+        if conn is not None and self.state >= _SENT:
+            conn.request_done(self._chunked)
+        if self.state == _PREFETCH:
+            self._maybe_dispatch()
+        else:
+            self._set_deadline()
+
+    def feed_failed(self, error: ProxyError) -> None:
+        """The request body is broken (framing 400, too large 413, stalled 408)."""
+        if self.state == _DONE:
+            return
+        self._body_failed = error
+        self._body_end = True
+        self.fail(error)
+
+    def client_gone(self) -> None:
+        """The client went away: give everything up; logged as 499 unless complete."""
+        if self.state == _DONE:
+            return
+        if not self._head_out or self.status == 0:
+            self.status = 499
+        self._finish(abort_upstream=True)
+
+    def pause_response(self) -> None:
+        """The client cannot take more of the answer: stop reading from the app."""
+        if not self._paused_up:
+            self._paused_up = True
+            if self.conn is not None:
+                self.conn.pause_reading()
+
+    def resume_response(self) -> None:
+        """The client can take more again."""
+        if self._paused_up:
+            self._paused_up = False
+            if self.conn is not None:
+                self.conn.resume_reading()
+
+    def expire(self) -> None:
+        """The client side's timer fired at or after ``deadline``."""
+        if self.state == _DONE:
+            return
+        now = time.monotonic()
+        if not self._body_end and not self._paused_down \
+                and now >= self._body_at + self.site.limits.body_timeout:
+            self.feed_failed(BodyStalled())
+            return
+        if self.state in (_SENT, _CONNECTING) and self._sent_at \
+                and now >= self._sent_at + self._timeout:
+            self.fail(GatewayTimeout(
+                f"the app {self.app!r} did not answer within {self._timeout:g}s",
+                app=self.app))
+            return
+        self._set_deadline()
+
+    # -- dispatch -------------------------------------------------------------------------
+    def _set_deadline(self) -> None:
+        deadline: float | None = None
+        if not self._body_end and not self._paused_down and self.state != _DONE:
+            deadline = self._body_at + self.site.limits.body_timeout
+        if self.state in (_SENT, _CONNECTING) and self._sent_at:
+            waiting = self._sent_at + self._timeout
+            deadline = waiting if deadline is None else min(deadline, waiting)
+        if deadline != self.deadline:
+            self.deadline = deadline
+            self.down.rearm()
+
+    def _maybe_dispatch(self) -> None:
+        if self.state != _PREFETCH:
+            return
+        if not self._body_end and self._pending_size < PREFETCH:
+            return
+        try:
+            self._route()
+        except ProxyError as error:
+            self.fail(error)
+
+    def _route(self) -> None:
+        site = self.site
+        request = self.request
+        route = site.router.match(request.host, normalised_path(request.path))
+        if route is None:
+            raise NotFound("no application is configured for this address")
+        self.app = route.app
+        if request.upgrade and not route.websockets:
+            request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
+        spec = site.apps[route.app]
+        self._timeout = spec.settings.request_timeout
+        lease = site.table.try_acquire(route.app)
+        if lease is not None:
+            self._leased(lease)
+            return
+        self.state = _WAIT_LEASE
+        self._task = asyncio.get_running_loop().create_task(
+            self._acquire(spec.settings.startup_time_limit + WAIT_MARGIN))
+
+    async def _acquire(self, wait_limit: float) -> None:
+        try:
+            lease = await self.site.table.acquire(self.app, wait_limit)
+        except ProxyError as error:
+            self._task = None
+            self.fail(error)
+            return
+        self._task = None
+        if self.state == _DONE:
+            lease.release()
+            return
+        self._leased(lease)
+
+    def _leased(self, lease: Lease) -> None:
+        self.lease = lease
+        endpoint = self._endpoint = lease.endpoint
+        self.pid = endpoint.pid
+        key: int | str = endpoint.socket_path if endpoint.socket_path is not None \
+            else endpoint.port
+        conn = None if self.request.upgrade else self.site.pool.pooled(key)
+        if conn is not None:
+            self._reused = True
+            self._send(conn)
+            return
+        self.state = _CONNECTING
+        self._sent_at = time.monotonic()
+        self._set_deadline()
+        self._task = asyncio.get_running_loop().create_task(self._connect(key))
+
+    async def _connect(self, key: int | str) -> None:
+        try:
+            conn = await self.site.pool.open(key)
+        except UpstreamError as exc:
+            self._task = None
+            if self._retry:  # the retry of a stale kept-alive connection
+                self._upstream_error(UpstreamGone(
+                    f"the app {self.app!r} closed the connection", app=self.app,
+                    detail=str(exc)))
+            else:
+                self._upstream_error(ConnectRefused(
+                    f"the app {self.app!r} refused the connection", app=self.app,
+                    detail=str(exc)))
+            return
+        self._task = None
+        if self.state == _DONE:
+            conn.abort()
+            self.site.pool.release(conn)
+            return
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        request = self.request
+        endpoint = self._endpoint
+        assert endpoint is not None
+        site = self.site
+        spec = site.apps[self.app]
+        info = ForwardInfo(request.client_ip, site.scheme, request.host, site.port,
+                           spec.path_base, endpoint.token, request.client_cert,
+                           request.trusted)
+        headers = upstream_headers(request.headers, info)
+        if request.upgrade:
+            upgrade = next(v for n, v in request.headers if n.lower() == b"upgrade")
+            headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
+        whole = self._body_end
+        if not request.has_body:
+            framing = None if request.method in NO_BODY_METHODS else b"Content-Length: 0"
+            self._chunked = False
+        elif request.content_length is not None:
+            framing = b"Content-Length: %d" % request.content_length
+            self._chunked = False
+        elif whole:
+            framing = b"Content-Length: %d" % self._pending_size
+            self._chunked = False
+        else:
+            framing = b"Transfer-Encoding: chunked"
+            self._chunked = True
+        payload = request_head(request.method, request.target, headers, framing)
+        pending = self._pending
+        if pending:
+            if self._chunked:
+                payload += b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pending)
+            else:
+                payload += b"".join(pending)
+        if whole and self._chunked:
+            payload += b"0\r\n\r\n"
+        self.conn = conn
+        if not conn.send(self, payload, head_only=request.method == "HEAD", whole=whole,
+                         tunnel=request.upgrade):
+            # The pooled connection died while idle: nothing was sent; a new one.
+            self.conn = None
+            self.site.pool.release(conn)
+            self._reused = False
+            self.state = _CONNECTING
+            self._task = asyncio.get_running_loop().create_task(self._connect(conn.key))
+            return
+        self._pending = []
+        self._pending_size = 0
+        self.state = _SENT
+        self._sent_at = time.monotonic()
+        self._resume_down()
+        self._set_deadline()
+
+    # -- from the upstream connection -------------------------------------------------------
+    def upstream_head(self, head: ResponseHead) -> None:
+        """The app's response head arrived."""
+        if self.state == _DONE:
+            return
+        self.state = _RESPONDING
+        self.status = head.status
+        self._response_bodyless = (self.request.method == "HEAD"
+                                   or head.status in (204, 304))
+        length = head.content_length
+        if length is not None and length <= SMALL_BODY and not self._response_bodyless:
+            self._held = head
+            self._pending = []
+            self._pending_size = 0
+        else:
+            self._head_out = True
+            self.down.respond(head.status, head.reason, downstream_headers(head.headers),
+                              length, self._response_bodyless, [], False)
+        self._set_deadline()
+
+    def upstream_body(self, data: bytes) -> None:
+        """A piece of the app's response body."""
+        if self.state == _DONE:
+            return
+        self.sent += len(data)
+        if self._held is not None:
+            self._pending.append(data)
+            return
+        self.down.respond_body([data], False)
+
+    def upstream_end(self) -> None:
+        """The app's response is complete."""
+        if self.state == _DONE:
+            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._head_out = True
+            body = self._pending
+            self._pending = []
+            self.down.respond(held.status, held.reason, downstream_headers(held.headers),
+                              held.content_length, False, body, True)
+        elif self._head_out:
+            self.down.respond_body([], True)
+        self._finish()
+
+    def upstream_failed(self, exc: UpstreamError) -> None:
+        """The exchange with the app failed."""
+        if self.state == _DONE:
+            return
+        conn = self.conn
+        if (isinstance(exc, Closed) and exc.early and self._reused and conn is not None
+                and not self.request.has_body and self.request.method in IDEMPOTENT
+                and self.state == _SENT):
+            # A kept-alive connection the app had closed meanwhile: the one case worth a
+            # second try, and only when resending cannot do harm.
+            self.conn = None
+            self.site.pool.release(conn)
+            self.state = _CONNECTING
+            self._reused = False
+            self._retry = True
+            self._task = asyncio.get_running_loop().create_task(self._connect(conn.key))
+            return
+        if self._head_out:
+            self.down.abort()
+            self._finish(abort_upstream=True)
+            return
+        if self._held is not None:  # a held head whose small body broke off
+            self._held = None
+            error: ProxyError = BadGateway("the app broke off its response", app=self.app,
+                                           detail=str(exc))
+        else:
+            error = from_upstream(exc, self.app, self._timeout)
+        self._upstream_error(error)
+
+    def upstream_switched(self, head: ResponseHead, rest: bytes) -> None:
+        """The app accepted the WebSocket upgrade (101)."""
+        conn = self.conn
+        if self.state == _DONE or conn is None:
+            return
+        self.state = _RESPONDING
+        self.status = 101
+        self._head_out = True
+        fields = [(n, v) for n, v in head.headers
+                  if n.lower() not in (b"content-length", b"transfer-encoding", b"server")]
+        lines = [b"HTTP/1.1 101 " + (head.reason or b"Switching Protocols")]
+        lines += [n + b": " + v for n, v in fields]
+        data = b"\r\n".join(lines) + b"\r\n" + self.site.extra_head + b"\r\n"
+        self._set_deadline()
+        self.down.switch(data, rest, conn)
+
+    def upstream_writable(self, writable: bool) -> None:
+        """The app's socket can (not) take more of the request body."""
+        if writable:
+            self._resume_down()
+        else:
+            self._pause_down()
+
+    def _pause_down(self) -> None:
+        if not self._paused_down:
+            self._paused_down = True
+            self.down.pause_request()
+            self._set_deadline()
+
+    def _resume_down(self) -> None:
+        if self._paused_down:
+            self._paused_down = False
+            self._body_at = time.monotonic()
+            self.down.resume_request()
+            self._set_deadline()
+
+    def tunnel_closed(self, sent: int) -> None:
+        """A WebSocket tunnel ended (either side closed)."""
+        self.sent = sent
+        self._finish(abort_upstream=True)
+
+    # -- failures and the end -------------------------------------------------------------
+    def _upstream_error(self, error: ProxyError) -> None:
+        if isinstance(error, ConnectRefused | UpstreamGone) and self._attempt == 1 \
+                and self._other_ready():
+            # Nothing reached the app: once more, on another process already serving.
+            log.info("pid %d is gone: the request goes to another process", self.pid)
+            self._attempt = 2
+            self._drop_upstream(failed=str(error))
+            self.state = _PREFETCH
+            self._reused = False
+            try:
+                self._route()
+            except ProxyError as again:
+                self.fail(again)
+            return
+        self.fail(error)
+
+    def _other_ready(self) -> bool:
+        state = self.site.table.state(self.app)
+        return state is not None and any(e.pid != self.pid for e in state.endpoints)
+
+    def fail(self, error: ProxyError) -> None:
+        """End the exchange with ``error``: its page when nothing went out, else a cut."""
+        if self.state == _DONE:
+            return
+        if not error.app and self.app != "-":
+            error.app = self.app
+        if self.lease is not None and error.status == 502:
+            self.lease.failed(str(error))
+        if self._head_out:
+            self.down.abort()
+            self._finish(abort_upstream=True)
+            return
+        page = self.site.error_page(error)
+        self.refused = isinstance(error, RequestRejected)
+        self.status = page.status
+        self.sent = len(page.body)
+        self._head_out = True
+        self._drop_upstream()
+        self.down.respond(page.status, b"", page.headers, len(page.body), False,
+                          [page.body], True)
+        self._finish(abort_upstream=True)
+
+    def _drop_upstream(self, failed: str | None = None) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+            self.site.pool.release(conn)
+        if self.lease is not None:
+            if failed is not None:
+                self.lease.failed(failed)
+            self.lease.release()
+            self.lease = None
+
+    def _finish(self, abort_upstream: bool = False) -> None:
+        if self.state == _DONE:
+            return
+        incomplete = not self._body_end
+        self.state = _DONE
+        self.deadline = None
+        task = self._task
+        if task is not None:
+            self._task = None
+            task.cancel()
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            if abort_upstream or incomplete:
+                conn.abort()
+            elif self._paused_up:
+                conn.resume_reading()
+            self.site.pool.release(conn)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        status = self.status or 500
+        self.site.finished(self.request.log_entry(), status, self.sent, self.app, self.pid,
+                           time.monotonic() - self.started)
+        self.down.flow_done(self)
+

@@ -1,0 +1,70 @@
+"""The states of an HTTP/1.1 client connection, and the only moves between them.
+
+A pure table in the manner of h11's ``_state.py``: ``H1Connection`` (``proxy.edge.h1``)
+asks ``next_state`` for every move, so a move that is not in the table is a bug that
+shows at once (``StateError``) instead of a connection that silently does the wrong
+thing. Each state has at most one deadline, which is what the connection's single
+timer waits for:
+
+=========  =========================================  ==============================
+state      meaning                                    deadline
+=========  =========================================  ==============================
+FRESH      accepted, no byte of a request yet         header_timeout (then 408)
+HEAD       a request head is arriving                 header_timeout (then 408)
+ACTIVE     a request is being served (by a Flow)      the flow's (408 body, 504 app)
+IDLE       kept alive between two requests            keepalive_timeout (silent close)
+TUNNEL     a WebSocket after its 101: a byte pipe     none (either side may close)
+CLOSED     closed or closing                          none
+=========  =========================================  ==============================
+
+Events: ``BYTES`` (the first bytes of a head), ``START`` (a complete head starts being
+served), ``KEEP`` / ``CLOSE`` (the answer is out and the connection stays / closes),
+``SWITCH`` (101), ``REFUSE`` (refused at the edge, or a deadline passed), ``LOST``
+(the transport is gone, from anywhere).
+"""
+
+from __future__ import annotations
+
+FRESH, HEAD, ACTIVE, IDLE, TUNNEL, CLOSED = "FRESH", "HEAD", "ACTIVE", "IDLE", "TUNNEL", "CLOSED"
+STATES = (FRESH, HEAD, ACTIVE, IDLE, TUNNEL, CLOSED)
+
+BYTES, START, KEEP, CLOSE, SWITCH, REFUSE, LOST = (
+    "BYTES", "START", "KEEP", "CLOSE", "SWITCH", "REFUSE", "LOST")
+EVENTS = (BYTES, START, KEEP, CLOSE, SWITCH, REFUSE, LOST)
+
+TABLE: dict[tuple[str, str], str] = {
+    (FRESH, BYTES): HEAD,
+    (FRESH, REFUSE): CLOSED,
+    (FRESH, CLOSE): CLOSED,  # a graceful stop, or the first-request grace ran out
+    (HEAD, START): ACTIVE,
+    (HEAD, REFUSE): CLOSED,
+    (ACTIVE, KEEP): IDLE,
+    (ACTIVE, CLOSE): CLOSED,
+    (ACTIVE, SWITCH): TUNNEL,
+    (ACTIVE, REFUSE): CLOSED,  # a pipelined request refused while one was served
+    (IDLE, BYTES): HEAD,
+    (IDLE, START): ACTIVE,  # a pipelined request parsed earlier
+    (IDLE, CLOSE): CLOSED,
+    (IDLE, REFUSE): CLOSED,
+    (TUNNEL, CLOSE): CLOSED,
+}
+for _state in STATES:
+    TABLE[(_state, LOST)] = CLOSED
+
+
+class StateError(RuntimeError):
+    """A move the table does not allow."""
+
+
+def next_state(state: str, event: str) -> str:
+    """The state after ``event`` in ``state``; raises ``StateError`` when not allowed."""
+    try:
+        return TABLE[(state, event)]
+    except KeyError:
+        raise StateError(f"{event} is not allowed in {state}") from None
+
+
+def deadline_of(state: str) -> str | None:
+    """Which limit bounds ``state``: a ``Limits`` field name, "flow", or None."""
+    return {FRESH: "header_timeout", HEAD: "header_timeout", ACTIVE: "flow",
+            IDLE: "keepalive_timeout"}.get(state)

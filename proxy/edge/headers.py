@@ -1,0 +1,119 @@
+"""Header hygiene between the client and the app: pure functions on bytes, no I/O.
+
+Headers travel as ``(name, value)`` pairs of bytes, as the parsers hand them over, and
+are rewritten in one pass. Order matters: first every header that the client's
+``Connection`` header names, and the hop-by-hop headers; then client headers that could
+forge what we vouch for (``X-Bastion-*``, ``X-Forwarded-*``, ``Forwarded``,
+``X-Real-IP``) and any name with an underscore (some frameworks fold ``_`` and ``-``
+together, so ``X_Forwarded_For`` could pose as ``X-Forwarded-For``); then ours are
+added. From a trusted proxy the ``X-Forwarded-*`` chain is kept and our values appended
+to it. ``Content-Length`` is dropped both ways: bodies are re-framed by the edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+    }
+)
+FORWARDED = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
+# Dropped from every response: hop-by-hop, framing (re-framed here), and the app's
+# own Server (the edge names itself, as nginx hides upstream server software).
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server"}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class ForwardInfo:
+    """What Bastion vouches for about one request."""
+
+    client_ip: str
+    scheme: str  # "http" or "https"
+    host: str  # the client's Host header
+    port: int  # the listener port the client reached
+    path_base: str  # "" or "/shop"
+    token: str
+    client_cert_b64: str | None = None
+    trusted: bool = False  # the peer is a trusted proxy: keep and extend its chain
+
+
+def connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Lower-case names listed in every ``Connection`` header."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return names
+
+
+def upstream_headers(client: Iterable[tuple[bytes, bytes]], info: ForwardInfo) -> Headers:
+    """The header list to send to the app for a request with ``client`` headers."""
+    client = list(client)
+    # Host is end-to-end and goes to the app unchanged, even if Connection names it.
+    listed = connection_listed(client)
+    listed.discard(b"host")
+    kept: Headers = []
+    chain: dict[bytes, list[bytes]] = {}
+    for name, value in client:
+        low = name.lower()
+        if low in HOP_BY_HOP or low == b"content-length" or (listed and low in listed):
+            continue
+        if low.startswith(b"x-bastion-") or b"_" in name:
+            continue
+        if low in FORWARDED:
+            if info.trusted and low.startswith(b"x-forwarded-"):
+                chain.setdefault(low, []).append(value)
+            continue
+        kept.append((name, value))
+
+    def joined(key: bytes, ours: bytes) -> bytes:
+        previous = chain.get(key)
+        return b", ".join([*previous, ours]) if previous else ours
+
+    kept.append((b"X-Forwarded-For", joined(b"x-forwarded-for", info.client_ip.encode())))
+    proto = chain.get(b"x-forwarded-proto") if info.trusted else None
+    if proto:
+        # Behind a trusted load balancer the original scheme is the first hop's.
+        kept.append((b"X-Forwarded-Proto", proto[0].split(b",")[0].strip()))
+    else:
+        kept.append((b"X-Forwarded-Proto", info.scheme.encode()))
+    kept.append((b"X-Forwarded-Host", info.host.encode("latin-1")))
+    kept.append((b"X-Forwarded-Port", b"%d" % info.port))
+    if info.path_base:
+        kept.append((b"X-Forwarded-Prefix", info.path_base.encode("latin-1")))
+    kept.append((b"X-Bastion-Token", info.token.encode()))
+    if info.client_cert_b64:
+        kept.append((b"X-Bastion-Client-Cert", info.client_cert_b64.encode()))
+    return kept
+
+
+def downstream_headers(app: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """The app's response headers without hop-by-hop ones, framing and ``Server``."""
+    app = list(app)
+    listed = connection_listed(app)
+    drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
+    return [(name, value) for name, value in app if name.lower() not in drop]

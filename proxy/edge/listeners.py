@@ -1,0 +1,227 @@
+"""The listening sockets of one worker, its client connections and its graceful stop.
+
+Theory of operation
+-------------------
+Each bound socket is served by the event loop's own accept loop
+(``loop.create_server``: uvloop accepts and runs TLS handshakes in C, with no task per
+connection), making an ``H1Connection`` per client, or on a TLS listener with
+``http2`` an ``AlpnSelector`` that picks HTTP/2 or HTTP/1.1 once the handshake chose.
+
+``Connections`` counts this worker's open client connections against
+``max_connections``. At the limit every server stops accepting (``Server.close``
+closes only its duplicate of the socket: the listening socket stays open, so further
+clients wait in the kernel's backlog, as with nginx's ``worker_connections``); when a
+connection ends, accepting resumes on fresh duplicates.
+
+A graceful stop (``ListenerSet.stop``) stops accepting, then drains: idle keep-alive
+connections close at once (a client retries on a new connection, which another worker
+generation accepts), a connection accepted just before the stop may still send its
+first request, busy ones close after their answer (``Connection: close``), HTTP/2 ones
+get GOAWAY; whatever is left at the grace time's end is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from ..config import Config, Listener
+from .h1 import H1Connection
+from .h2server import H2Server
+from .site import Site
+
+log = logging.getLogger("bastion.proxy")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class Drainable(Protocol):
+    """A client connection a graceful stop can drain."""
+
+    def drain(self) -> None: ...
+
+
+class Connections:
+    """The open client connections of one worker, against ``max_connections``."""
+
+    def __init__(self, limit: int, on_full: Callable[[bool], None]) -> None:
+        self.limit = limit
+        self.open: set[Drainable] = set()
+        self.draining = False
+        self._on_full = on_full
+        self._full = False
+
+    def opened(self, conn: Drainable) -> None:
+        self.open.add(conn)
+        if self.limit and len(self.open) >= self.limit and not self._full:
+            self._full = True
+            self._on_full(True)
+
+    def closed(self, conn: Drainable) -> None:
+        self.open.discard(conn)
+        if self._full and len(self.open) < self.limit:
+            self._full = False
+            self._on_full(False)
+
+
+def bind_socket(listener: Listener, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on ``listener``'s address (raises OSError with a clear message)."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listener.host, listener.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listener.address}: {exc.strerror}") from exc
+    return sock
+
+
+class AlpnSelector(asyncio.Protocol):
+    """Picks HTTP/2 or HTTP/1.1 once the TLS handshake chose a protocol, then hands the
+    transport over to it (``set_protocol``): no layer stays in between."""
+
+    def __init__(self, http1: Callable[[], asyncio.Protocol],
+                 http2: Callable[[], asyncio.Protocol]) -> None:
+        self._http1 = http1
+        self._http2 = http2
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        inner = self._http2() if alpn == "h2" else self._http1()
+        transport.set_protocol(inner)
+        inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - handed over first
+        raise RuntimeError("ALPN selector got data after the handshake")
+
+
+class _Served:
+    """One listening socket and the server accepting on (a duplicate of) it."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
+                 context: ssl.SSLContext | None) -> None:
+        self.sock = sock
+        self.factory = factory
+        self.context = context
+        self.server: asyncio.AbstractServer | None = None
+        self.stopped = False
+
+    async def start(self) -> None:
+        if self.server is not None or self.stopped or self.sock.fileno() < 0:
+            return
+        dup = self.sock.dup()
+        dup.setblocking(False)
+        loop = asyncio.get_running_loop()
+        if self.context is not None:
+            self.server = await loop.create_server(
+                self.factory, sock=dup, backlog=1024, ssl=self.context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        else:
+            self.server = await loop.create_server(self.factory, sock=dup, backlog=1024)
+
+    def pause(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+class ListenerSet:
+    """The running listeners of one worker."""
+
+    def __init__(self) -> None:
+        self._served: list[_Served] = []
+        self._h2: list[H2Server] = []
+        self.connections = Connections(0, self._full)
+        self._resume: asyncio.Task[None] | None = None
+
+    async def start(
+        self,
+        sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]],
+        sites: dict[str, Site],
+        config: Config,
+    ) -> None:
+        """Serve each bound socket with its site."""
+        self.connections.limit = config.limits.max_connections
+        connections = self.connections
+        for listener, sock, context in sockets:
+            site = sites[listener.address]
+
+            def http1(site: Site = site) -> asyncio.Protocol:
+                return H1Connection(site, connections)
+
+            factory: Callable[[], asyncio.Protocol] = http1
+            if context is not None and listener.http2:
+                h2_server = H2Server(site, connections)
+                self._h2.append(h2_server)
+
+                def selector(h1: Callable[[], asyncio.Protocol] = http1,
+                             h2: Callable[[], asyncio.Protocol] = h2_server
+                             ) -> asyncio.Protocol:
+                    return AlpnSelector(h1, h2)
+
+                factory = selector
+            served = _Served(sock, factory, context)
+            self._served.append(served)
+            await served.start()
+
+    def _full(self, full: bool) -> None:
+        if full:
+            for served in self._served:
+                served.pause()
+        elif self._resume is None:
+            self._resume = asyncio.get_running_loop().create_task(self._resume_all())
+
+    async def _resume_all(self) -> None:
+        try:
+            for served in self._served:
+                await served.start()
+        finally:
+            self._resume = None
+
+    def open_connections(self) -> int:
+        """Client connections open now on these listeners."""
+        return len(self.connections.open)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let requests in flight finish up to ``grace``, then close."""
+        for served in self._served:
+            served.stopped = True
+            served.pause()
+            with contextlib.suppress(OSError):
+                served.sock.close()
+        if self._resume is not None:
+            self._resume.cancel()
+        self.connections.draining = True
+        for h2_server in self._h2:
+            h2_server.goaway_all()
+        deadline = time.monotonic() + grace
+        drained: set[Drainable] = set()
+        while True:
+            open_now = list(self.connections.open)
+            if not open_now or time.monotonic() >= deadline:
+                break
+            for conn in open_now:
+                if conn not in drained:
+                    drained.add(conn)
+                    conn.drain()
+            await asyncio.sleep(0.05)
+        if open_now:
+            log.warning("stop: %d connection(s) still open after %gs; closing them",
+                        len(open_now), grace)
+            for conn in open_now:
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    cast(asyncio.BaseTransport, transport).close()
+        await asyncio.sleep(0)

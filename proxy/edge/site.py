@@ -1,0 +1,88 @@
+"""What every request of one listener shares: config, routing, endpoints, pool, logs.
+
+A ``Site`` is made once per listener and worker generation. It holds nothing per
+request; the protocols (``proxy.edge.h1``, ``proxy.edge.h2server``) and the flows
+(``proxy.edge.flow``) read from it: the routes, the app specs by name, the endpoint
+table, the upstream pool, the headers every answer carries (``Server``, HSTS), the
+error pages, and the access log and metrics a finished request goes to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from module.spec import AppSpec
+
+from ..config import Config, Listener
+from ..endpoints import EndpointTable
+from ..error_pages import render
+from ..errors import ProxyError
+from ..metrics import Metrics
+from ..routing import Router
+from ..trust import TrustedProxies
+from .accesslog import AccessLog, LogEntry
+from .upstream import UpstreamPool
+
+WAIT_MARGIN = 5.0  # beyond startup_time_limit, in case the module's own timer is late
+
+
+@dataclass(frozen=True)
+class ErrorPage:
+    """An error answer, ready for any protocol."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class Site:
+    """The shared context of one listener's requests."""
+
+    def __init__(self, listener: Listener, config: Config, router: Router,
+                 table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
+                 metrics: Metrics | None = None) -> None:
+        self.listener = listener
+        self.config = config
+        self.limits = config.limits
+        self.router = router
+        self.table = table
+        self.pool = pool
+        self.access_log = access_log
+        self.metrics = metrics
+        self.scheme = "https" if listener.tls is not None else "http"
+        self.port = listener.port
+        self.trusted = TrustedProxies(config.trusted_proxies)
+        self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        # Like nginx, every answer names the edge, not the app's server software.
+        extra: list[tuple[bytes, bytes]] = [(b"Server", b"bastion")]
+        if listener.tls is not None and listener.tls.hsts:
+            extra.append((b"Strict-Transport-Security", b"max-age=%d" % listener.tls.hsts))
+        self.response_headers = extra
+        self.extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra)
+
+    def error_page(self, error: ProxyError) -> ErrorPage:
+        """The page for ``error`` (never cached by anyone in front of us); the protocol
+        adds ``response_headers`` as to every answer."""
+        body = render(error, self.config.detailed_errors).encode("utf-8")
+        headers = [(b"Content-Type", b"text/html; charset=utf-8"),
+                   (b"Cache-Control", b"no-store")]
+        if error.retry_after is not None:
+            headers.append((b"Retry-After", b"%d" % error.retry_after))
+        return ErrorPage(error.status, headers, body)
+
+    def redirect_location(self, host: str, target: str) -> bytes | None:
+        """Where ``redirect_https`` sends a request, or None when it does not apply."""
+        https_port = self.config.https_port
+        if not self.listener.redirect_https or https_port is None:
+            return None
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if https_port != 443:
+            name = f"{name}:{https_port}"
+        return f"https://{name}{target}".encode("latin-1")
+
+    def finished(self, entry: LogEntry, status: int, sent: int, app: str, pid: int,
+                 duration: float) -> None:
+        """Access log and metrics for one finished request, whatever its protocol."""
+        self.access_log.write_entry(entry, status, sent, app, pid, duration)
+        if self.metrics is not None:
+            self.metrics.observe(app, status, duration)
