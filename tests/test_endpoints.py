@@ -9,14 +9,15 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import aiohttp
 import pytest
 
 from module.messages import AppState, Endpoint, EndpointFailed, NeedApp
+from proxy.edge.upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
 from proxy.endpoints import EndpointTable
 from proxy.error_pages import render
 from proxy.errors import (
     BadGateway,
+    ConnectRefused,
     GatewayTimeout,
     NotFound,
     ProxyError,
@@ -315,13 +316,14 @@ def test_render_app_offline_body_verbatim_even_detailed() -> None:
 @pytest.mark.parametrize(
     ("exc", "status"),
     [
-        (asyncio.TimeoutError(), 504),  # noqa: UP041 - the name aiohttp raises
+        (asyncio.TimeoutError(), 504),  # noqa: UP041 - the name asyncio raises
         (TimeoutError(), 504),
-        (aiohttp.ServerTimeoutError("slow"), 504),
-        (aiohttp.ServerDisconnectedError(), 502),
+        (Closed("closed before answering", early=True), 502),
+        (ConnectFailed("cannot connect"), 502),
         (ConnectionRefusedError(111, "refused"), 502),
         (ConnectionResetError(104, "reset"), 502),
-        (aiohttp.ClientPayloadError("bad chunk"), 502),
+        (UpstreamBroken("bad chunk"), 502),
+        (InvalidResponse("invalid status code 999"), 502),
         (RuntimeError("odd"), 502),
     ],
 )
@@ -335,6 +337,9 @@ def test_from_upstream_maps_statuses(exc: BaseException, status: int) -> None:
 
 def test_from_upstream_refused_message_and_proxy_error_passthrough() -> None:
     assert "refused" in from_upstream(ConnectionRefusedError(), "shop", 1).message
-    assert "closed" in from_upstream(aiohttp.ServerDisconnectedError(), "shop", 1).message
+    assert "refused" in from_upstream(ConnectFailed("no"), "shop", 1).message
+    assert isinstance(from_upstream(ConnectFailed("no"), "shop", 1), ConnectRefused)
+    assert "closed" in from_upstream(Closed("gone", early=False), "shop", 1).message
+    assert "invalid" in from_upstream(InvalidResponse("bad"), "shop", 1).message
     original = Unavailable("queue full")
     assert from_upstream(original, "shop", 1) is original
