@@ -95,6 +95,47 @@ class _Budget:
         return self.count <= self.limit
 
 
+class FrameTracker:
+    """Follows frame boundaries in what a client sends (RFC 9113 4.1), without parsing
+    frames: whether it stopped in the middle of a frame or of a header block (HEADERS
+    or PUSH_PROMISE without END_HEADERS, until the CONTINUATION that has it)."""
+
+    PREFACE = 24
+    _HEADER_BLOCK_STARTS = (0x1, 0x5)  # HEADERS, PUSH_PROMISE
+    _CONTINUATION = 0x9
+    _END_HEADERS = 0x4
+
+    def __init__(self) -> None:
+        self._skip = self.PREFACE  # bytes left of the current frame (or the preface)
+        self._head = b""  # a partial 9-byte frame header
+        self._in_block = False
+
+    @property
+    def incomplete(self) -> bool:
+        """The bytes so far end inside a frame or a header block."""
+        return self._skip > 0 or bool(self._head) or self._in_block
+
+    def feed(self, data: bytes) -> None:
+        """Account for ``data``, the next bytes from the client."""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._skip:
+                take = min(self._skip, size - pos)
+                self._skip -= take
+                pos += take
+                continue
+            need = 9 - len(self._head)
+            self._head += data[pos:pos + need]
+            pos += min(need, size - pos)
+            if len(self._head) < 9:
+                return
+            head, self._head = self._head, b""
+            self._skip = int.from_bytes(head[:3], "big")
+            kind, flags = head[3], head[4]
+            if kind in self._HEADER_BLOCK_STARTS or kind == self._CONTINUATION:
+                self._in_block = not flags & self._END_HEADERS
+
+
 class _Stream:
     """One request stream: the flow's ``Downstream`` on an HTTP/2 connection."""
 
@@ -272,6 +313,7 @@ class H2Protocol(asyncio.Protocol):
         self.closing = False  # GOAWAY sent: no new streams
         self.write_paused = False
         self._trusted = False
+        self._frames = FrameTracker()
         self._stall: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -344,6 +386,7 @@ class H2Protocol(asyncio.Protocol):
             return
         if events:
             self._clear_stall()
+        self._frames.feed(data)
         if self._stall is None and self._incomplete():
             # Bytes that complete no frame (a slow header block or frame): bounded.
             self._stall = self._loop.call_later(self.limits.header_timeout, self._stalled)
@@ -541,9 +584,8 @@ class H2Protocol(asyncio.Protocol):
         self._close()
 
     def _incomplete(self) -> bool:
-        """Whether h2 holds part of a frame or of a header block (HEADERS+CONTINUATION)."""
-        buffer = self.conn.incoming_buffer
-        return bool(getattr(buffer, "_data", None)) or bool(getattr(buffer, "_headers_buffer", None))
+        """Whether the client left part of a frame or of a header block pending."""
+        return self._frames.incomplete
 
     def _clear_stall(self) -> None:
         if self._stall is not None:
