@@ -40,7 +40,7 @@ from module.messages import (
     UsageReport,
 )
 
-from .errors import BadGateway, GatewayTimeout, ProxyError, Unavailable
+from .errors import BadGateway, ProxyError, Unavailable
 
 Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
 REPORT_EVERY = 0.25
@@ -208,8 +208,9 @@ class EndpointTable:
             if waiter.future.done() and not waiter.future.exception():
                 self._release(app, waiter.future.result().pid)
             if view.state.state == "ready":
-                raise GatewayTimeout(f"the app {app!r} was busy for {wait_limit:g}s",
-                                     app=app) from None
+                # It never reached the app: 503 and come back (HAProxy's timeout queue).
+                raise Unavailable(f"the app {app!r} was busy: waited {wait_limit:g}s "
+                                  "in its queue", app=app, retry_after=1) from None
             raise BadGateway(f"the app {app!r} did not become ready in time", app=app) from None
         except asyncio.CancelledError:
             with contextlib.suppress(ValueError):

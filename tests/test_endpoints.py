@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from module.messages import AppState, Endpoint, EndpointFailed, NeedApp
-from proxy.endpoints import EndpointTable
+from proxy.endpoints import EndpointTable, QueueLimits
 from proxy.error_pages import render
 from proxy.errors import (
     BadGateway,
@@ -31,10 +31,10 @@ EP2 = Endpoint(102, 30002, "tok2")
 class FakeModule:
     """Plays the module's part: records what the table sends and answers with AppStates."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: dict[str, QueueLimits] | None = None) -> None:
         self.sent: list[NeedApp | EndpointFailed] = []
         self.on_need: Callable[[EndpointTable, NeedApp], None] | None = None
-        self.table = EndpointTable(self.send)
+        self.table = EndpointTable(self.send, limits)
 
     def send(self, message: NeedApp | EndpointFailed) -> None:
         self.sent.append(message)
@@ -338,3 +338,26 @@ def test_from_upstream_refused_message_and_proxy_error_passthrough() -> None:
     assert "closed" in from_upstream(aiohttp.ServerDisconnectedError(), "shop", 1).message
     original = Unavailable("queue full")
     assert from_upstream(original, "shop", 1) is original
+
+
+def test_queue_wait_limit_exceeded_while_ready_is_503_with_retry_after() -> None:
+    """Queued behind busy processes of a ready app for too long: it never reached the
+    app, so 503 + Retry-After (HAProxy's ``timeout queue``), not 504."""
+    async def main() -> None:
+        module = FakeModule(limits={"shop": QueueLimits(max_concurrency=1)})
+        table = module.table
+        table.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        busy = await table.acquire("shop", 1.0)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await table.acquire("shop", 0.1)
+        assert 0.09 <= time.monotonic() - started < 1.0
+        assert info.value.status == 503
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        assert "queue" in info.value.message
+        busy.release()
+        again = await table.acquire("shop", 1.0)  # the timed-out waiter took no slot
+        assert again.endpoint == EP1
+        assert module.requests() == []
+
+    run(main())
