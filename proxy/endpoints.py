@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from module.messages import (
@@ -39,6 +39,7 @@ from module.messages import (
     ProcessUsage,
     UsageReport,
 )
+from module.spec import AppSpec
 
 from .errors import BadGateway, ProxyError, Unavailable
 
@@ -53,6 +54,12 @@ class QueueLimits:
 
     max_concurrency: int = 0  # requests one process serves at once; 0 = no limit
     max_queue: int = 100
+
+
+def queue_limits(apps: Iterable[AppSpec]) -> dict[str, QueueLimits]:
+    """Each app's ``max_concurrency`` and ``max_queue``, by name."""
+    return {spec.name: QueueLimits(spec.settings.max_concurrency, spec.settings.max_queue)
+            for spec in apps}
 
 
 @dataclass
