@@ -197,3 +197,39 @@ def test_request_that_waited_too_long_in_the_queue_is_503(shared: Fixture) -> No
     assert "late" not in {n for d in shared.seen().values() for n, _ in d["starts"]}
     for hog in hogs:
         hog.join(30)
+
+
+def test_a_killed_worker_gives_back_the_slot_it_held(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    records.mkdir()
+    app = {"command": app_command("uvicorn", "concurrency_app:app"),
+           "start_mode": "always", "max_concurrency": 1, "max_queue": 5,
+           "startup_time_limit": STARTUP, "request_timeout": 60,
+           "environment": {"CONCURRENCY_DIR": str(records)}}
+    bastion = BastionProcess(tmp_path, simple_config({"c": app}, workers=2)).start()
+    f = Fixture(bastion, records)
+    try:
+        assert wait_until(Path(bastion.config["admin_socket"]).exists, 20), bastion.log()
+        assert wait_until(lambda: len(f.app_pids()) == 1, 30), bastion.log()
+        assert wait_until(lambda: len(f.worker_pids()) == 2, 30), bastion.log()
+        port = bastion.port()
+        held = threading.Thread(target=lambda: _quiet(port, "/?s=30&n=held"), daemon=True)
+        held.start()
+        # The one slot is held by whichever worker took that request.
+        assert wait_until(lambda: len(f.workers_that_forwarded()) == 1, 10)
+        (holder,) = f.workers_that_forwarded()
+        psutil.Process(holder).kill()
+        status, _, took = one(port, "/?n=after", timeout=20)
+        print(f"\nslot held by a killed worker: next request {status} in {took:.2f}s")
+        assert status == 200, bastion.log()[-3000:]
+        assert took < 3.0  # not after the queue wait limit (STARTUP + 5 s)
+    finally:
+        bastion.stop(signal.SIGKILL if bastion.proc and bastion.proc.poll() is None else 0)
+
+
+def _quiet(port: int, path: str) -> None:
+    """A request whose connection is expected to break."""
+    try:
+        one(port, path, timeout=60)
+    except OSError:
+        pass
