@@ -217,9 +217,11 @@ class EndpointTable:
         view = self._apps.get(message.app)
         waiter = None if view is None else view.waiting.pop(message.ticket, None)
         if waiter is not None and not waiter.future.done():
-            waiter.future.set_exception(Unavailable(
-                f"too many requests are waiting for the app {message.app!r}",
-                app=message.app, retry_after=message.retry_after))
+            why = (f"too many requests are waiting for the app {message.app!r}"
+                   if message.reason == "queue full" else
+                   f"the app {message.app!r} cannot take requests: {message.reason}")
+            waiter.future.set_exception(
+                Unavailable(why, app=message.app, retry_after=message.retry_after))
 
     # -- for requests ---------------------------------------------------------------
     def state(self, app: str) -> AppState | None:

@@ -11,7 +11,9 @@ module's ``Supervisor``, the admin socket and the proxy workers:
   connected by a socketpair; a worker that dies is replaced.
 
 Either way a worker is reached through a ``WorkerHandle``: it is told every ``AppState``
-and its messages go to ``Supervisor.handle``. Signal handlers only schedule work on the
+and its messages go to ``Supervisor.handle``, except the request-slot messages: those go
+to the ``SlotGranter`` (``proxy/slots.py``), which keeps ``max_concurrency`` and
+``max_queue`` for the whole Bastion and answers the one worker that asked. Signal handlers only schedule work on the
 loop. SIGTERM/SIGINT: stop accepting, let requests in flight finish, stop every app,
 exit 0. SIGHUP (or ``POST /reload``): re-read the config; if it is invalid keep the old
 one and log why; else keep the listening sockets that stay (new ones are bound, removed
