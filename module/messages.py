@@ -13,6 +13,14 @@ Workers talk back with ``NeedApp`` ("a request wants app X and no endpoint is re
 served and in flight per process, sent when they change, at most a few times a second).
 All are idempotent hints; the module decides what to do.
 
+Request slots (``SlotWanted`` / ``SlotGranted`` / ``SlotRefused`` / ``SlotFreed``) are
+the one exchange that is not for the module: the main process's slot granter
+(``proxy/slots.py``) answers them, so that ``max_concurrency`` and ``max_queue`` hold
+for the whole Bastion, whatever the number of worker processes. A worker asks for a slot
+whenever a request must wait (a limit is set, or the app is not ready); the answer goes
+to that worker only. ``(worker, ticket)`` names one request; ``SlotFreed`` gives back a
+granted slot or withdraws a request still waiting, whichever it is.
+
 Every message is a frozen dataclass that turns into a JSON-able dict and back
 (``to_wire`` / ``from_wire``), so the same messages can cross a pipe to worker
 processes unchanged; with ``workers: 1`` they are passed as objects in one event loop.
@@ -126,12 +134,96 @@ class UsageReport:
         }
 
 
+@dataclass(frozen=True)
+class SlotWanted:
+    """Proxy -> main: request ``ticket`` of ``worker`` wants a process of ``app``.
+
+    Sent when the request cannot be served at once by the worker alone: ``app`` has a
+    ``max_concurrency``, or no process ready. Answered by ``SlotGranted`` or
+    ``SlotRefused`` (queue full), in the order the main process received the wants.
+    """
+
+    app: str
+    worker: int
+    ticket: int  # unique within the worker
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "slot_wanted", "app": self.app, "worker": self.worker,
+                "ticket": self.ticket}
+
+
+@dataclass(frozen=True)
+class SlotGranted:
+    """Main -> that proxy worker: ``ticket`` may send its request to ``endpoint``.
+
+    The endpoint travels whole so the worker needs no newer ``AppState`` to use it.
+    """
+
+    app: str
+    worker: int
+    ticket: int
+    endpoint: Endpoint
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "slot_granted", "app": self.app, "worker": self.worker,
+                "ticket": self.ticket, "endpoint": asdict(self.endpoint)}
+
+
+@dataclass(frozen=True)
+class SlotRefused:
+    """Main -> that proxy worker: ``ticket`` cannot wait (``max_queue`` requests of the
+    whole Bastion already wait): 503 with ``Retry-After: retry_after``."""
+
+    app: str
+    worker: int
+    ticket: int
+    retry_after: int = 1
+    reason: str = "queue full"
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        data = asdict(self)
+        data["kind"] = "slot_refused"
+        return data
+
+
+@dataclass(frozen=True)
+class SlotFreed:
+    """Proxy -> main: ``ticket`` is done: its request ended (the granted slot is free
+    again) or stopped waiting (timed out, cancelled, failed). Idempotent."""
+
+    app: str
+    worker: int
+    ticket: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "slot_freed", "app": self.app, "worker": self.worker,
+                "ticket": self.ticket}
+
+
 ToModule = NeedApp | EndpointFailed | UsageReport
+FromProxy = ToModule | SlotWanted | SlotFreed  # everything a proxy worker sends
+ToProxy = AppState | SlotGranted | SlotRefused  # everything a proxy worker is told
+Message = FromProxy | ToProxy
 
 
-def from_wire(data: dict[str, Any]) -> AppState | ToModule:
+def from_wire(data: dict[str, Any]) -> Message:
     """Rebuild a message from its ``to_wire`` form."""
     kind = data.get("kind")
+    if kind == "slot_wanted":
+        return SlotWanted(app=data["app"], worker=data["worker"], ticket=data["ticket"])
+    if kind == "slot_granted":
+        return SlotGranted(app=data["app"], worker=data["worker"], ticket=data["ticket"],
+                           endpoint=Endpoint(**data["endpoint"]))
+    if kind == "slot_refused":
+        return SlotRefused(app=data["app"], worker=data["worker"], ticket=data["ticket"],
+                           retry_after=data.get("retry_after", 1),
+                           reason=data.get("reason", ""))
+    if kind == "slot_freed":
+        return SlotFreed(app=data["app"], worker=data["worker"], ticket=data["ticket"])
     if kind == "state":
         fields = {k: v for k, v in data.items() if k != "kind"}
         fields["endpoints"] = tuple(Endpoint(**e) for e in fields.get("endpoints", ()))

@@ -11,7 +11,9 @@ module's ``Supervisor``, the admin socket and the proxy workers:
   connected by a socketpair; a worker that dies is replaced.
 
 Either way a worker is reached through a ``WorkerHandle``: it is told every ``AppState``
-and its messages go to ``Supervisor.handle``. Signal handlers only schedule work on the
+and its messages go to ``Supervisor.handle``, except the request-slot messages: those go
+to the ``SlotGranter`` (``proxy/slots.py``), which keeps ``max_concurrency`` and
+``max_queue`` for the whole Bastion and answers the one worker that asked. Signal handlers only schedule work on the
 loop. SIGTERM/SIGINT: stop accepting, let requests in flight finish, stop every app,
 exit 0. SIGHUP (or ``POST /reload``): re-read the config; if it is invalid keep the old
 one and log why; else keep the listening sockets that stay (new ones are bound, removed
@@ -38,15 +40,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
+from module.messages import (
+    AppState,
+    EndpointFailed,
+    FromProxy,
+    SlotFreed,
+    SlotGranted,
+    SlotRefused,
+    SlotWanted,
+    ToProxy,
+    from_wire,
+)
 from module.supervisor import Supervisor
 
 from . import channel
 from .admin import AdminServer
 from .config import Config
 from .edge.listeners import bind_socket
+from .endpoints import queue_limits
 from .metrics import merge
 from .sdnotify import Notifier, watchdog_interval
+from .slots import Answer, SlotGranter
 from .tls import TLSConfigError
 from .worker import ProxyWorker, WorkerSetup, report_slow_stop, server_context
 
@@ -92,7 +106,7 @@ def in_process(config: Config) -> bool:
     return worker_count(config) == 1 and not config.user
 
 
-ToModule = NeedApp | EndpointFailed | UsageReport
+ToModule = FromProxy  # what a worker sends: for the module, or the slot granter
 
 
 class WorkerHandle(abc.ABC):
@@ -103,8 +117,8 @@ class WorkerHandle(abc.ABC):
         self.metrics: dict[str, Any] = {}
 
     @abc.abstractmethod
-    def tell(self, state: AppState) -> None:
-        """Pass on a state snapshot."""
+    def tell(self, state: ToProxy) -> None:
+        """Pass on a state snapshot or a slot's answer."""
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -140,8 +154,8 @@ class LocalWorker(WorkerHandle):
         self.sockets = sockets
         self.worker = ProxyWorker(config, to_module, worker_id)
 
-    def tell(self, state: AppState) -> None:
-        self.worker.update(state)
+    def tell(self, state: ToProxy) -> None:
+        self.worker.deliver(state)
 
     async def start(self) -> None:
         # Duplicates of the listening sockets: this generation may close them freely.
@@ -184,7 +198,7 @@ class ProcessWorker(WorkerHandle):
         self._ready = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
 
-    def tell(self, state: AppState) -> None:
+    def tell(self, state: ToProxy) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(channel.json_frame(channel.MESSAGE, state.to_wire()))
 
@@ -216,7 +230,7 @@ class ProcessWorker(WorkerHandle):
                 kind, payload = await channel.read_frame(reader)
                 if kind == channel.MESSAGE:
                     message = from_wire(json.loads(payload))
-                    if not isinstance(message, AppState):
+                    if not isinstance(message, AppState | SlotGranted | SlotRefused):
                         self.to_module(message)
                 elif kind == channel.METRICS:
                     self.metrics = json.loads(payload)
@@ -268,6 +282,9 @@ class Bastion:
         self.config = config
         self.sockets = sockets
         self.supervisor = Supervisor(config.apps)
+        # max_concurrency / max_queue for the whole Bastion (proxy/slots.py)
+        self.slots = SlotGranter(queue_limits(config.apps))
+        self._handles: dict[int, WorkerHandle] = {}  # worker id -> handle, until retired
         self.workers: list[WorkerHandle] = []
         self.admin = AdminServer(self)
         self.notifier = Notifier()
@@ -281,19 +298,42 @@ class Bastion:
 
     # -- workers --------------------------------------------------------------------
     def _to_module(self, message: ToModule) -> None:
+        if isinstance(message, SlotWanted | SlotFreed):
+            try:
+                self._answer(self.slots.handle(message))
+            except Exception:
+                log.exception("slot granter failed on %s", message)
+            return
+        if isinstance(message, EndpointFailed):
+            self.slots.endpoint_failed(message.app, message.pid)
         with contextlib.suppress(Exception):
             self.supervisor.handle(message)
+
+    def _answer(self, answers: list[Answer]) -> None:
+        """Send the slot granter's answers, each to its worker; a slot granted to a
+        worker that is gone already comes back at once."""
+        for worker_id, message in answers:
+            handle = self._handles.get(worker_id)
+            if handle is None:
+                self._answer(self.slots.worker_gone(worker_id))
+            else:
+                handle.tell(message)
 
     def _broadcast(self, state: AppState) -> None:
         for worker in self.workers:
             worker.tell(state)
+        self._answer(self.slots.update(state))  # after the workers have the state
 
     def _new_worker(self, config: Config) -> WorkerHandle:
         self._next_id += 1
+        worker: WorkerHandle
         if in_process(config):
-            return LocalWorker(self._next_id, config, self.sockets, self._to_module)
-        return ProcessWorker(self._next_id, config, self.sockets, self._to_module,
-                             self._replace, self.supervisor.snapshot)
+            worker = LocalWorker(self._next_id, config, self.sockets, self._to_module)
+        else:
+            worker = ProcessWorker(self._next_id, config, self.sockets, self._to_module,
+                                   self._replace, self.supervisor.snapshot)
+        self._handles[worker.worker_id] = worker
+        return worker
 
     def _replace(self, dead: ProcessWorker) -> None:
         if self.stopping or dead not in self.workers:
@@ -426,6 +466,7 @@ class Bastion:
                     return self._reload_certificates()
                 old_sockets = dict(self.sockets)
                 self.sockets = self._rebind(new)
+                self._answer(self.slots.configure(queue_limits(new.apps)))
                 self.supervisor.apply(new.apps)
                 old_workers = list(self.workers)  # they get states until they are stopped
                 new_workers = await self._start_workers(new, worker_count(new))
@@ -482,7 +523,10 @@ class Bastion:
 
     # -- observing ------------------------------------------------------------------
     def _retire(self, worker: WorkerHandle) -> None:
-        """Keep a gone worker's counters, so totals never go backwards."""
+        """Keep a gone worker's counters, so totals never go backwards; give back the
+        request slots it held or waited for."""
+        self._handles.pop(worker.worker_id, None)
+        self._answer(self.slots.worker_gone(worker.worker_id))
         last = dict(worker.metrics_snapshot())
         last["open_connections"] = 0
         self._retired = merge([self._retired, last])

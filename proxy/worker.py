@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
+from module.messages import AppState, FromProxy, SlotGranted, SlotRefused, ToProxy, from_wire
 
 from . import channel
 from .config import Config, Listener
@@ -42,14 +42,14 @@ from .edge.accesslog import AccessLog
 from .edge.listeners import ListenerSet
 from .edge.site import Site
 from .edge.upstream import UpstreamPool
-from .endpoints import EndpointTable, QueueLimits
+from .endpoints import EndpointTable, queue_limits
 from .metrics import Metrics
 from .routing import Router
 from .tls import TLSConfigError, TLSContextSet
 
 log = logging.getLogger("bastion.worker")
 
-Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
+Send = Callable[[FromProxy], None]
 METRICS_EVERY = 1.0
 
 
@@ -78,11 +78,7 @@ class ProxyWorker:
     def __init__(self, config: Config, send: Send, worker_id: int = 0) -> None:
         self.config = config
         self.worker_id = worker_id
-        limits = {
-            spec.name: QueueLimits(spec.settings.max_concurrency, spec.settings.max_queue)
-            for spec in config.apps
-        }
-        self.table = EndpointTable(send, limits, worker=worker_id)
+        self.table = EndpointTable(send, queue_limits(config.apps), worker=worker_id)
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.metrics = Metrics()
@@ -110,6 +106,10 @@ class ProxyWorker:
     def update(self, state: AppState) -> None:
         """A state snapshot from the module."""
         self.table.update(state)
+
+    def deliver(self, message: ToProxy) -> None:
+        """A message from the main process: a state, or the answer to a slot."""
+        self.table.deliver(message)
 
     async def start(self, sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]]
                     ) -> None:
@@ -202,7 +202,7 @@ async def _worker_process(channel_fd: int) -> None:
     by_address = dict(setup.fds)
     listening = {address: socket.socket(fileno=fd) for address, fd in by_address.items()}
 
-    def send(message: NeedApp | EndpointFailed | UsageReport) -> None:
+    def send(message: FromProxy) -> None:
         if not writer.is_closing():
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 
@@ -228,8 +228,8 @@ async def _worker_process(channel_fd: int) -> None:
                 kind, payload = await channel.read_frame(reader)
                 if kind == channel.MESSAGE:
                     message = from_wire(json.loads(payload))
-                    if isinstance(message, AppState):
-                        worker.update(message)
+                    if isinstance(message, AppState | SlotGranted | SlotRefused):
+                        worker.deliver(message)
                 elif kind == channel.STOP:
                     grace.append(float(json.loads(payload or b"10")))
                     stop.set()

@@ -11,9 +11,17 @@ from typing import Any
 
 import pytest
 
-from module.messages import AppState, Endpoint, EndpointFailed, NeedApp
+from module.messages import (
+    AppState,
+    Endpoint,
+    EndpointFailed,
+    FromProxy,
+    NeedApp,
+    SlotFreed,
+    SlotWanted,
+)
 from proxy.edge.upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
-from proxy.endpoints import EndpointTable
+from proxy.endpoints import EndpointTable, QueueLimits
 from proxy.error_pages import render
 from proxy.errors import (
     BadGateway,
@@ -24,30 +32,62 @@ from proxy.errors import (
     Unavailable,
     from_upstream,
 )
+from proxy.slots import Answer, SlotGranter
 
 EP1 = Endpoint(101, 30001, "tok1")
 EP2 = Endpoint(102, 30002, "tok2")
 
 
 class FakeModule:
-    """Plays the module's part: records what the table sends and answers with AppStates."""
+    """Plays the main process: the module's part (records what the table sends, answers
+    ``NeedApp`` through ``on_need``) and the slot granter (a real ``SlotGranter``).
 
-    def __init__(self) -> None:
-        self.sent: list[NeedApp | EndpointFailed] = []
-        self.on_need: Callable[[EndpointTable, NeedApp], None] | None = None
-        self.table = EndpointTable(self.send)
+    ``update`` publishes a state the way the main process does: to the worker's table
+    first, then to the granter. The granter answers in the same loop, as with
+    ``workers: 1``; with ``round_trip`` its answers arrive on a later loop turn, as
+    from the main process over the channel to a worker process.
+    """
 
-    def send(self, message: NeedApp | EndpointFailed) -> None:
+    def __init__(self, limits: dict[str, QueueLimits] | None = None,
+                 round_trip: bool = False) -> None:
+        self.sent: list[FromProxy] = []
+        self.on_need: Callable[[FakeModule, NeedApp], None] | None = None
+        self.table = EndpointTable(self.send, limits, worker=1)
+        self.granter = SlotGranter(limits)
+        self.round_trip = round_trip
+
+    def send(self, message: FromProxy) -> None:
         self.sent.append(message)
         if isinstance(message, NeedApp) and self.on_need is not None:
-            self.on_need(self.table, message)
+            self.on_need(self, message)
+        elif isinstance(message, SlotWanted | SlotFreed):
+            self.answer(self.granter.handle(message))
+
+    def answer(self, answers: list[Answer]) -> None:
+        for worker, message in answers:
+            assert worker == 1
+            if self.round_trip:
+                asyncio.get_running_loop().call_soon(self.table.deliver, message)
+            else:
+                self.table.deliver(message)
+
+    def update(self, state: AppState) -> None:
+        self.table.update(state)
+        self.answer(self.granter.update(state))
+
+    def state(self, app: str) -> AppState | None:
+        return self.table.state(app)
 
     def needs(self) -> int:
         return sum(isinstance(m, NeedApp) for m in self.sent)
 
-    def requests(self) -> list[NeedApp | EndpointFailed]:
-        """What was sent, without usage reports (counters, not requests)."""
+    def requests(self) -> list[FromProxy]:
+        """What was sent to the module (no usage reports, no slot messages)."""
         return [m for m in self.sent if isinstance(m, NeedApp | EndpointFailed)]
+
+    def slots(self) -> list[FromProxy]:
+        """The slot messages sent."""
+        return [m for m in self.sent if isinstance(m, SlotWanted | SlotFreed)]
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -58,7 +98,7 @@ def test_ready_takes_least_busy_endpoint_and_release_frees_it() -> None:
     async def main() -> None:
         module = FakeModule()
         table = module.table
-        table.update(AppState("shop", 1, "ready", endpoints=(EP1, EP2)))
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1, EP2)))
         a = await table.acquire("shop", 1.0)
         b = await table.acquire("shop", 1.0)
         assert {a.endpoint.pid, b.endpoint.pid} == {101, 102}
@@ -78,7 +118,7 @@ def test_ready_takes_least_busy_endpoint_and_release_frees_it() -> None:
 def test_lease_failed_sends_endpoint_failed() -> None:
     async def main() -> None:
         module = FakeModule()
-        module.table.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
         lease = await module.table.acquire("shop", 1.0)
         lease.failed("refused")
         assert module.requests() == [EndpointFailed("shop", 101, "refused")]
@@ -98,14 +138,14 @@ def test_stopped_app_sends_need_once_and_waits_for_ready() -> None:
     async def main() -> None:
         module = FakeModule()
         table = module.table
-        table.update(AppState("shop", 1, "stopped"))
+        module.update(AppState("shop", 1, "stopped"))
         module.on_need = lambda t, m: t.update(AppState("shop", 2, "starting"))
 
         async def later() -> None:
             await asyncio.sleep(0.02)
-            table.update(AppState("shop", 3, "starting"))  # progress, still not ready
+            module.update(AppState("shop", 3, "starting"))  # progress, still not ready
             await asyncio.sleep(0.02)
-            table.update(AppState("shop", 4, "ready", endpoints=(EP1,)))
+            module.update(AppState("shop", 4, "ready", endpoints=(EP1,)))
 
         task = asyncio.ensure_future(later())
         lease = await table.acquire("shop", 2.0)
@@ -119,7 +159,7 @@ def test_stopped_app_sends_need_once_and_waits_for_ready() -> None:
 def test_need_answered_at_once_with_ready() -> None:
     async def main() -> None:
         module = FakeModule()
-        module.table.update(AppState("shop", 1, "stopped"))
+        module.update(AppState("shop", 1, "stopped"))
         module.on_need = lambda t, m: t.update(AppState("shop", 2, "ready", endpoints=(EP2,)))
         lease = await module.table.acquire("shop", 1.0)
         assert lease.endpoint == EP2
@@ -132,12 +172,12 @@ def test_newer_failed_state_is_502_with_reason() -> None:
     async def main() -> None:
         module = FakeModule()
         table = module.table
-        table.update(AppState("shop", 1, "stopped"))
+        module.update(AppState("shop", 1, "stopped"))
         module.on_need = lambda t, m: t.update(AppState("shop", 2, "starting"))
 
         async def later() -> None:
             await asyncio.sleep(0.02)
-            table.update(AppState("shop", 3, "failed", reason="exited with status 3",
+            module.update(AppState("shop", 3, "failed", reason="exited with status 3",
                                   detail="Traceback: boom"))
 
         task = asyncio.ensure_future(later())
@@ -160,12 +200,12 @@ def test_older_failed_state_triggers_need_not_502() -> None:
     async def main() -> None:
         module = FakeModule()
         table = module.table
-        table.update(AppState("shop", 5, "failed", reason="exited with status 1"))
+        module.update(AppState("shop", 5, "failed", reason="exited with status 1"))
         module.on_need = lambda t, m: t.update(AppState("shop", 6, "starting"))
 
         async def later() -> None:
             await asyncio.sleep(0.02)
-            table.update(AppState("shop", 7, "ready", endpoints=(EP1,)))
+            module.update(AppState("shop", 7, "ready", endpoints=(EP1,)))
 
         task = asyncio.ensure_future(later())
         lease = await table.acquire("shop", 2.0)
@@ -180,7 +220,7 @@ def test_backoff_in_future_is_503_with_retry_after() -> None:
     async def main() -> None:
         module = FakeModule()
         retry_at = time.time() + 7.3
-        module.table.update(AppState("shop", 4, "backoff", retry_at=retry_at, reason="crashed"))
+        module.update(AppState("shop", 4, "backoff", retry_at=retry_at, reason="crashed"))
         with pytest.raises(Unavailable) as info:
             await module.table.acquire("shop", 1.0)
         assert info.value.status == 503
@@ -193,7 +233,7 @@ def test_backoff_in_future_is_503_with_retry_after() -> None:
 def test_backoff_in_past_asks_module_again() -> None:
     async def main() -> None:
         module = FakeModule()
-        module.table.update(AppState("shop", 4, "backoff", retry_at=time.time() - 1))
+        module.update(AppState("shop", 4, "backoff", retry_at=time.time() - 1))
         module.on_need = lambda t, m: t.update(AppState("shop", 5, "ready", endpoints=(EP1,)))
         lease = await module.table.acquire("shop", 1.0)
         assert lease.endpoint == EP1
@@ -205,7 +245,7 @@ def test_backoff_in_past_asks_module_again() -> None:
 def test_need_answered_with_backoff_is_503() -> None:
     async def main() -> None:
         module = FakeModule()
-        module.table.update(AppState("shop", 1, "failed"))
+        module.update(AppState("shop", 1, "failed"))
         module.on_need = lambda t, m: t.update(
             AppState("shop", 2, "backoff", retry_at=time.time() + 30))
         with pytest.raises(Unavailable) as info:
@@ -219,7 +259,7 @@ def test_offline_is_503_with_body() -> None:
     async def main() -> None:
         module = FakeModule()
         body = "<html>back soon</html>"
-        module.table.update(AppState("shop", 2, "offline", offline_body=body))
+        module.update(AppState("shop", 2, "offline", offline_body=body))
         with pytest.raises(Unavailable) as info:
             await module.table.acquire("shop", 1.0)
         assert info.value.status == 503
@@ -234,8 +274,8 @@ def test_out_of_order_older_update_is_ignored() -> None:
     async def main() -> None:
         module = FakeModule()
         table = module.table
-        table.update(AppState("shop", 5, "ready", endpoints=(EP1,)))
-        table.update(AppState("shop", 4, "failed", reason="old news"))
+        module.update(AppState("shop", 5, "ready", endpoints=(EP1,)))
+        module.update(AppState("shop", 4, "failed", reason="old news"))
         state = table.state("shop")
         assert state is not None and state.version == 5 and state.state == "ready"
         lease = await table.acquire("shop", 1.0)
@@ -248,7 +288,7 @@ def test_out_of_order_older_update_is_ignored() -> None:
 def test_wait_limit_exceeded_is_502() -> None:
     async def main() -> None:
         module = FakeModule()
-        module.table.update(AppState("shop", 1, "stopped"))
+        module.update(AppState("shop", 1, "stopped"))
         module.on_need = lambda t, m: t.update(AppState("shop", 2, "starting"))
         started = time.monotonic()
         with pytest.raises(BadGateway) as info:
@@ -264,15 +304,15 @@ def test_waiters_are_woken_by_every_update() -> None:
     async def main() -> None:
         module = FakeModule()
         table = module.table
-        table.update(AppState("shop", 1, "stopped"))
+        module.update(AppState("shop", 1, "stopped"))
         module.on_need = lambda t, m: t.update(AppState("shop", t.state("shop").version + 1, "starting"))
         waiters = [asyncio.ensure_future(table.acquire("shop", 2.0)) for _ in range(3)]
         await asyncio.sleep(0.02)
         asked = module.needs()
         assert 1 <= asked <= 3  # at most once per request (an idempotent hint)
-        table.update(AppState("shop", 9, "starting"))
+        module.update(AppState("shop", 9, "starting"))
         await asyncio.sleep(0.02)
-        table.update(AppState("shop", 10, "ready", endpoints=(EP1, EP2)))
+        module.update(AppState("shop", 10, "ready", endpoints=(EP1, EP2)))
         leases = await asyncio.gather(*waiters)
         assert sorted(lease.endpoint.pid for lease in leases) == [101, 101, 102]
         assert module.needs() == asked  # woken by updates, none asked again
@@ -343,3 +383,186 @@ def test_from_upstream_refused_message_and_proxy_error_passthrough() -> None:
     assert "invalid" in from_upstream(InvalidResponse("bad"), "shop", 1).message
     original = Unavailable("queue full")
     assert from_upstream(original, "shop", 1) is original
+
+
+def test_queue_wait_limit_exceeded_while_ready_is_503_with_retry_after() -> None:
+    """Queued behind busy processes of a ready app for too long: it never reached the
+    app, so 503 + Retry-After (HAProxy's ``timeout queue``), not 504."""
+    async def main() -> None:
+        module = FakeModule(limits={"shop": QueueLimits(max_concurrency=1)})
+        table = module.table
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        busy = await table.acquire("shop", 1.0)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await table.acquire("shop", 0.1)
+        assert 0.09 <= time.monotonic() - started < 1.0
+        assert info.value.status == 503
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        assert "queue" in info.value.message
+        busy.release()
+        again = await table.acquire("shop", 1.0)  # the timed-out waiter took no slot
+        assert again.endpoint == EP1
+        assert module.requests() == []
+
+    run(main())
+
+
+# -- shared limits: slots from the main process's granter -----------------------------
+
+LIMIT_ONE = {"shop": QueueLimits(max_concurrency=1, max_queue=1)}
+
+
+@pytest.mark.parametrize("round_trip", [False, True], ids=["same-loop", "round-trip"])
+def test_limited_app_takes_slots_from_the_granter(round_trip: bool) -> None:
+    async def main() -> None:
+        module = FakeModule(LIMIT_ONE, round_trip=round_trip)
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        first = await module.table.acquire("shop", 1.0)
+        assert first.endpoint == EP1 and first.ticket is not None
+        assert module.slots() == [SlotWanted("shop", 1, first.ticket)]
+        second = asyncio.ensure_future(module.table.acquire("shop", 2.0))
+        await asyncio.sleep(0.05)
+        assert not second.done()  # EP1 is at max_concurrency: it waits
+        assert module.granter.in_flight("shop") == {101: 1}
+        first.release()
+        lease = await asyncio.wait_for(second, 1.0)
+        assert lease.endpoint == EP1
+        assert module.table.counters("shop")[101] == (1, 2)
+        lease.release()
+        lease.release()  # idempotent: one SlotFreed
+        assert module.slots()[-1] == SlotFreed("shop", 1, lease.ticket)  # type: ignore[arg-type]
+        assert sum(isinstance(m, SlotFreed) for m in module.slots()) == 2
+        assert module.granter.in_flight("shop") == {}
+        assert module.requests() == []
+
+    run(main())
+
+
+def test_try_acquire_serves_at_once_only_without_a_limit_or_a_wait() -> None:
+    async def main() -> None:
+        module = FakeModule({"shop": QueueLimits(0, 10), "one": QueueLimits(1, 10)})
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1, EP2)))
+        module.update(AppState("one", 1, "ready", endpoints=(EP1,)))
+        a = module.table.try_acquire("shop")
+        b = module.table.try_acquire("shop")
+        assert a is not None and b is not None
+        assert {a.endpoint.pid, b.endpoint.pid} == {101, 102}  # least busy
+        assert a.ticket is None and module.sent == []  # no message at all
+        a.release()
+        assert module.slots() == []
+        assert module.table.try_acquire("one") is None  # a limit: slots come from main
+        module.update(AppState("shop", 2, "stopped"))
+        assert module.table.try_acquire("shop") is None  # not ready: acquire starts it
+        assert module.sent == []  # nothing asked yet: that is acquire's job
+        module.update(AppState("shop", 3, "offline", offline_body="<p>later</p>"))
+        with pytest.raises(Unavailable) as offline:
+            module.table.try_acquire("shop")
+        assert offline.value.body == "<p>later</p>"
+        module.update(AppState("shop", 4, "backoff", retry_at=time.time() + 5))
+        with pytest.raises(Unavailable) as resting:
+            module.table.try_acquire("shop")
+        assert resting.value.retry_after is not None and resting.value.retry_after >= 4
+        with pytest.raises(BadGateway):
+            module.table.try_acquire("nope")
+
+    run(main())
+
+
+@pytest.mark.parametrize("round_trip", [False, True], ids=["same-loop", "round-trip"])
+def test_queue_full_in_the_granter_is_503_at_once(round_trip: bool) -> None:
+    async def main() -> None:
+        module = FakeModule(LIMIT_ONE, round_trip=round_trip)
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        held = await module.table.acquire("shop", 1.0)
+        waiting = asyncio.ensure_future(module.table.acquire("shop", 5.0))
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await module.table.acquire("shop", 5.0)  # max_queue 1: one waits already
+        assert time.monotonic() - started < 0.5
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        held.release()
+        (await waiting).release()
+        assert module.granter.in_flight("shop") == {}
+
+    run(main())
+
+
+@pytest.mark.parametrize("round_trip", [False, True], ids=["same-loop", "round-trip"])
+def test_waiter_that_times_out_withdraws_its_ticket(round_trip: bool) -> None:
+    async def main() -> None:
+        module = FakeModule({"shop": QueueLimits(1, 5)}, round_trip=round_trip)
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        held = await module.table.acquire("shop", 1.0)
+        with pytest.raises(Unavailable):
+            await module.table.acquire("shop", 0.05)
+        assert module.granter.waiting("shop") == []
+        held.release()
+        assert module.granter.in_flight("shop") == {}  # nobody got the slot meanwhile
+
+    run(main())
+
+
+def test_cancelled_waiter_gives_back_a_slot_granted_meanwhile() -> None:
+    async def main() -> None:
+        module = FakeModule({"shop": QueueLimits(1, 5)}, round_trip=True)
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        held = await module.table.acquire("shop", 1.0)
+        waiting = asyncio.ensure_future(module.table.acquire("shop", 5.0))
+        await asyncio.sleep(0.01)
+        held.release()  # the grant for the waiter is on its way...
+        waiting.cancel()  # ...and the client goes away before it arrives
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.01)
+        assert module.granter.in_flight("shop") == {}
+        assert module.granter.waiting("shop") == []
+        assert module.table.counters("shop")[101] == (0, 2)
+        again = await asyncio.wait_for(module.table.acquire("shop", 1.0), 0.5)
+        assert again.endpoint == EP1
+
+    run(main())
+
+
+@pytest.mark.parametrize("round_trip", [False, True], ids=["same-loop", "round-trip"])
+def test_app_going_offline_fails_slot_waiters_and_withdraws_their_tickets(
+        round_trip: bool) -> None:
+    async def main() -> None:
+        module = FakeModule({"shop": QueueLimits(1, 5)}, round_trip=round_trip)
+        module.update(AppState("shop", 1, "ready", endpoints=(EP1,)))
+        held = await module.table.acquire("shop", 1.0)
+        waiters = [asyncio.ensure_future(module.table.acquire("shop", 5.0)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert len(module.granter.waiting("shop")) == 3
+        module.update(AppState("shop", 2, "offline", offline_body="<p>down</p>"))
+        for waiter in waiters:
+            with pytest.raises(Unavailable) as info:
+                await waiter
+            assert info.value.body == "<p>down</p>"
+        assert module.granter.waiting("shop") == []
+        held.release()
+        await asyncio.sleep(0.01)
+        assert module.granter.in_flight("shop") == {}
+
+    run(main())
+
+
+def test_requests_waiting_for_a_start_count_against_max_queue() -> None:
+    async def main() -> None:
+        module = FakeModule({"shop": QueueLimits(0, 1)})
+        module.update(AppState("shop", 1, "stopped"))
+        module.on_need = lambda m, _: m.update(AppState("shop", 2, "starting"))
+        first = asyncio.ensure_future(module.table.acquire("shop", 5.0))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable):
+            await module.table.acquire("shop", 5.0)
+        module.update(AppState("shop", 3, "ready", endpoints=(EP1,)))
+        lease = await asyncio.wait_for(first, 1.0)
+        assert lease.endpoint == EP1 and lease.ticket is not None
+        lease.release()
+        assert module.granter.in_flight("shop") == {}
+        # Ready, no limit: the fast path again, no slot.
+        assert (await module.table.acquire("shop", 1.0)).ticket is None
+
+    run(main())

@@ -7,7 +7,17 @@ import json
 import pytest
 
 from module import messages
-from module.messages import AppState, Endpoint, EndpointFailed, NeedApp, from_wire
+from module.messages import (
+    AppState,
+    Endpoint,
+    EndpointFailed,
+    NeedApp,
+    SlotFreed,
+    SlotGranted,
+    SlotRefused,
+    SlotWanted,
+    from_wire,
+)
 
 
 def through_json(message: object) -> object:
@@ -32,6 +42,11 @@ def through_json(message: object) -> object:
         NeedApp("shop"),
         EndpointFailed("shop", 4242, "connection refused"),
         EndpointFailed("shop", 4242),
+        SlotWanted("shop", 2, 17),
+        SlotGranted("shop", 2, 17, Endpoint(101, 30001, "tok-a")),
+        SlotGranted("shop", 2, 18, Endpoint(102, 0, "tok-b", "/run/a.sock")),
+        SlotRefused("shop", 2, 19, retry_after=3, reason="queue full"),
+        SlotFreed("shop", 2, 17),
     ],
 )
 def test_round_trip(message: object) -> None:
