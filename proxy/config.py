@@ -89,6 +89,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     detailed_errors: bool = False
     limits: Limits = field(default_factory=Limits)
+    metrics_listen: str | None = None  # "127.0.0.1:9180": GET /metrics over plain HTTP
     source: str = "<built-in>"  # the file it came from
 
     def app(self, name: str) -> AppSpec:

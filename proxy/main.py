@@ -44,7 +44,7 @@ from module.supervisor import Supervisor
 from . import channel
 from .admin import AdminServer
 from .config import Config
-from .metrics import merge
+from .metrics import merge, retired
 from .sdnotify import Notifier, watchdog_interval
 from .server import bind_socket
 from .tls import TLSConfigError
@@ -483,9 +483,7 @@ class Bastion:
     # -- observing ------------------------------------------------------------------
     def _retire(self, worker: WorkerHandle) -> None:
         """Keep a gone worker's counters, so totals never go backwards."""
-        last = dict(worker.metrics_snapshot())
-        last["open_connections"] = 0
-        self._retired = merge([self._retired, last])
+        self._retired = merge([self._retired, retired(worker.metrics_snapshot())])
 
     def metrics(self) -> dict[str, Any]:
         """Every worker's metrics, past generations included, added up."""

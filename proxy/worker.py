@@ -41,7 +41,7 @@ from .accesslog import AccessLog
 from .config import Config, Listener
 from .endpoints import EndpointTable, QueueLimits
 from .forwarding import UpstreamPool
-from .metrics import Metrics
+from .metrics import Metrics, queued
 from .routing import Router
 from .server import ListenerSet, RequestHandler
 from .tls import TLSConfigError, TLSContextSet
@@ -139,6 +139,9 @@ class ProxyWorker:
     def metrics_snapshot(self) -> dict[str, object]:
         """This worker's metrics, with the connections open now."""
         self.metrics.open_connections = self.listeners.open_connections()
+        for spec in self.config.apps:
+            in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
+            self.metrics.set_load(spec.name, in_flight, queued(self.table, spec.name))
         return self.metrics.snapshot()
 
     def reopen_logs(self) -> None:
