@@ -167,12 +167,16 @@ class AppOutput:
         if rest:
             self._emit(pid, rest.decode("utf-8", "replace").rstrip("\r"))
         self._muted.discard(pid)
-        self._release(pid, self._starting.pop(pid, None))
 
     # -- the story of a start -------------------------------------------------------
     def started(self, pid: int) -> None:
         """Process ``pid`` was launched: in a crash loop, hold its lines back."""
+        self._muted.discard(pid)
         self._starting[pid] = []
+        while len(self._starting) > 16:  # processes stopped while starting: forget them
+            oldest = next(iter(self._starting))
+            self._starting.pop(oldest)
+            self._held.discard(oldest)
         if self._failure is not None and self.path is None:
             self._held.add(pid)
 

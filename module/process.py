@@ -1,4 +1,4 @@
-"""One app process: launch it as SPEC section 4 says, wait until it listens, stop it.
+"""One app process: launch it, wait until it listens, stop it.
 
 Theory of operation
 -------------------

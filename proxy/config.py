@@ -53,7 +53,7 @@ class Listener:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request and per-connection limits at the edge (SPEC section 3, ``limits``)."""
+    """Per-request and per-connection limits at the edge (``limits``, docs/configuration.md)."""
 
     max_body_size: int = 30 * 1024 * 1024
     max_header_size: int = 16 * 1024

@@ -800,7 +800,7 @@ def _build(checker: _Checker, root: _Node) -> Config:
     https_port = next((lis.port for lis in listeners if lis.tls is not None), None)
     pools = _pools(checker, entries.get("pools"))
     apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
-    if checker.start and checker.files and not checker.problems:
+    if checker.start and checker.files:
         if "metrics_listen" in entries:
             checker.lines["metrics_listen"] = entries["metrics_listen"].line
         _check_ports(checker, listeners, values.get("metrics_listen"),

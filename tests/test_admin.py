@@ -1,4 +1,4 @@
-"""The admin socket (SPEC section 8) and the commands that use it, against a real Bastion.
+"""The admin socket and the commands that use it, against a real Bastion.
 
 ``GET /status`` fields, ``bastion status`` (table and ``--json``), ``GET /metrics`` in the
 Prometheus text format (request counters, histogram, restarts after a kill -9), the

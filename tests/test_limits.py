@@ -1,4 +1,4 @@
-"""SPEC section 3 ``limits`` end to end, with small timeouts: slow heads (slowloris) and
+"""``limits`` end to end, with small timeouts: slow heads (slowloris) and
 slow bodies dropped while a normal client is served, keep-alive idle close,
 ``max_connections`` (further clients wait in the backlog), ``max_body_size`` by
 Content-Length and while streaming, and the access log (combined and JSON, parse-level
@@ -219,7 +219,7 @@ def test_access_log_json(small: BastionProcess) -> None:
 
 
 def test_limits_keep_a_path(tmp_path: Path) -> None:
-    """The module's own docs say which limit does what (kept in sync with SPEC 3)."""
+    """The module's own docs say which limit does what."""
     from proxy import limits
 
     assert "max_connections" in (limits.__doc__ or "")
