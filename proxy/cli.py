@@ -71,7 +71,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if path is None:
         print("bastion check: give a file with -c FILE (or BASTION_CONFIG)", file=sys.stderr)
         return UNREACHABLE
-    return check_main(path, files=not args.no_files)
+    return check_main(path, files=not args.no_files, start=True)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

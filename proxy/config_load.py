@@ -845,13 +845,13 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return _build(checker, _from_python(data, checker.problems, source))
 
 
-def check_main(path: str, files: bool = True) -> int:
+def check_main(path: str, files: bool = True, start: bool = False) -> int:
     """``bastion check -c FILE``: print the problems on stderr (1) or "FILE: configuration OK" (0).
 
-    Besides what ``load_config`` checks, the apps' programs and the listening addresses
-    are looked at, unless ``files`` is False (then nothing on this machine is)."""
+    ``start`` (``bastion check``) also looks at the apps' programs and the listening
+    addresses; ``files=False`` (``--no-files``) looks at nothing on this machine."""
     try:
-        load_config(path, files=files, start=files)
+        load_config(path, files=files, start=start and files)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
