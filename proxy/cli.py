@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration file (FILE:LINE: problem)")
     check.add_argument("-c", "--config", help="configuration file")
     check.add_argument("--no-files", action="store_true",
-                       help="check the file alone: no look at certificates, directories, "
-                            "programs or ports on this machine (for CI)")
+                       help="check the file alone, for CI: no look at certificates, "
+                            "directories, programs, users or ports of this machine")
     check.set_defaults(func=cmd_check)
     config = sub.add_parser("config", help="print the effective configuration, every "
                                            "default filled in")

@@ -312,6 +312,13 @@ def _user(value: object) -> str | None:
     return name
 
 
+def _user_rule(checker: _Checker, node: _Node, path: str) -> Any:
+    """A user name that must exist here (any non-empty name with ``files=False``)."""
+    if not checker.files:
+        return _scalar(lambda value: None if value is None else _text(value))(checker, node, path)
+    return _scalar(_user)(checker, node, path)
+
+
 def _workers(value: object) -> int | str:
     if value == "auto":
         return "auto"
@@ -564,7 +571,7 @@ _RECYCLE_RULES: Final[dict[str, Rule]] = {
     "max_memory": _scalar(parse_size),
 }
 _POOL_RULES: Final[dict[str, Rule]] = {
-    "user": _scalar(_user),
+    "user": _user_rule,
     "environment": _environment,
     "start_mode": _scalar(_choice("on_demand", "always")),
     "idle_timeout": _scalar(parse_duration),
@@ -592,7 +599,7 @@ _APP_RULES: Final[dict[str, Rule]] = {
     "websockets": _scalar(_boolean),
 }
 _TOP_RULES: Final[dict[str, Rule]] = {
-    "user": _scalar(_user),
+    "user": _user_rule,
     "admin_socket": _path_rule(optional=False),
     "access_log": _path_rule(optional=True, dash=True),
     "access_log_format": _scalar(_choice("combined", "json")),
@@ -819,7 +826,7 @@ def _build(checker: _Checker, root: _Node) -> Config:
 def load_config(path: str, files: bool = True, start: bool = False) -> Config:
     """Read, check and convert the YAML file ``path``; ConfigError lists every problem.
 
-    ``files=False`` takes file and directory names on trust (linting a file for another
+    ``files=False`` takes file, directory and user names on trust (linting a file for another
     machine); ``start=True`` also checks what would only fail when Bastion starts: each
     app's program on its PATH, listening addresses held by another program."""
     try:
