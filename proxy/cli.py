@@ -146,7 +146,7 @@ def _why(app: dict[str, Any], now: float) -> str | None:
         text += f"; until `bastion start {app['name']}`"
     elif state == "offline":
         text += "; until app_offline.htm is removed"
-    elif state == "failed":
+    elif state in ("failed", "stopped"):
         text += "; started again on the next request"
     return text
 

@@ -252,8 +252,13 @@ def test_a_crash_loop_is_summarised_not_repeated(tmp_path: Path) -> None:
     config = simple_config({"dies": {"command": [sys.executable, str(script)],
                                      "start_mode": "always", "rapid_fails_per_minute": 100}})
     with BastionProcess(tmp_path, config) as b:
-        assert wait_until(lambda: b.status()["apps"]["dies"]["restarts"] >= 5, timeout=40), \
-            b.status()
+        def restarts() -> int:
+            try:
+                return int(b.status()["apps"]["dies"]["restarts"])
+            except OSError:  # the admin socket is not there yet
+                return 0
+
+        assert wait_until(lambda: restarts() >= 5, timeout=40), b.log()
         log = b.log()
     assert len(re.findall(r"dies\[\d+\]: cannot find the database 9c1e", log)) == 1, log
     assert len(re.findall(r"app dies failed to start: exited with status 3", log)) == 1, log
@@ -404,3 +409,16 @@ def test_nothing_refers_to_a_folder_outside_the_repository() -> None:
     # comments are dropped there.
     hits = set(spec.stdout.split()) - {"tests/test_operator.py", "proxy/headers.py"}
     assert not hits, hits
+
+
+def test_configuration_reference_names_every_key() -> None:
+    from proxy import config_load as c
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    tables = (c._TOP_RULES, c._POOL_RULES, c._APP_RULES, c._LIMIT_RULES, c._RECYCLE_RULES,
+              c._LISTEN_RULES, c._TLS_RULES, c._CERT_RULES)
+    keys = {key for table in tables for key in table} | {"listen", "apps", "pools"}
+    missing = sorted(key for key in keys if f"`{key}`" not in text)
+    assert not missing, missing
+    readme = (REPO / "README.md").read_text()
+    assert "docs/configuration.md" in readme and "docs/troubleshooting.md" in readme
