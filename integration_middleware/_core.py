@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Bastion starts every app process with a random ``BASTION_TOKEN`` in its environment and sends that
-token in the ``X-Bastion-Token`` header of every request it forwards (SPEC section 5).  A request
+token in the ``X-Bastion-Token`` header of every request it forwards.  A request
 that carries the right token is *paired*: it certainly came through Bastion, so the
 ``X-Forwarded-*`` headers Bastion set can be trusted and applied to the request the app sees
 (scheme, client address, server host/port, root path).  A request without the right token did not

@@ -1,4 +1,4 @@
-"""One app process: launch it as SPEC section 4 says, wait until it listens, stop it.
+"""One app process: launch it, wait until it listens, stop it.
 
 Theory of operation
 -------------------
@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import pwd
 import secrets
+import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -34,6 +36,7 @@ from .output import AppOutput, drain
 from .spec import AppSpec
 
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger("bastion.module")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -149,15 +152,22 @@ class AppProcess:
                 preexec_fn=_child_setup(uid, gid, groups),
             )
         except OSError as exc:
-            raise LaunchError(f"cannot run {self.spec.command[0]!r}: {exc.strerror or exc}") from exc
+            reason = f"cannot run {self.spec.command[0]!r}: {exc.strerror or exc}"
+            output.failed(0, reason)
+            raise LaunchError(reason) from exc
         self.pid = self._proc.pid
         self.started_at = time.monotonic()
         self.tracker = DescendantTracker(self.pid)
         self._keeper = keeper
         keeper.watch(self.pid)
-        output.mark(f"started pid {self.pid} port {self.port or self.socket_path}")
+        where = f"port {self.port}" if self.socket_path is None else f"socket {self.socket_path}"
+        output.mark(f"started pid {self.pid} {where}")
+        output.started(self.pid)
+        log.info("app %s: started pid %d%s: %s, %s, startup_time_limit %gs", self.spec.name,
+                 self.pid, f" as {user}" if uid is not None else "", shlex.join(self._argv()),
+                 where, self.spec.settings.startup_time_limit)
         assert self._proc.stdout is not None
-        self._drain = asyncio.create_task(drain(self._proc.stdout, output))
+        self._drain = asyncio.create_task(drain(self._proc.stdout, output, self.pid))
 
     # -- readiness ------------------------------------------------------------------
     async def _accepts(self) -> bool:
@@ -182,18 +192,19 @@ class AppProcess:
         while True:
             if self.returncode is not None:
                 await self.wait()
-                raise StartFailed(
-                    f"{describe_exit(self.returncode)} before listening", output.tail()
-                )
+                reason = f"{describe_exit(self.returncode)} before listening"
+                output.failed(self.pid, reason)
+                raise StartFailed(reason, output.tail())
             if await self._accepts():
                 if self.returncode is None:
                     self.ready_at = time.monotonic()
+                    output.ready(self.pid, self.ready_at - self.started_at)
                     return
                 continue
             if time.monotonic() >= deadline:
-                raise StartFailed(
-                    f"did not listen on its port within {limit:g}s", output.tail()
-                )
+                reason = f"did not listen on its port within {limit:g}s"
+                output.failed(self.pid, reason)
+                raise StartFailed(reason, output.tail())
             await asyncio.sleep(delay)
             # A refused connect on loopback costs microseconds: poll often, so a request
             # waiting for a start is served within ~20 ms of the app's listen().
@@ -248,6 +259,10 @@ class AppProcess:
         await self.clean_up()
         if self._drain is not None and not self._drain.done():
             self._drain.cancel()
+        if self.draining_since:
+            log.info("app %s: recycle done: old pid %d drained for %.1fs and stopped (%s)",
+                     self.spec.name, self.pid, time.monotonic() - self.draining_since,
+                     describe_exit(code))
         return code
 
     def kill_group_now(self) -> None:

@@ -2,7 +2,7 @@
 
 The proxy's configuration loader builds these from YAML; the module never reads YAML
 itself. ``PoolSettings`` holds every setting a pool may carry, with the defaults of
-SPEC section 3; an app's own settings are a ``PoolSettings`` too, produced by
+docs/configuration.md; an app's own settings are a ``PoolSettings`` too, produced by
 ``PoolSettings.merged`` (the app's explicit keys win over the pool's).
 """
 
@@ -26,7 +26,7 @@ class RecycleSettings:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    """Lifecycle, identity and limits shared by the apps of a pool (SPEC section 3)."""
+    """Lifecycle, identity and limits shared by the apps of a pool."""
 
     user: str | None = None
     environment: tuple[tuple[str, str], ...] = ()

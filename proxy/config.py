@@ -53,7 +53,7 @@ class Listener:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request and per-connection limits at the edge (SPEC section 3, ``limits``)."""
+    """Per-request and per-connection limits at the edge (``limits``, docs/configuration.md)."""
 
     max_body_size: int = 30 * 1024 * 1024
     max_header_size: int = 16 * 1024
@@ -89,6 +89,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     detailed_errors: bool = False
     limits: Limits = field(default_factory=Limits)
+    metrics_listen: str | None = None  # "127.0.0.1:9180": GET /metrics over plain HTTP
     source: str = "<built-in>"  # the file it came from
 
     def app(self, name: str) -> AppSpec:

@@ -32,12 +32,15 @@ exceptions are ``environment`` and ``recycle``, which are merged key by key.
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import json
 import os
 import pwd
 import re
 import shlex
+import shutil
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -178,10 +181,14 @@ Rule = Callable[["_Checker", _Node, str], Any]
 class _Checker:
     """Collects problems while converting nodes; ``path`` names a key, e.g. ``limits.x``."""
 
-    def __init__(self, file: str, base_dir: str) -> None:
+    def __init__(self, file: str, base_dir: str, files: bool = True,
+                 start: bool = False) -> None:
         self.file = file
         self.base_dir = base_dir
+        self.files = files  # check that files and directories exist
+        self.start = start  # ``bastion check``: also what only fails at start
         self.problems: list[Problem] = []
+        self.lines: dict[str, int] = {}  # "listen[0]" / "metrics_listen" -> line
 
     def add(self, line: int, message: str) -> _Bad:
         self.problems.append(Problem(self.file, line, message))
@@ -305,6 +312,13 @@ def _user(value: object) -> str | None:
     return name
 
 
+def _user_rule(checker: _Checker, node: _Node, path: str) -> Any:
+    """A user name that must exist here (any non-empty name with ``files=False``)."""
+    if not checker.files:
+        return _scalar(lambda value: None if value is None else _text(value))(checker, node, path)
+    return _scalar(_user)(checker, node, path)
+
+
 def _workers(value: object) -> int | str:
     if value == "auto":
         return "auto"
@@ -346,8 +360,8 @@ def _existing_file(label: str) -> Rule:
 
     def rule(checker: _Checker, node: _Node, path: str) -> Any:
         name = _path_rule(optional=False)(checker, node, path)
-        if name is _BAD:
-            return _BAD
+        if name is _BAD or not checker.files:
+            return name
         if not os.path.exists(name):
             return checker.add(node.line, f"{label} file {name} does not exist")
         if not os.path.isfile(name):
@@ -361,7 +375,7 @@ def _existing_file(label: str) -> Rule:
 
 def _directory(checker: _Checker, node: _Node, path: str) -> Any:
     name = _path_rule(optional=True)(checker, node, path)
-    if name is None or name is _BAD:
+    if name is None or name is _BAD or not checker.files:
         return name
     if not os.path.isdir(name):
         return checker.add(node.line, f"{path}: directory {name} does not exist")
@@ -499,6 +513,18 @@ def _address(value: object) -> tuple[str, int]:
     return host.lower(), port
 
 
+def _metrics_address(value: object) -> str | None:
+    """``metrics_listen``: host:port, or a bare port on the loopback interface."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"127.0.0.1:{value}"
+    elif isinstance(value, str) and value.strip().lstrip(":").isdigit():
+        value = f"127.0.0.1:{value.strip().lstrip(':')}"
+    host, port = _address(value)
+    return Listener(host, port).address
+
+
 def _certificates(checker: _Checker, node: _Node, path: str) -> Any:
     items = checker.sequence(node, path, "[{cert: site.pem, key: site.key}]")
     if items is None:
@@ -545,7 +571,7 @@ _RECYCLE_RULES: Final[dict[str, Rule]] = {
     "max_memory": _scalar(parse_size),
 }
 _POOL_RULES: Final[dict[str, Rule]] = {
-    "user": _scalar(_user),
+    "user": _user_rule,
     "environment": _environment,
     "start_mode": _scalar(_choice("on_demand", "always")),
     "idle_timeout": _scalar(parse_duration),
@@ -573,7 +599,7 @@ _APP_RULES: Final[dict[str, Rule]] = {
     "websockets": _scalar(_boolean),
 }
 _TOP_RULES: Final[dict[str, Rule]] = {
-    "user": _scalar(_user),
+    "user": _user_rule,
     "admin_socket": _path_rule(optional=False),
     "access_log": _path_rule(optional=True, dash=True),
     "access_log_format": _scalar(_choice("combined", "json")),
@@ -581,6 +607,7 @@ _TOP_RULES: Final[dict[str, Rule]] = {
     "trusted_proxies": _cidrs,
     "detailed_errors": _scalar(_boolean),
     "limits": _section(_LIMIT_RULES),
+    "metrics_listen": _scalar(_metrics_address),
 }
 _CERT_RULES: Final[dict[str, Rule]] = {
     "cert": _existing_file("certificate"),
@@ -619,6 +646,7 @@ def _listeners(checker: _Checker, node: _Node) -> list[Listener]:
         if not checker.require(values, entries, item, path, "address", 'e.g. "0.0.0.0:80"'):
             continue
         host, port = values.pop("address")
+        checker.lines[path] = entries["address"].line if entries else item.line
         if (host, port) in seen:
             checker.add(entries["address"].line if entries else item.line,
                         f"{path}.address {Listener(host, port).address} is already used "
@@ -677,6 +705,10 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         routes.append(Route(app=name, hosts=hosts, path=url_path, websockets=websockets))
         if not has_command:
             continue
+        if checker.start and checker.files and app_entries is not None:
+            _check_program(checker, app_entries["command"].line, path, values["command"],
+                           values.get("cwd"), dict(values.get("environment", ())),
+                           pools.get(pool, PoolSettings()).environment)
         own = {key: values.pop(key) for key in list(values) if key in POOL_SETTING_NAMES}
         base = pools.get(pool, PoolSettings())
         if "recycle" in own:
@@ -685,6 +717,73 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
                             path_base="" if url_path == "/" else url_path,
                             https_port=https_port, **values))
     return apps, routes
+
+
+def _check_program(checker: _Checker, line: int, path: str, argv: tuple[str, ...],
+                   cwd: str | None, own_env: dict[str, str],
+                   pool_env: tuple[tuple[str, str], ...]) -> None:
+    """``command[0]`` must be found, and be executable, as the app will look for it."""
+    program = argv[0]
+    if "{" in program:
+        return  # {port} or {socket}: only known at start
+    if "/" in program:
+        where = os.path.join(cwd or os.getcwd(), os.path.expanduser(program))
+        if not os.path.exists(where):
+            checker.add(line, f"{path}.command: {program} does not exist"
+                        + (f" (relative to cwd {cwd})" if cwd and not program.startswith("/") else ""))
+        elif os.path.isdir(where) or not os.access(where, os.X_OK):
+            checker.add(line, f"{path}.command: {program} is not an executable file")
+        return
+    env = {**os.environ, **dict(pool_env), **own_env}
+    search = env.get("PATH") or os.defpath
+    found = shutil.which(program, path=search)
+    if found is None:
+        near = [d for d in search.split(os.pathsep)
+                if d and os.path.exists(os.path.join(d, program))]
+        if near:
+            checker.add(line, f"{path}.command: {program} in {near[0]} is not executable")
+        else:
+            checker.add(line, f"{path}.command: {program!r} is not found on the app's PATH "
+                        f"({search}); give its full path or set PATH in environment")
+
+
+def _check_ports(checker: _Checker, listeners: list[Listener], metrics: str | None,
+                 admin_socket: str) -> None:
+    """Addresses to listen on that another program holds already (``bastion check``)."""
+    wanted = [(f"listen[{i}].address", lis.host, lis.port) for i, lis in enumerate(listeners)]
+    if metrics is not None:
+        metrics_host, _, metrics_port = metrics.rpartition(":")
+        wanted.append(("metrics_listen", metrics_host.strip("[]"), int(metrics_port)))
+    taken = [(key, host, port) for key, host, port in wanted if _in_use(host, port)]
+    if not taken:
+        return
+    ours: set[str] = set()
+    try:
+        from .adminclient import Found, call
+
+        status, data = call(Found(admin_socket, "admin_socket"), "GET", "/status", timeout=5)
+        if status == 200:
+            ours = {lis["address"] for lis in data.get("listeners", [])}
+            if data.get("metrics_listen"):
+                ours.add(data["metrics_listen"])
+    except Exception:  # noqa: BLE001 - no running Bastion here: every taken port is a problem
+        pass
+    for key, host, port in taken:
+        address = Listener(host, port).address
+        if address not in ours:
+            line = checker.lines.get(key.removesuffix(".address"), 0)
+            checker.add(line, f"{key} {address} is already in use by another program")
+
+
+def _in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _claim(checker: _Checker, claimed: dict[tuple[str, str], str], route: Route, line: int) -> None:
@@ -708,6 +807,11 @@ def _build(checker: _Checker, root: _Node) -> Config:
     https_port = next((lis.port for lis in listeners if lis.tls is not None), None)
     pools = _pools(checker, entries.get("pools"))
     apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
+    if checker.start and checker.files:
+        if "metrics_listen" in entries:
+            checker.lines["metrics_listen"] = entries["metrics_listen"].line
+        _check_ports(checker, listeners, values.get("metrics_listen"),
+                     values.get("admin_socket", Config.admin_socket))
     if checker.problems:
         raise ConfigError(sorted(checker.problems, key=lambda problem: problem.line))
     if "limits" in values:
@@ -719,8 +823,12 @@ def _build(checker: _Checker, root: _Node) -> Config:
 # --- public entry points ----------------------------------------------------------------
 
 
-def load_config(path: str) -> Config:
-    """Read, check and convert the YAML file ``path``; ConfigError lists every problem."""
+def load_config(path: str, files: bool = True, start: bool = False) -> Config:
+    """Read, check and convert the YAML file ``path``; ConfigError lists every problem.
+
+    ``files=False`` takes file, directory and user names on trust (linting a file for another
+    machine); ``start=True`` also checks what would only fail when Bastion starts: each
+    app's program on its PATH, listening addresses held by another program."""
     try:
         with open(path, "rb") as stream:
             raw = stream.read()
@@ -731,7 +839,7 @@ def load_config(path: str) -> Config:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([Problem(path, line, "the file is not valid UTF-8")]) from None
-    checker = _Checker(path, os.path.dirname(os.path.abspath(path)))
+    checker = _Checker(path, os.path.dirname(os.path.abspath(path)), files, start)
     root = _from_yaml(text, path, checker.problems)
     if root is None or root.value is None:
         raise ConfigError([Problem(path, 1, "empty configuration; listen and apps are required")])
@@ -744,10 +852,13 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return _build(checker, _from_python(data, checker.problems, source))
 
 
-def check_main(path: str) -> int:
-    """``bastion check -c FILE``: print the problems on stderr (1) or "FILE: configuration OK" (0)."""
+def check_main(path: str, files: bool = True, start: bool = False) -> int:
+    """``bastion check -c FILE``: print the problems on stderr (1) or "FILE: configuration OK" (0).
+
+    ``start`` (``bastion check``) also looks at the apps' programs and the listening
+    addresses; ``files=False`` (``--no-files``) looks at nothing on this machine."""
     try:
-        load_config(path)
+        load_config(path, files=files, start=start and files)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -237,6 +237,11 @@ class EndpointTable:
         pids = set(view.in_flight) | set(view.served)
         return {p: (view.in_flight.get(p, 0), view.served.get(p, 0)) for p in pids}
 
+    def queued(self, app: str) -> int:
+        """Requests of this worker waiting for ``app`` now."""
+        view = self._apps.get(app)
+        return len(view.waiting) if view is not None else 0
+
     def try_acquire(self, app: str) -> Lease | None:
         """An endpoint of ``app`` at once, or None when the request must wait (call
         ``acquire``): the app is not ready, has a ``max_concurrency`` (slots come from the

@@ -58,7 +58,7 @@ from .admin import AdminServer
 from .config import Config
 from .edge.listeners import bind_socket
 from .endpoints import queue_limits
-from .metrics import merge
+from .metrics import merge, retired
 from .sdnotify import Notifier, watchdog_interval
 from .slots import Answer, SlotGranter
 from .tls import TLSConfigError
@@ -527,9 +527,7 @@ class Bastion:
         request slots it held or waited for."""
         self._handles.pop(worker.worker_id, None)
         self._answer(self.slots.worker_gone(worker.worker_id))
-        last = dict(worker.metrics_snapshot())
-        last["open_connections"] = 0
-        self._retired = merge([self._retired, last])
+        self._retired = merge([self._retired, retired(worker.metrics_snapshot())])
 
     def metrics(self) -> dict[str, Any]:
         """Every worker's metrics, past generations included, added up."""

@@ -1,17 +1,22 @@
 """Request metrics of one worker, and their Prometheus text rendering.
 
 Each worker counts, per app, requests by status, a latency histogram and upstream
-errors, and the open client connections. The counters are cumulative and plain
-JSON-able dicts (``snapshot``), so worker processes send them to the main process, which
-adds them up (``merge``) with the module's process figures and renders
-``GET /metrics`` in the Prometheus text format (``render``). No I/O here.
+errors, failed TLS handshakes, and has gauges: the open client connections and, per app,
+the requests in flight and queued. The counters are cumulative and plain JSON-able dicts
+(``snapshot``), so worker processes send them to the main process, which adds them up
+(``merge``) with the module's process figures and renders ``GET /metrics`` in the
+Prometheus text format (``render``), with ``bastion_build_info`` and the standard
+``process_*`` figures of the main process. No I/O here but reading /proc for those.
 """
 
 from __future__ import annotations
 
 import bisect
+import platform
 from collections.abc import Iterable
 from typing import Any
+
+from .version import version
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -24,7 +29,19 @@ class Metrics:
         self.latency: dict[str, list[int]] = {}  # app -> bucket counts (+Inf last)
         self.latency_sum: dict[str, float] = {}
         self.upstream_errors: dict[str, int] = {}
+        self.tls_handshake_errors = 0
         self.open_connections = 0
+        self.in_flight: dict[str, int] = {}  # app -> requests being served now
+        self.queued: dict[str, int] = {}  # app -> requests waiting for it now
+
+    def tls_handshake_failed(self) -> None:
+        """Count one TLS handshake that failed (the data plane calls this)."""
+        self.tls_handshake_errors += 1
+
+    def set_load(self, app: str, in_flight: int, queued: int) -> None:
+        """The requests ``app`` serves and has waiting, as this worker sees them now."""
+        self.in_flight[app] = in_flight
+        self.queued[app] = queued
 
     def observe(self, app: str, status: int, duration: float) -> None:
         """Count one finished request."""
@@ -45,8 +62,16 @@ class Metrics:
             "latency": {app: list(c) for app, c in self.latency.items()},
             "latency_sum": dict(self.latency_sum),
             "upstream_errors": dict(self.upstream_errors),
+            "tls_handshake_errors": self.tls_handshake_errors,
             "open_connections": self.open_connections,
+            "in_flight": dict(self.in_flight),
+            "queued": dict(self.queued),
         }
+
+
+def retired(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot of a worker that is gone: its counters stay, its gauges are 0."""
+    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}}
 
 
 def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -55,6 +80,9 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     latency: dict[str, list[int]] = {}
     latency_sum: dict[str, float] = {}
     errors: dict[str, int] = {}
+    in_flight: dict[str, int] = {}
+    queued: dict[str, int] = {}
+    handshakes = 0
     connections = 0
     for snap in snapshots:
         for app, status, n in snap.get("requests", []):
@@ -67,13 +95,21 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             latency_sum[app] = latency_sum.get(app, 0.0) + value
         for app, n in snap.get("upstream_errors", {}).items():
             errors[app] = errors.get(app, 0) + n
+        for app, n in snap.get("in_flight", {}).items():
+            in_flight[app] = in_flight.get(app, 0) + n
+        for app, n in snap.get("queued", {}).items():
+            queued[app] = queued.get(app, 0) + n
+        handshakes += snap.get("tls_handshake_errors", 0)
         connections += snap.get("open_connections", 0)
     return {
         "requests": [[a, s, n] for (a, s), n in requests.items()],
         "latency": latency,
         "latency_sum": latency_sum,
         "upstream_errors": errors,
+        "tls_handshake_errors": handshakes,
         "open_connections": connections,
+        "in_flight": in_flight,
+        "queued": queued,
     }
 
 
@@ -81,9 +117,51 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(merged: dict[str, Any], status: dict[str, Any], workers: int) -> str:
-    """The Prometheus text exposition of ``merged`` worker metrics and module ``status``."""
+def _process_figures(started: float | None) -> list[str]:
+    """The standard ``process_*`` metrics of this (the main) process, from /proc."""
     out: list[str] = []
+    try:
+        import psutil
+
+        proc = psutil.Process()
+        with proc.oneshot():
+            cpu = proc.cpu_times()
+            memory = proc.memory_info()
+            fds = proc.num_fds()
+            created = proc.create_time()
+        limit = proc.rlimit(psutil.RLIMIT_NOFILE)[0]
+    except Exception:  # noqa: BLE001 - the figures are a bonus; never fail /metrics
+        return out
+    figures = [
+        ("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
+         f"{cpu.user + cpu.system:.2f}"),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+         str(memory.rss)),
+        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.",
+         str(memory.vms)),
+        ("process_start_time_seconds", "gauge",
+         "Start time of the process since the Unix epoch in seconds.",
+         f"{started if started is not None else created:.3f}"),
+        ("process_open_fds", "gauge", "Open file descriptors.", str(fds)),
+        ("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+         str(limit if limit >= 0 else 2**31)),
+    ]
+    for name, kind, text, value in figures:
+        out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return out
+
+
+def render(merged: dict[str, Any], status: dict[str, Any], workers: int,
+           started: float | None = None) -> str:
+    """The Prometheus text exposition of ``merged`` worker metrics and module ``status``.
+
+    ``started`` (Unix time) is Bastion's start, for ``process_start_time_seconds``."""
+    out: list[str] = [
+        "# HELP bastion_build_info Bastion's version and the Python it runs on.",
+        "# TYPE bastion_build_info gauge",
+        f'bastion_build_info{{version="{_label(version())}",'
+        f'python="{_label(platform.python_version())}"}} 1',
+    ]
     out += ["# HELP bastion_requests_total Requests answered, by app and status.",
             "# TYPE bastion_requests_total counter"]
     for app, code, n in sorted(merged["requests"], key=lambda r: (r[0], r[1])):
@@ -117,10 +195,25 @@ def render(merged: dict[str, Any], status: dict[str, Any], workers: int) -> str:
         for state in ("ready", "starting", "draining"):
             out.append(f'bastion_app_processes{{app="{_label(name)}",state="{state}"}} '
                        f'{by_state.get(state, 0)}')
+    in_flight, queued = merged.get("in_flight", {}), merged.get("queued", {})
+    out += ["# HELP bastion_app_requests_in_flight Requests being served by the app now.",
+            "# TYPE bastion_app_requests_in_flight gauge"]
+    for name in sorted(status["apps"]):
+        out.append(f'bastion_app_requests_in_flight{{app="{_label(name)}"}} '
+                   f'{in_flight.get(name, 0)}')
+    out += ["# HELP bastion_app_requests_queued Requests waiting for the app now.",
+            "# TYPE bastion_app_requests_queued gauge"]
+    for name in sorted(status["apps"]):
+        out.append(f'bastion_app_requests_queued{{app="{_label(name)}"}} '
+                   f'{queued.get(name, 0)}')
+    out += ["# HELP bastion_tls_handshake_errors_total TLS handshakes that failed.",
+            "# TYPE bastion_tls_handshake_errors_total counter",
+            f"bastion_tls_handshake_errors_total {merged.get('tls_handshake_errors', 0)}"]
     out += ["# HELP bastion_open_connections Client connections open now.",
             "# TYPE bastion_open_connections gauge",
             f"bastion_open_connections {merged['open_connections']}",
             "# HELP bastion_workers Proxy worker processes.",
             "# TYPE bastion_workers gauge",
             f"bastion_workers {workers}"]
+    out += _process_figures(started)
     return "\n".join(out) + "\n"

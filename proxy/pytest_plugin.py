@@ -1,6 +1,6 @@
 """pytest plugin: run your app under a real Bastion in a test, and break it on purpose.
 
-Loaded through the ``pytest11`` entry point ``bastion`` (SPEC section 9); it gives the
+Loaded through the ``pytest11`` entry point ``bastion``; it gives the
 ``bastion`` fixture, a factory::
 
     def test_my_app(bastion):

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A TLS listener has one or more certificate pairs (SPEC section 3, ``tls.certificates``).
+A TLS listener has one or more certificate pairs (``tls.certificates``).
 :class:`TLSContextSet` builds one :class:`ssl.SSLContext` per pair, all with the same
 hardened settings: TLS 1.2 minimum, ECDHE with AEAD ciphers only for TLS 1.2
 (``ECDHE+AESGCM:ECDHE+CHACHA20``; TLS 1.3 suites are AEAD by definition), server cipher

@@ -1,4 +1,4 @@
-"""Durations and sizes as written in Bastion's configuration (SPEC section 3).
+"""Durations and sizes as written in Bastion's configuration (docs/configuration.md).
 
 A duration is a number of seconds (``30``, ``1.5``) or a string of one or more
 number-and-unit parts: ``"500ms"``, ``"90s"``, ``"2m"``, ``"29h"``, ``"1d"``, ``"1h30m"``;

@@ -139,6 +139,9 @@ class ProxyWorker:
     def metrics_snapshot(self) -> dict[str, object]:
         """This worker's metrics, with the connections open now."""
         self.metrics.open_connections = self.listeners.open_connections()
+        for spec in self.config.apps:
+            in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
+            self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))
         return self.metrics.snapshot()
 
     def reopen_logs(self) -> None:

@@ -225,6 +225,39 @@ def _dechunk(body: bytes) -> bytes:
     return out
 
 
+def readable_apps_copy() -> Path:
+    """A copy of tests/apps in a fresh directory under /tmp that every user may read.
+
+    A test whose app runs as another user cannot use tests/apps itself when the
+    repository is cloned where only root may enter (``/root/...``, a ``mktemp -d``).
+    The caller removes the directory (``shutil.rmtree``)."""
+    import shutil
+    import tempfile
+
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    directory = Path(tempfile.mkdtemp(prefix="bastion-apps-", dir=base))
+    directory.chmod(0o755)
+    for source in APPS.glob("*.py"):
+        target = directory / source.name
+        shutil.copyfile(source, target)
+        target.chmod(0o644)
+    return directory
+
+
+def runs_as(python: str, uid: int, gid: int, script: Path) -> str | None:
+    """None when user ``uid`` can run ``python`` on ``script``; else why not."""
+    code = f"import http.server; open({str(script)!r}).read()"
+    try:
+        done = subprocess.run([python, "-c", code], user=uid, group=gid, extra_groups=[],
+                              cwd="/", capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{python} cannot be run as uid {uid}: {exc}"
+    if done.returncode != 0:
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        return f"uid {uid} cannot run {python} on {script}: {' '.join(last)}"
+    return None
+
+
 def app_command(kind: str, module: str, *extra: str) -> list[str]:
     """argv running a test app from tests/apps with a real server on ``{port}``."""
     if kind == "uvicorn":

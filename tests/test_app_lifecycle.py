@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from harness import (
     Response,
     app_command,
     pid_alive,
+    readable_apps_copy,
+    runs_as,
     simple_config,
     wait_until,
 )
@@ -41,6 +44,7 @@ class Bastions:
         self.tmp = tmp
         self.started: list[BastionProcess] = []
         self.leftovers: list[int] = []
+        self.cleanups: list[Callable[[], object]] = []
 
     def start(self, apps: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
               **top: Any) -> BastionProcess:
@@ -58,6 +62,8 @@ class Bastions:
         for pid in self.leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for cleanup in self.cleanups:
+            cleanup()
 
 
 @pytest.fixture
@@ -93,9 +99,9 @@ class Background:
         return self.response
 
 
-def plain(*args: str, python: str = PY, **settings: Any) -> dict[str, Any]:
-    """An app running tests/apps/plain_app.py."""
-    return {"command": [python, str(APPS / "plain_app.py"), "{port}", *args],
+def plain(*args: str, python: str = PY, apps: Path = APPS, **settings: Any) -> dict[str, Any]:
+    """An app running tests/apps/plain_app.py (or its copy in ``apps``)."""
+    return {"command": [python, str(apps / "plain_app.py"), "{port}", *args],
             "startup_time_limit": 10, "request_timeout": 10, "idle_timeout": 0, **settings}
 
 
@@ -253,6 +259,11 @@ def test_pool_user_runs_the_app_as_that_user(bastions: Bastions, tmp_path: Path,
     python = python_for(nobody.pw_uid, nobody.pw_gid)
     if python is None:
         pytest.skip("no Python interpreter here that the user 'nobody' may run")
+    apps = readable_apps_copy()  # the clone itself may be where nobody cannot enter
+    bastions.cleanups.append(lambda: shutil.rmtree(apps, ignore_errors=True))
+    why = runs_as(python, nobody.pw_uid, nobody.pw_gid, apps / "plain_app.py")
+    if why is not None:
+        pytest.skip(f"the user 'nobody' cannot run the test app here: {why}")
     env = None
     if loop == "asyncio":
         shim = tmp_path / "no-uvloop"
@@ -262,7 +273,7 @@ def test_pool_user_runs_the_app_as_that_user(bastions: Bastions, tmp_path: Path,
     log = tmp_path / "logs" / "restricted.log"
     b = bastions.start(
         {"web": plain("--banner", "hello-as-nobody", python=python, pool="restricted",
-                      cwd="/", stdout_log=str(log), startup_time_limit=3)},
+                      cwd="/", stdout_log=str(log), startup_time_limit=3, apps=apps)},
         pools={"restricted": {"user": "nobody"}}, env=env,
     )
     resp = b.get("/")

@@ -145,7 +145,7 @@ def test_problems_are_sorted_by_line() -> None:
 
 
 def make_full_example(tmp_path: Path) -> Path:
-    """The SPEC section 3 example, with its certificate files and app directory."""
+    """The full example, with its certificate files and app directory."""
     config = tmp_path / "bastion.yaml"
     shutil.copy(CONFIGS / "full.yaml", config)
     (tmp_path / "site.pem").write_text("placeholder certificate\n")

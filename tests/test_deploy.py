@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ import trustme
 import yaml
 
 from proxy.config_load import config_from_dict, load_config
+from proxy.main import in_process, worker_count
+from proxy.worker import alpn_protocols
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -34,6 +38,8 @@ def _localised(tmp_path: Path) -> Path:
     for listener in data["listen"]:
         for pair in listener.get("tls", {}).get("certificates", []):
             pair["cert"], pair["key"] = str(cert), str(key)
+    if data.get("user"):
+        data["user"] = me
     data["admin_socket"] = str(tmp_path / "run" / "admin.sock")
     data["access_log"] = str(tmp_path / "log" / "access.log")
     for pool in data.get("pools", {}).values():
@@ -83,6 +89,53 @@ def test_example_config_loads(tmp_path: Path) -> None:
     assert shop.https_port == 443
     routes = {route.app: route for route in config.routes}
     assert routes["api"].path == "/api" and "example.com" in routes["api"].hosts
+
+
+def _comment(text: str, key: str) -> str:
+    """The comment at the end of the first line setting ``key`` (indented or not)."""
+    match = re.search(rf"^\s*{re.escape(key)}:[^#\n]*#\s*(.*)$", text, re.M)
+    assert match, f"no commented line for {key}"
+    return match.group(1)
+
+
+def test_example_config_comments_match_what_it_configures(tmp_path: Path) -> None:
+    """``bastion check --no-files`` accepts the file as it is, and its comments' claims
+    about workers, HTTP/2 and the user drop are what the settings do."""
+    path = DEPLOY / "bastion.yaml"
+    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--no-files", "-c",
+                           str(path)], cwd=str(DEPLOY.parent), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = load_config(str(path), files=False)
+    text = path.read_text()
+    # workers
+    workers = _comment(text, "workers")
+    if "per core" in workers:
+        assert config.workers == "auto"
+    else:
+        count = re.search(r"(\d+) proxy worker", workers)
+        assert count and config.workers == int(count.group(1)), workers
+    assert worker_count(config) >= 1
+    # HTTP/2
+    tls = [lis for lis in config.listeners if lis.tls is not None]
+    http2 = _comment(text, "http2")
+    claims_h2 = "HTTP/2" in http2 and "only" not in http2
+    assert tls and all(lis.http2 == claims_h2 for lis in tls), http2
+    assert all(("h2" in alpn_protocols(lis)) == claims_h2 for lis in tls)
+    # the user drop: workers become ``user``, so they are processes, not the main one
+    user = _comment(text, "user")
+    drop = re.search(r"drop to (\S+)", user)
+    if drop:
+        assert config.user == drop.group(1), user
+        assert not in_process(config)
+    else:
+        assert config.user is None, user
+    # no claim of a missing feature survives
+    for stale in ("not built yet", "still speaks", "0.1 runs", "0.1 still"):
+        assert stale not in text, stale
+    # every app's pool user is a user the comments promise apps run as
+    assert all(app.settings.user == "www-data" for app in config.apps)
+    assert "apps run as this user" in _comment(text, "    user")
 
 
 def test_example_config_has_only_production_paths() -> None:

@@ -317,6 +317,14 @@ def test_demo_answers_on_http_and_https(demo: tuple[subprocess.Popen[bytes], Pat
     fields = _demo_fields(page)
     assert fields["scheme"] == "http", page
     assert fields["root_path"] == "", page
+    # What Bastion did, in two sentences; `bastion status`; where the development CA is.
+    what = re.search(r'<p id="what">(.*?)</p>', page, re.S)
+    assert what and what.group(1).count(". ") + what.group(1).endswith(".") == 2, page
+    assert "Bastion accepted your http request" in what.group(1)
+    status = re.search(r'<pre id="status">(.*?)</pre>', page, re.S)
+    assert status and "listening on http://127.0.0.1:8080" in status.group(1), page
+    assert f"curl --cacert {data_dir / 'ca.pem'} https://127.0.0.1:8443/" in page
+    assert f"curl --cacert {data_dir / 'ca.pem'}" in (data_dir.parent / "demo.log").read_text()
 
     context = ssl.create_default_context(cafile=str(data_dir / "ca.pem"))
     sconn = http.client.HTTPSConnection("127.0.0.1", 8443, timeout=30, context=context)

@@ -186,7 +186,7 @@ def test_newer_failed_state_is_502_with_reason() -> None:
         await task
         assert info.value.status == 502
         # the module's reason and output travel with the error (the page shows the
-        # exit status and output only with detailed_errors, SPEC 7)
+        # exit status and output only with detailed_errors)
         told = f"{info.value.message}\n{info.value.detail}"
         assert "exited with status 3" in told
         assert "Traceback: boom" in info.value.detail

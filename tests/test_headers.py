@@ -1,4 +1,4 @@
-"""Header hygiene (proxy/headers.py, SPEC section 5) and trusted proxies (proxy/trust.py)."""
+"""Header hygiene (proxy/headers.py) and trusted proxies (proxy/trust.py)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_headers_named_by_connection_removed() -> None:
 
 
 def test_connection_cannot_remove_the_host_header() -> None:
-    # SPEC 5: Host goes to the app unchanged; a "Connection: host" must not strip it
+    # Host goes to the app unchanged; a "Connection: host" must not strip it
     # (the HTTP client would then invent Host: 127.0.0.1:PORT).
     out = upstream_headers([(b"Host", b"shop.example.com"), (b"Connection", b"Host")], INFO)
     assert (b"Host", b"shop.example.com") in out

@@ -1,4 +1,4 @@
-"""SPEC section 3 ``limits`` end to end, with small timeouts: slow heads (slowloris) and
+"""``limits`` end to end, with small timeouts: slow heads (slowloris) and
 slow bodies dropped while a normal client is served, keep-alive idle close,
 ``max_connections`` (further clients wait in the backlog), ``max_body_size`` by
 Content-Length and while streaming, and the access log (combined and JSON, parse-level

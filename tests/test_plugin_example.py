@@ -2,7 +2,7 @@
 
 These tests use the fixture through the ``pytest11`` entry point (no import, no
 conftest), against the sample user project in ``tests/plugin_example/`` (Starlette +
-uvicorn + the integration middleware), and check the failure behaviour of SPEC section 7
+uvicorn + the integration middleware), and check the failure behaviour of the README's table
 with each fault the fixture injects: kill, hang, a failed start, app_offline.htm.
 If ``bastion`` is not found, reinstall the package: ``pip install -e .``.
 """

@@ -1,4 +1,4 @@
-"""TLS end to end: a real Bastion, real handshakes over loopback (SPEC sections 3, 5, 7).
+"""TLS end to end: a real Bastion, real handshakes over loopback.
 
 * SNI: several certificates on one listener (exact names, a ``*.example.com`` wildcard,
   the first as the default for no SNI or an unknown name);

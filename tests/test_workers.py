@@ -25,7 +25,15 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import APPS, BastionProcess, app_command, pid_alive, simple_config, wait_until
+from harness import (
+    BastionProcess,
+    app_command,
+    pid_alive,
+    readable_apps_copy,
+    runs_as,
+    simple_config,
+    wait_until,
+)
 
 ECHO = app_command("uvicorn", "echo_asgi:app")
 
@@ -324,20 +332,33 @@ def test_top_level_user_with_pool_user(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     # A system python3: the tests' interpreter may live where nobody cannot run it.
     python3 = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+    # The app's script in a copy every user may read: the clone may be where nobody
+    # cannot enter (/root/..., a mktemp -d).
+    apps = readable_apps_copy()
+    try:
+        why = runs_as(python3, nobody.pw_uid, nobody.pw_gid, apps / "plain_app.py")
+        if why is not None:
+            pytest.skip(f"the user 'nobody' cannot run the test app here: {why}")
+        _pool_user_app(tmp_path, python3, apps, nobody.pw_uid)
+    finally:
+        shutil.rmtree(apps, ignore_errors=True)
+
+
+def _pool_user_app(tmp_path: Path, python3: str, apps: Path, uid: int) -> None:
     config = simple_config(
-        {"plain": {"command": [python3, str(APPS / "plain_app.py"), "{port}"],
+        {"plain": {"command": [python3, str(apps / "plain_app.py"), "{port}"],
                    "pool": "web", "cwd": "/", "start_mode": "always"}},
         user="nobody", workers=2, pools={"web": {"user": "nobody"}})
     with BastionProcess(tmp_path, config) as bastion:
-        _wait_dropped(bastion, 2, nobody.pw_uid)
+        _wait_dropped(bastion, 2, uid)
         assert wait_until(lambda: ready_pids(bastion, "plain"), 20), bastion.log()
         (app_pid,) = bastion.app_pids("plain")
-        assert psutil.Process(app_pid).uids().effective == nobody.pw_uid
+        assert psutil.Process(app_pid).uids().effective == uid
         if not _nobody_can_import():
             pytest.skip(f"{sys.base_prefix} is not readable by nobody: cannot serve here")
         resp = bastion.get("/", timeout=10)
         assert resp.status == 200, resp.body
-        assert resp.json()["euid"] == nobody.pw_uid
+        assert resp.json()["euid"] == uid
 
 
 @ROOT_ONLY

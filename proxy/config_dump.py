@@ -1,0 +1,84 @@
+"""``bastion config``: a ``Config`` written back as YAML, every default filled in.
+
+The result is itself a valid configuration file (``bastion check`` accepts it and loads
+the same ``Config``): relative paths are absolute, durations are seconds and sizes bytes,
+every app carries its pool's settings merged with its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import yaml
+
+from module.spec import AppSpec, PoolSettings
+
+from .config import Config, Listener
+
+
+def _settings(settings: PoolSettings) -> dict[str, Any]:
+    values = asdict(settings)
+    values["environment"] = dict(settings.environment)
+    return values
+
+
+def _listener(listener: Listener) -> dict[str, Any]:
+    entry: dict[str, Any] = {"address": listener.address}
+    if listener.tls is None:
+        entry["redirect_https"] = listener.redirect_https
+        return entry
+    tls: dict[str, Any] = {
+        "certificates": [{"cert": c.cert, "key": c.key} for c in listener.tls.certificates],
+        "hsts": listener.tls.hsts,
+        "client_certificates": listener.tls.client_certificates,
+    }
+    if listener.tls.client_ca is not None:
+        tls["client_ca"] = listener.tls.client_ca
+    entry["tls"] = tls
+    entry["http2"] = listener.http2
+    return entry
+
+
+def _app(config: Config, spec: AppSpec) -> dict[str, Any]:
+    route = next(r for r in config.routes if r.app == spec.name)
+    return {
+        "pool": spec.pool,
+        "hosts": list(route.hosts),
+        "path": route.path,
+        "command": list(spec.command),
+        "cwd": spec.cwd,
+        "stdout_log": spec.stdout_log,
+        "transport": spec.transport,
+        "websockets": route.websockets,
+        **_settings(spec.settings),
+    }
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """``config`` as the data of a configuration file, with every key present."""
+    return {
+        "listen": [_listener(lis) for lis in config.listeners],
+        "user": config.user,
+        "admin_socket": config.admin_socket,
+        "access_log": config.access_log,
+        "access_log_format": config.access_log_format,
+        "workers": config.workers,
+        "trusted_proxies": list(config.trusted_proxies),
+        "detailed_errors": config.detailed_errors,
+        "metrics_listen": config.metrics_listen,
+        "limits": asdict(config.limits),
+        "pools": {name: _settings(pool) for name, pool in config.pools.items()},
+        "apps": {spec.name: _app(config, spec) for spec in config.apps},
+    }
+
+
+def dump(config: Config, workers: int) -> str:
+    """The YAML text of ``effective(config)`` with a header; ``workers`` is what
+    ``workers`` resolves to on this machine."""
+    head = (f"# The effective configuration of {config.source}: every default filled in.\n"
+            "# Durations are in seconds, sizes in bytes; 0 turns a limit or trigger off.\n"
+            f"# workers: {config.workers} means {workers} proxy worker process(es) here.\n")
+    body = yaml.safe_dump(effective(config), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True)
+    return head + body
