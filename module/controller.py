@@ -3,14 +3,13 @@
 Theory of operation
 -------------------
 An ``AppController`` owns the processes of one app and publishes an ``AppState`` snapshot
-whenever anything changes. Its states (see ``module.messages.State``):
-
-    stopped --need--> starting --listening--> ready --crash--> failed --need--> starting
-                          |                     |                 \\ (always: after a delay)
-                          +--exit/timeout--> failed               +--> starting
-    failed/backoff: a crash or failed start is counted in the rapid-fail window; once the
-    window is full the state is ``backoff`` until ``retry_at`` and needs are refused.
-    any --app_offline.htm--> offline --file gone--> stopped;  any --stop--> stopped
+whenever anything changes. Its phase changes in one place, ``_go(event)``, through the
+pure table of ``module.states`` (which also says what each phase is published as); every
+change bumps ``version`` and publishes. The controller does the I/O around the table:
+it launches and stops processes, and gathers the facts the table's guards and the rules
+of ``module.policy`` need (psutil sampling and file reads live in ``module.probes``).
+A crash or failed start is counted in the rapid-fail window; once the window is full the
+phase is ``backoff`` until ``retry_at`` and needs are refused.
 
 Processes live in three lists: ``starting``, ``processes`` (ready: they are the published
 endpoints) and ``draining`` (withdrawn, finishing their requests). ``need()`` is an
@@ -38,40 +37,23 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import psutil
-
-from . import policy
+from . import policy, states
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
 from .leftovers import Orphans
 from .messages import AppState, Endpoint, ProcessUsage, State, UsageReport
 from .output import AppOutput
 from .ports import pick_free_port
+from .probes import OFFLINE_FILE, read_offline_file, tree_usage
 from .process import AppProcess, describe_exit
 from .rapidfail import RapidFailWindow
 from .spec import AppSpec
+from .states import Event, Phase
 
 log = logging.getLogger("bastion.module")
 
 PORT_RETRIES = 3
-OFFLINE_FILE = "app_offline.htm"
-OFFLINE_MAX_BYTES = 1024 * 1024
 MEMORY_SAMPLE_EVERY = 2.0
-
-
-def tree_usage(pid: int) -> tuple[int, float]:
-    """RSS in bytes and CPU percent of ``pid`` and all its descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0, 0.0
-    rss, cpu = 0, 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            rss += proc.memory_info().rss
-            cpu += proc.cpu_percent(interval=None)
-    return rss, cpu
 
 
 class AppController:
@@ -85,7 +67,7 @@ class AppController:
         self._publish = publish
         self.output = AppOutput(spec.name, spec.stdout_log)
         self.rapid = RapidFailWindow(spec.settings.rapid_fails_per_minute)
-        self.state: State = "stopped"
+        self.phase: Phase = "stopped"
         self.version = 0
         self.processes: list[AppProcess] = []  # ready, taking requests
         self.starting: list[AppProcess] = []
@@ -95,24 +77,50 @@ class AppController:
         self.last_exit = ""
         self.reason = ""
         self.detail = ""
-        self.offline_body: str | None = None
-        self.admin_stopped = False
+        self.offline_body: str | None = None  # app_offline.htm's content while present
         self.last_active = time.monotonic()
         self._usage: dict[int, dict[int, ProcessUsage]] = {}  # worker -> pid -> usage
         self._retry_at_mono: float | None = None
         self._backoff = 0.0  # the first restart of an ``always`` app is immediate
         self._tasks: set[asyncio.Task[None]] = set()
         self._restart_handle: asyncio.TimerHandle | None = None
-        self._recycling = False
-        self._closed = False
         self._last_memory_sample = 0.0
         self._tree_rss: dict[int, int] = {}
+
+    @property
+    def state(self) -> State:
+        """The published state (``module.messages.State``) of the current phase."""
+        return states.PUBLISHED[self.phase]
+
+    # -- the one place the phase changes --------------------------------------------
+    def _facts(self) -> states.Facts:
+        return states.Facts(
+            serving=len(self.processes),
+            launching=len(self.starting),
+            resting=self.rapid.blocked_until(time.monotonic()) is not None,
+            offline_file=self.offline_body is not None,
+        )
+
+    def _go(self, event: Event, reason: str | None = None, detail: str | None = None) -> Phase:
+        """Apply ``event`` by the table, then bump the version and publish."""
+        self.phase = states.transition(self.phase, event, self._facts())
+        if reason is not None:
+            self.reason = reason
+        if detail is not None:
+            self.detail = detail
+        self.version += 1
+        self._publish(self.snapshot())
+        return self.phase
+
+    @property
+    def _live(self) -> bool:
+        return self.phase not in ("closing", "closed")
 
     # -- publishing -----------------------------------------------------------------
     def snapshot(self) -> AppState:
         """The current picture of this app, as sent to proxy workers."""
         retry_at = None
-        if self.state == "backoff" and self._retry_at_mono is not None:
+        if self.phase == "backoff" and self._retry_at_mono is not None:
             retry_at = time.time() + max(0.0, self._retry_at_mono - time.monotonic())
         return AppState(
             app=self.spec.name,
@@ -127,15 +135,6 @@ class AppController:
             offline_body=self.offline_body,
         )
 
-    def _set(self, state: State, reason: str | None = None, detail: str | None = None) -> None:
-        self.state = state
-        if reason is not None:
-            self.reason = reason
-        if detail is not None:
-            self.detail = detail
-        self.version += 1
-        self._publish(self.snapshot())
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -145,18 +144,16 @@ class AppController:
     def need(self) -> None:
         """A request wants this app: start it unless it is starting, ready or resting."""
         self.last_active = time.monotonic()
-        if self._closed or self.admin_stopped or self.offline_body is not None:
+        if self.phase in states.NO_PROCESSES or self.phase == "starting":
             return
-        if self.state == "starting" or (self.state == "ready" and not self._missing()):
+        if self.phase in ("ready", "recycling") and not self._missing():
             return
         now = time.monotonic()
         until = self.rapid.blocked_until(now)
         if until is not None:
-            self._retry_at_mono = until
-            if self.state != "backoff":
-                self._set("backoff")
-            else:
-                self._publish(self.snapshot())
+            if states.allowed(self.phase, "rest"):  # serving processes keep serving
+                self._retry_at_mono = until
+                self._go("rest")
             return
         self._start()
 
@@ -189,15 +186,14 @@ class AppController:
 
     # -- starting -------------------------------------------------------------------
     def _start(self) -> None:
-        wanted = max(1, self.spec.settings.processes_per_app)
-        wanted -= len(self.processes) + len(self.starting)
-        if wanted <= 0:
+        if self._missing() <= 0 or not self._live:
             return
+        wanted = self._missing()
         if self._restart_handle is not None:
             self._restart_handle.cancel()
             self._restart_handle = None
         if not self.processes:
-            self._set("starting", reason="")
+            self._go("start", reason="")
         for _ in range(wanted):
             self._spawn(self._start_one())
 
@@ -241,12 +237,12 @@ class AppController:
             self.output.mark(f"start failed: {reason}")
             self._failure(reason, detail)
             return
-        if self._closed or self.admin_stopped or self.offline_body is not None:
+        if not states.allowed(self.phase, "up"):
             await self._stop_one(proc)  # offline or stopped while it was starting
             return
         self.processes.append(proc)
         log.info("app %s ready: pid %d port %d", self.spec.name, proc.pid, proc.port)
-        self._set("ready", reason="", detail="")
+        self._go("up", reason="", detail="")
         self._spawn(self._watch(proc))
 
     # -- crashes --------------------------------------------------------------------
@@ -270,32 +266,23 @@ class AppController:
         self._failure(f"process {status}", self.output.tail())
 
     def _failure(self, reason: str, detail: str) -> None:
-        """Count a crash or failed start and choose the next state."""
+        """Count a crash or failed start and let the table choose the next phase."""
         self.restarts += 1
         now = time.monotonic()
         self.rapid.record(now)
-        if self.processes:  # others still serve: replace the lost one at once
-            self._set("ready", reason=reason, detail=detail)
-            if not self._closed and self.rapid.blocked_until(now) is None:
+        until = self.rapid.blocked_until(now)
+        if until is not None:
+            self._retry_at_mono = until
+        phase = self._go("failure", reason=reason, detail=detail)
+        if phase in ("ready", "recycling"):  # others still serve: replace the lost one
+            if until is None:
                 self._start()
-            return
-        elif self.offline_body is not None or self.admin_stopped:
-            self._set("offline", reason=reason, detail=detail)
-            return
-        else:
-            until = self.rapid.blocked_until(now)
-            if until is not None:
-                self._retry_at_mono = until
-                self._set("backoff", reason=reason, detail=detail)
-            elif self.starting:
-                self._set("starting", reason=reason, detail=detail)
-            else:
-                self._set("failed", reason=reason, detail=detail)
-        if self.spec.settings.start_mode == "always":
+        elif phase in ("starting", "failed", "backoff") \
+                and self.spec.settings.start_mode == "always":
             self._schedule_restart()
 
     def _schedule_restart(self) -> None:
-        if self._closed or self._restart_handle is not None:
+        if not self._live or self._restart_handle is not None:
             return
         now = time.monotonic()
         delay = self._backoff
@@ -307,9 +294,9 @@ class AppController:
         self._restart_handle = loop.call_later(delay, self._restart_now)
 
     def _restart_now(self) -> None:
+        # need() re-checks the rapid-fail window: still full, it rests again (and
+        # publishes the new retry_at); else it starts.
         self._restart_handle = None
-        if self.state == "backoff":
-            self.state = "failed"  # need() re-checks the window and publishes
         self.need()
 
     def update_spec(self, spec: AppSpec) -> None:
@@ -329,12 +316,12 @@ class AppController:
     # -- recycling ------------------------------------------------------------------
     def recycle(self, reason: str = "requested") -> bool:
         """Overlapped restart of every process; False when there is nothing to recycle."""
-        if self._closed or self._recycling or not self.processes:
+        if self.phase != "ready" or not self.processes:
             return False
-        self._recycling = True
         self.recycles += 1
         log.info("app %s: recycling (%s)", self.spec.name, reason)
         self.output.mark(f"recycle: {reason}")
+        self._go("recycle")
         self._spawn(self._recycle(list(self.processes)))
         return True
 
@@ -351,16 +338,17 @@ class AppController:
                     self.output.mark(f"recycle start failed: {reason}; old process kept")
                     self.rapid.record(time.monotonic())
                     return
-                if self._closed or self.offline_body is not None or self.admin_stopped:
+                if not states.allowed(self.phase, "up"):
                     await self._stop_one(new)
                     return
                 self.processes.append(new)
                 self._spawn(self._watch(new))
                 if proc in self.processes:
                     self._withdraw(proc)
-                self._set("ready")
+                self._go("up")
         finally:
-            self._recycling = False
+            if self.phase == "recycling":
+                self._go("recycled")
 
     def _withdraw(self, proc: AppProcess) -> None:
         """Stop sending requests to ``proc``; it drains, then ``tick`` stops it."""
@@ -372,7 +360,7 @@ class AppController:
     # -- the periodic tick ----------------------------------------------------------
     def tick(self, now: float, orphans: Orphans | None = None) -> None:
         """Time-based rules: app_offline, draining, recycle triggers, idle stop."""
-        if self._closed:
+        if not self._live:
             return
         self._check_offline()
         for proc in list(self.draining):
@@ -386,14 +374,15 @@ class AppController:
         if self.processes and not self.starting and policy.is_idle(
             self.spec.settings.idle_timeout, self.last_active,
             sum(self.in_flight(p.pid) for p in self.processes), now,
-        ) and self.spec.settings.start_mode == "on_demand":
+        ) and self.spec.settings.start_mode == "on_demand" \
+                and states.allowed(self.phase, "idle"):
             log.info("app %s: idle for %gs, stopping", self.spec.name,
                      self.spec.settings.idle_timeout)
-            self._spawn(self._stop_all("stopped", "idle"))
+            self._spawn(self._stop_all("idle", "idle"))
 
     def _check_recycle(self, now: float) -> None:
         rules = self.spec.settings.recycle
-        if self._recycling or not self.processes:
+        if self.phase != "ready" or not self.processes:
             return
         if rules.max_memory > 0 and now - self._last_memory_sample >= MEMORY_SAMPLE_EVERY:
             self._last_memory_sample = now
@@ -407,21 +396,18 @@ class AppController:
                 return
 
     def _check_offline(self) -> None:
-        if self.spec.cwd is None:
-            return
-        path = os.path.join(self.spec.cwd, OFFLINE_FILE)
         try:
-            with open(path, "rb") as f:
-                body = f.read(OFFLINE_MAX_BYTES).decode("utf-8", "replace")
-        except FileNotFoundError:
+            body = read_offline_file(self.spec.cwd)
+        except OSError:
+            return  # unreadable for now: keep what we knew
+        if body is None:
             if self.offline_body is not None:
                 log.info("app %s: %s removed, back online", self.spec.name, OFFLINE_FILE)
                 self.offline_body = None
-                self._set("stopped", reason="")
-                if self.spec.settings.start_mode == "always":
+                held = self.phase == "held"
+                self._go("online", reason="stopped by the administrator" if held else "")
+                if self.phase == "stopped" and self.spec.settings.start_mode == "always":
                     self.need()
-            return
-        except OSError:
             return
         if self.offline_body != body:
             first = self.offline_body is None
@@ -430,50 +416,53 @@ class AppController:
                 log.info("app %s: %s found, taking the app offline", self.spec.name, OFFLINE_FILE)
                 self._spawn(self._stop_all("offline", f"{OFFLINE_FILE} present"))
             else:
-                self._set("offline")
+                self._go("offline")
 
     # -- stopping -------------------------------------------------------------------
-    async def _stop_all(self, final: State, reason: str) -> None:
-        """Withdraw and stop every process, ending in ``final``."""
+    async def _stop_all(self, event: Event, reason: str) -> None:
+        """Withdraw and stop every process; ``event`` says which phase follows."""
         if self._restart_handle is not None:
             self._restart_handle.cancel()
             self._restart_handle = None
+        if not states.allowed(self.phase, event):
+            return  # closing: stop() takes care of the processes
         procs = self.processes + self.draining
         self.processes = []
         self.draining = []
-        self._set(final, reason=reason, detail="")
+        self._go(event, reason=reason, detail="")
         for proc in procs:
             proc.stopping = True
         await asyncio.gather(*(self._stop_one(p) for p in procs))
 
     async def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL after shutdown_time_limit)."""
-        self._closed = True
+        if self.phase == "closed":
+            return
         if self._restart_handle is not None:
             self._restart_handle.cancel()
+            self._restart_handle = None
         procs = self.processes + self.starting + self.draining
         if procs:
-            self._set("draining")
+            self._go("close")
         await asyncio.gather(*(self._stop_one(p) for p in procs))
         self.processes.clear()
         self.draining.clear()
         for task in list(self._tasks):
             task.cancel()
-        self._set("stopped")
+        self._go("closed")
         self.output.close()
 
     async def admin_stop(self) -> None:
         """``POST /apps/NAME/stop``: stop it; requests get 503 until ``admin_start``."""
-        self.admin_stopped = True
-        await self._stop_all("offline", "stopped by the administrator")
+        await self._stop_all("admin_stop", "stopped by the administrator")
 
     def admin_start(self) -> None:
         """``POST /apps/NAME/start``: allow it again, forget rapid failures, start it."""
-        self.admin_stopped = False
         self.rapid.clear()
-        if self.offline_body is None:
-            self._set("stopped", reason="")
-            self.need()
+        if self.phase == "held":
+            self._go("admin_start", reason=f"{OFFLINE_FILE} present"
+                     if self.offline_body is not None else "")
+        self.need()
 
     async def _stop_one(self, proc: AppProcess) -> None:
         await proc.stop()
@@ -523,6 +512,7 @@ class AppController:
             "name": self.spec.name,
             "pool": self.spec.pool,
             "state": self.state,
+            "phase": self.phase,
             "restarts": self.restarts,
             "recycles": self.recycles,
             "last_exit": self.last_exit,
