@@ -218,9 +218,11 @@ class AppController:
                 self.last_exit = describe_exit(proc.returncode)
                 await proc.stop(timeout=0)
                 self.output.mark(f"pid {proc.pid} {describe_exit(proc.returncode)}")
-                taken = "address already in use" in exc.detail.lower()
+                taken = exc.port_taken or "address already in use" in exc.detail.lower()
                 if not taken or attempt + 1 == PORT_RETRIES:
                     raise
+                log.warning("app %s: %s; trying another port", self.spec.name, exc.reason)
+                self.output.mark(f"{exc.reason}; trying another port")
             finally:
                 self.starting.remove(proc)
         raise AssertionError("unreachable")
