@@ -80,7 +80,7 @@ class AppController:
         self.offline_body: str | None = None  # app_offline.htm's content while present
         self.last_active = time.monotonic()
         self._usage: dict[int, dict[int, ProcessUsage]] = {}  # worker -> pid -> usage
-        self._retry_at_mono: float | None = None
+        self._retry_at_mono: float | None = None  # time.monotonic(), as published
         self._backoff = 0.0  # the first restart of an ``always`` app is immediate
         self._tasks: set[asyncio.Task[None]] = set()
         self._restart_handle: asyncio.TimerHandle | None = None
@@ -119,9 +119,7 @@ class AppController:
     # -- publishing -----------------------------------------------------------------
     def snapshot(self) -> AppState:
         """The current picture of this app, as sent to proxy workers."""
-        retry_at = None
-        if self.phase == "backoff" and self._retry_at_mono is not None:
-            retry_at = time.time() + max(0.0, self._retry_at_mono - time.monotonic())
+        retry_at = self._retry_at_mono if self.phase == "backoff" else None
         return AppState(
             app=self.spec.name,
             version=self.version,
@@ -509,7 +507,9 @@ class AppController:
                     "rss": rss,
                     "cpu_percent": cpu,
                 })
-        snap = self.snapshot()
+        retry_at = None  # shown as wall-clock time
+        if self.phase == "backoff" and self._retry_at_mono is not None:
+            retry_at = wall + max(0.0, self._retry_at_mono - now)
         return {
             "name": self.spec.name,
             "pool": self.spec.pool,
@@ -519,6 +519,6 @@ class AppController:
             "recycles": self.recycles,
             "last_exit": self.last_exit,
             "reason": self.reason,
-            "retry_at": snap.retry_at,
+            "retry_at": retry_at,
             "processes": procs,
         }

@@ -50,8 +50,10 @@ class AppState:
 
     ``version`` grows by one on every change of that app, so a waiting request can tell
     a failure that happened after it began waiting from an older one. ``retry_at`` is a
-    wall-clock time (``time.time()``) because it crosses process boundaries; the proxy
-    turns it into a ``Retry-After`` delay.
+    ``time.monotonic()`` time: on Linux that is CLOCK_MONOTONIC, one clock for every
+    process of the machine, so it crosses process boundaries and, unlike the wall clock,
+    does not move when the system time is stepped. The proxy turns it into a
+    ``Retry-After`` delay.
     """
 
     app: str

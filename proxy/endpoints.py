@@ -303,7 +303,7 @@ def _refusal(state: AppState) -> ProxyError | None:
         return Unavailable(state.reason or f"the app {state.app!r} is offline",
                            app=state.app, body=state.offline_body)
     if state.state == "backoff" and state.retry_at is not None:
-        wait = state.retry_at - time.time()
+        wait = state.retry_at - time.monotonic()  # CLOCK_MONOTONIC: system-wide
         if wait > 0:
             return Unavailable(
                 f"the app {state.app!r} failed too often and is resting",
