@@ -9,7 +9,9 @@ change bumps ``version`` and publishes. The controller does the I/O around the t
 it launches and stops processes, and gathers the facts the table's guards and the rules
 of ``module.policy`` need (psutil sampling and file reads live in ``module.probes``).
 A crash or failed start is counted in the rapid-fail window; once the window is full the
-phase is ``backoff`` until ``retry_at`` and needs are refused.
+phase is ``backoff`` until ``retry_at`` and needs are refused. A ready process that no
+longer answers (failed health checks, request timeouts in a row: ``module.health``) is
+replaced by the same overlapped recycle, for that one process.
 
 Processes live in three lists: ``starting``, ``processes`` (ready: they are the published
 endpoints) and ``draining`` (withdrawn, finishing their requests). ``need()`` is an
@@ -35,9 +37,10 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
-from . import policy, states
+from . import health, policy, states
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
 from .leftovers import Orphans
@@ -47,13 +50,17 @@ from .ports import pick_free_port
 from .probes import OFFLINE_FILE, read_offline_file, tree_usage
 from .process import AppProcess, describe_exit
 from .rapidfail import RapidFailWindow
-from .spec import AppSpec
+from .spec import AppSpec, HealthCheck
 from .states import Event, Phase
 
 log = logging.getLogger("bastion.module")
 
 PORT_RETRIES = 3
 MEMORY_SAMPLE_EVERY = 2.0
+
+
+def _without_health_check(spec: AppSpec) -> AppSpec:
+    return replace(spec, settings=replace(spec.settings, health_check=None))
 
 
 class AppController:
@@ -86,6 +93,7 @@ class AppController:
         self._restart_handle: asyncio.TimerHandle | None = None
         self._last_memory_sample = 0.0
         self._tree_rss: dict[int, int] = {}
+        self._liveness: dict[int, health.Liveness] = {}  # pid -> record, ready processes
 
     @property
     def state(self) -> State:
@@ -173,6 +181,21 @@ class AppController:
         # idle clock therefore runs from the end of the last request.
         self._usage[report.worker] = {u.pid: u for u in report.processes}
         self.last_active = time.monotonic()
+        for proc in self.processes:
+            record = self._liveness.get(proc.pid)
+            if record is not None:
+                record.completed(self.served(proc.pid) - self.in_flight(proc.pid))
+
+    def request_timed_out(self, pid: int) -> None:
+        """A worker's request to ``pid`` timed out (504); replace it after a few in a row."""
+        proc = next((p for p in self.processes if p.pid == pid), None)
+        if proc is None:
+            return
+        record = self._liveness_of(proc)
+        if record.timed_out():
+            why = f"{record.timeouts} request timeouts in a row"
+            if self.replace(proc, why):
+                record.replaced()
 
     def served(self, pid: int) -> int:
         """Requests sent to ``pid``, summed over workers."""
@@ -308,6 +331,8 @@ class AppController:
             self.output.path = spec.stdout_log
             self.output.reopen()
         log.info("app %s: configuration changed", spec.name)
+        if _without_health_check(spec) == _without_health_check(old):
+            return  # the next checks use the new settings; processes are kept
         if self.processes:
             self.recycle("configuration changed")
         elif spec.settings.start_mode == "always":
@@ -323,6 +348,18 @@ class AppController:
         self.output.mark(f"recycle: {reason}")
         self._go("recycle")
         self._spawn(self._recycle(list(self.processes)))
+        return True
+
+    def replace(self, proc: AppProcess, reason: str) -> bool:
+        """Overlapped restart of one ready process that stopped answering; False when
+        that cannot begin now (another recycle is under way: it is checked again)."""
+        if self.phase != "ready" or proc not in self.processes:
+            return False
+        self.recycles += 1
+        log.warning("app %s: replacing pid %d (%s)", self.spec.name, proc.pid, reason)
+        self.output.mark(f"replacing pid {proc.pid}: {reason}")
+        self._go("recycle")
+        self._spawn(self._recycle([proc]))
         return True
 
     async def _recycle(self, old: list[AppProcess]) -> None:
@@ -370,6 +407,7 @@ class AppController:
                 self._spawn(self._stop_one(proc))
         for proc in self.processes:
             proc.refresh_descendants(orphans)
+        self._check_health(now)
         self._check_recycle(now)
         if self.processes and not self.starting and policy.is_idle(
             self.spec.settings.idle_timeout, self.last_active,
@@ -379,6 +417,53 @@ class AppController:
             log.info("app %s: idle for %gs, stopping", self.spec.name,
                      self.spec.settings.idle_timeout)
             self._spawn(self._stop_all("idle", "idle"))
+
+    def _liveness_of(self, proc: AppProcess) -> health.Liveness:
+        """The liveness record of a ready process, made when first needed: its first
+        check one interval later, its timeout row counted from the requests done now."""
+        record = self._liveness.get(proc.pid)
+        if record is None:
+            check = self.spec.settings.health_check
+            record = self._liveness[proc.pid] = health.Liveness(
+                next_check=time.monotonic() + (check.interval if check else 0.0),
+                completed_mark=self.served(proc.pid) - self.in_flight(proc.pid))
+        return record
+
+    def _check_health(self, now: float) -> None:
+        """Start the health checks that are due (``health_check``; off when None)."""
+        ready = {p.pid for p in self.processes}
+        for pid in [pid for pid in self._liveness if pid not in ready]:
+            del self._liveness[pid]
+        check = self.spec.settings.health_check
+        if check is None:
+            return
+        for proc in self.processes:
+            record = self._liveness_of(proc)
+            if record.check_due(now):
+                record.checking = True
+                self._spawn(self._health_check(proc, record, check))
+
+    async def _health_check(self, proc: AppProcess, record: health.Liveness,
+                            check: HealthCheck) -> None:
+        try:
+            why = await health.probe(proc.port, proc.socket_path,
+                                     self.spec.path_base + check.path, proc.token,
+                                     check.timeout)
+        finally:
+            record.checking = False
+            record.next_check = time.monotonic() + check.interval
+        if proc not in self.processes:
+            return  # withdrawn or gone meanwhile
+        if why is None:
+            record.check_passed()
+            return
+        log.warning("app %s: pid %d health check failed (%d of %d): %s", self.spec.name,
+                    proc.pid, record.failed_checks + 1, check.failures, why)
+        self.output.mark(f"pid {proc.pid} health check {check.path} failed: {why}")
+        if record.check_failed(check.failures):
+            if self.replace(proc, f"{record.failed_checks} failed health checks in a row"
+                            f" (last: {why})"):
+                record.replaced()
 
     def _check_recycle(self, now: float) -> None:
         rules = self.spec.settings.recycle

@@ -9,9 +9,10 @@ keeps the latest snapshot per app and never needs history, so a late-joining wor
 only needs the current snapshots (``Module.snapshot()``).
 
 Workers talk back with ``NeedApp`` ("a request wants app X and no endpoint is ready"),
-``EndpointFailed`` ("I could not reach process P of app X") and ``UsageReport`` (requests
-served and in flight per process, sent when they change, at most a few times a second).
-All are idempotent hints; the module decides what to do.
+``EndpointFailed`` ("I could not reach process P of app X"), ``RequestTimedOut`` ("process
+P of app X did not answer within request_timeout") and ``UsageReport`` (requests served
+and in flight per process, sent when they change, at most a few times a second). All are
+hints; the module decides what to do.
 
 Every message is a frozen dataclass that turns into a JSON-able dict and back
 (``to_wire`` / ``from_wire``), so the same messages can cross a pipe to worker
@@ -97,6 +98,20 @@ class EndpointFailed:
 
 
 @dataclass(frozen=True)
+class RequestTimedOut:
+    """Proxy -> module: process ``pid`` of ``app`` did not answer a request in time (504).
+
+    ``module.health.TIMEOUTS_IN_A_ROW`` of these in a row replace the process."""
+
+    app: str
+    pid: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "timeout", "app": self.app, "pid": self.pid}
+
+
+@dataclass(frozen=True)
 class ProcessUsage:
     """What one worker counted for one app process."""
 
@@ -128,7 +143,7 @@ class UsageReport:
         }
 
 
-ToModule = NeedApp | EndpointFailed | UsageReport
+ToModule = NeedApp | EndpointFailed | RequestTimedOut | UsageReport
 
 
 def from_wire(data: dict[str, Any]) -> AppState | ToModule:
@@ -142,6 +157,8 @@ def from_wire(data: dict[str, Any]) -> AppState | ToModule:
         return NeedApp(app=data["app"])
     if kind == "failed":
         return EndpointFailed(app=data["app"], pid=data["pid"], error=data.get("error", ""))
+    if kind == "timeout":
+        return RequestTimedOut(app=data["app"], pid=data["pid"])
     if kind == "usage":
         return UsageReport(
             app=data["app"],

@@ -37,12 +37,14 @@ from module.messages import (
     EndpointFailed,
     NeedApp,
     ProcessUsage,
+    RequestTimedOut,
+    ToModule,
     UsageReport,
 )
 
 from .errors import BadGateway, GatewayTimeout, ProxyError, Unavailable
 
-Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
+Send = Callable[[ToModule], None]
 REPORT_EVERY = 0.25
 SUSPEND_FOR = 1.0  # a process that refused a connection gets no request for this long
 
@@ -91,6 +93,11 @@ class Lease:
         """This endpoint could not be reached: avoid it for a moment, tell the module."""
         self._table.suspend(self.app, self.endpoint.pid)
         self._table.send(EndpointFailed(self.app, self.endpoint.pid, error))
+
+    def timed_out(self) -> None:
+        """This endpoint did not answer within request_timeout (504): tell the module,
+        which replaces a process that does so several times in a row."""
+        self._table.send(RequestTimedOut(self.app, self.endpoint.pid))
 
 
 class EndpointTable:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
+from module.messages import AppState, ToModule, from_wire
 from module.supervisor import Supervisor
 
 from . import channel
@@ -92,7 +92,6 @@ def in_process(config: Config) -> bool:
     return worker_count(config) == 1 and not config.user
 
 
-ToModule = NeedApp | EndpointFailed | UsageReport
 
 
 class WorkerHandle(abc.ABC):

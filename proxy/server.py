@@ -292,6 +292,8 @@ class RequestHandler:
             except ProxyError as error:
                 if error.status == 502:
                     lease.failed(str(error))
+                elif error.status == 504:
+                    lease.timed_out()
                 error.app = route.app
                 error.pid = lease.endpoint.pid
                 raise

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
+from module.messages import AppState, ToModule, from_wire
 
 from . import channel
 from .accesslog import AccessLog
@@ -48,7 +48,7 @@ from .tls import TLSConfigError, TLSContextSet
 
 log = logging.getLogger("bastion.worker")
 
-Send = Callable[[NeedApp | EndpointFailed | UsageReport], None]
+Send = Callable[[ToModule], None]
 METRICS_EVERY = 1.0
 
 
@@ -202,7 +202,7 @@ async def _worker_process(channel_fd: int) -> None:
     by_address = dict(setup.fds)
     listening = {address: socket.socket(fileno=fd) for address, fd in by_address.items()}
 
-    def send(message: NeedApp | EndpointFailed | UsageReport) -> None:
+    def send(message: ToModule) -> None:
         if not writer.is_closing():
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 

@@ -14,9 +14,12 @@ real signals. Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,3 +149,73 @@ def test_a_foreign_listener_on_the_apps_port_gets_no_request_and_no_token(
         assert "another process" in log.read_text()
     finally:
         foreign.close()
+
+
+# -- health checks ------------------------------------------------------------------------
+def ready_pids(b: BastionProcess, app: str = "web") -> list[int]:
+    return [p["pid"] for p in b.status()["apps"][app]["processes"] if p["state"] == "ready"]
+
+
+def test_a_stopped_process_is_replaced_by_the_health_check(
+        started: list[BastionProcess], tmp_path: Path) -> None:
+    log = tmp_path / "web.log"
+    check = {"path": "/health", "interval": "0.5s", "timeout": "0.5s", "failures": 2}
+    b = start(started, tmp_path, {"web": plain(
+        request_timeout=2, health_check=check, stdout_log=str(log))})
+    resp = b.get("/")
+    assert resp.status == 200
+    old = resp.json()["pid"]
+    time.sleep(1.2)  # a few healthy checks: none may replace it
+    assert ready_pids(b) == [old] and b.status()["apps"]["web"]["recycles"] == 0
+
+    os.kill(old, signal.SIGSTOP)  # accepts (the kernel does), never answers
+    stopped_at = time.monotonic()
+    try:
+        seen: list[tuple[float, int, int | None]] = []
+        while time.monotonic() - stopped_at < 20:
+            resp = b.get("/", timeout=10)
+            pid = resp.json()["pid"] if resp.status == 200 else None
+            seen.append((round(time.monotonic() - stopped_at, 2), resp.status, pid))
+            if resp.status == 200 and pid != old:
+                break
+        print(f"\nafter SIGSTOP (s, status, pid): {seen}")
+        assert seen[-1][1] == 200 and seen[-1][2] != old, seen
+        statuses = [status for _, status, _ in seen[:-1]]
+        assert set(statuses) <= {504}, seen
+        # 2 checks of 0.5 s, 0.5 s apart, the 0.5 s tick and a start: a few seconds,
+        # i.e. at most two 2-second request timeouts in a row.
+        assert len(statuses) <= 3 and seen[-1][0] < 8, seen
+        st = b.status()["apps"]["web"]
+        assert st["recycles"] == 1 and ready_pids(b) == [seen[-1][2]], st
+        assert "health check /health failed" in log.read_text()
+        # The old one drained (its requests timed out) and was stopped: SIGCONT + SIGTERM.
+        assert wait_until(lambda: not pid_alive(old), timeout=10)
+        assert b.get("/").json()["pid"] == seen[-1][2]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+
+
+def test_three_request_timeouts_in_a_row_replace_the_process(
+        started: list[BastionProcess], tmp_path: Path) -> None:
+    b = start(started, tmp_path, {"web": plain(request_timeout=1)})
+    old = b.get("/").json()["pid"]
+
+    def slow() -> int:
+        return b.get("/slow?s=3", timeout=10).status
+
+    # Two timeouts, then an answer: the row is broken, the process kept.
+    assert [slow(), slow()] == [504, 504]
+    assert b.get("/").json()["pid"] == old
+    time.sleep(0.5)  # the answer's usage report reaches the module
+    assert slow() == 504
+    time.sleep(0.5)
+    assert ready_pids(b) == [old] and b.status()["apps"]["web"]["recycles"] == 0
+
+    # Three in a row: replaced overlapped (the fourth request already goes to the new one).
+    assert [slow(), slow()] == [504, 504]
+    assert wait_until(lambda: ready_pids(b) not in ([], [old]), timeout=10), b.status()
+    new = ready_pids(b)[0]
+    assert b.status()["apps"]["web"]["recycles"] == 1
+    assert b.get("/").json()["pid"] == new != old
+    assert wait_until(lambda: not pid_alive(old), timeout=10)
