@@ -489,6 +489,8 @@ class AppController:
             if self.offline_body is not None:
                 log.info("app %s: %s removed, back online", self.spec.name, OFFLINE_FILE)
                 self.offline_body = None
+                if not states.allowed(self.phase, "online"):
+                    return  # its stop has not begun yet, or Bastion is stopping
                 held = self.phase == "held"
                 self._go("online", reason="stopped by the administrator" if held else "")
                 if self.phase == "stopped" and self.spec.settings.start_mode == "always":
