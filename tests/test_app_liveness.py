@@ -219,3 +219,40 @@ def test_three_request_timeouts_in_a_row_replace_the_process(
     assert b.status()["apps"]["web"]["recycles"] == 1
     assert b.get("/").json()["pid"] == new != old
     assert wait_until(lambda: not pid_alive(old), timeout=10)
+
+
+# -- phases that used to be flags ---------------------------------------------------------
+def test_admin_start_of_a_running_app_keeps_it_serving(
+        started: list[BastionProcess], tmp_path: Path) -> None:
+    b = start(started, tmp_path, {"web": plain()})
+    pid = b.get("/").json()["pid"]
+    status, _ = b.admin_post("/apps/web/start")
+    assert status == 200
+    began = time.monotonic()
+    resp = b.get("/", timeout=20)
+    assert resp.status == 200 and resp.json()["pid"] == pid
+    assert time.monotonic() - began < 2  # it used to wait for a start that never came
+    assert b.status()["apps"]["web"]["state"] == "ready"
+
+
+def test_app_offline_htm_removed_while_stopped_by_the_administrator_stays_503(
+        started: list[BastionProcess], tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    b = start(started, tmp_path, {"web": plain(cwd=str(site))})
+    assert b.get("/").status == 200
+    status, _ = b.admin_post("/apps/web/stop")
+    assert status == 200
+    offline = site / "app_offline.htm"
+    offline.write_text("<h1>maintenance</h1>")
+    assert wait_until(lambda: b.get("/").body == b"<h1>maintenance</h1>", timeout=5)
+    offline.unlink()
+    assert wait_until(lambda: b.get("/").body != b"<h1>maintenance</h1>", timeout=5)
+    began = time.monotonic()
+    resp = b.get("/", timeout=20)
+    assert resp.status == 503, resp.status  # still stopped by the administrator
+    assert time.monotonic() - began < 2
+    assert b.status()["apps"]["web"]["processes"] == []
+    status, _ = b.admin_post("/apps/web/start")
+    assert status == 200
+    assert b.get("/").status == 200
