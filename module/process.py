@@ -199,7 +199,9 @@ class AppProcess:
             if await self._accepts():
                 if self.returncode is not None:
                     continue
-                if not tree_listens(self.pid, self.port, self.socket_path):
+                ours = await asyncio.to_thread(tree_listens, self.pid, self.port,
+                                               self.socket_path)
+                if not ours:
                     raise StartFailed(self._foreign_listener(), output.tail(), port_taken=True)
                 self.ready_at = time.monotonic()
                 return
