@@ -265,3 +265,28 @@ def test_lease_timed_out_tells_the_module() -> None:
     lease = Lease(Table(), "shop", Endpoint(7, 3000, "t"))  # type: ignore[arg-type]
     lease.timed_out()
     assert sent == [RequestTimedOut("shop", 7)]
+
+
+def test_a_reload_that_changes_only_health_check_keeps_the_processes() -> None:
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from module.controller import AppController
+    from module.keeper import Keeper
+    from module.spec import AppSpec
+
+    async def main() -> None:
+        spec = AppSpec(name="shop", command=("x",))
+        app = AppController(spec, Keeper(), lambda state: None)
+        running = SimpleNamespace(pid=1, port=3000, token="t", socket_path=None)
+        app.processes = [running]  # type: ignore[list-item]  # one "running" process
+        app.phase = "ready"
+        checked = replace(spec, settings=replace(spec.settings, health_check=HealthCheck()))
+        app.update_spec(checked)
+        assert app.spec == checked and app.recycles == 0 and app.phase == "ready"
+        app.update_spec(replace(checked, command=("y",)))  # anything else: recycled
+        assert app.recycles == 1 and app.phase == "recycling"
+        for task in list(app._tasks):
+            task.cancel()
+
+    asyncio.run(main())
