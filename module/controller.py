@@ -3,14 +3,15 @@
 Theory of operation
 -------------------
 An ``AppController`` owns the processes of one app and publishes an ``AppState`` snapshot
-whenever anything changes. Its states (see ``module.messages.State``):
-
-    stopped --need--> starting --listening--> ready --crash--> failed --need--> starting
-                          |                     |                 \\ (always: after a delay)
-                          +--exit/timeout--> failed               +--> starting
-    failed/backoff: a crash or failed start is counted in the rapid-fail window; once the
-    window is full the state is ``backoff`` until ``retry_at`` and needs are refused.
-    any --app_offline.htm--> offline --file gone--> stopped;  any --stop--> stopped
+whenever anything changes. Its phase changes in one place, ``_go(event)``, through the
+pure table of ``module.states`` (which also says what each phase is published as); every
+change bumps ``version`` and publishes. The controller does the I/O around the table:
+it launches and stops processes, and gathers the facts the table's guards and the rules
+of ``module.policy`` need (psutil sampling and file reads live in ``module.probes``).
+A crash or failed start is counted in the rapid-fail window; once the window is full the
+phase is ``backoff`` until ``retry_at`` and needs are refused. A ready process that no
+longer answers (failed health checks, request timeouts in a row: ``module.health``) is
+replaced by the same overlapped recycle, for that one process.
 
 Processes live in three lists: ``starting``, ``processes`` (ready: they are the published
 endpoints) and ``draining`` (withdrawn, finishing their requests). ``need()`` is an
@@ -36,42 +37,30 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
-import psutil
-
-from . import policy
+from . import health, policy, states
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
 from .leftovers import Orphans
 from .messages import AppState, Endpoint, ProcessUsage, State, UsageReport
 from .output import AppOutput
 from .ports import pick_free_port
+from .probes import OFFLINE_FILE, read_offline_file, tree_usage
 from .process import AppProcess, describe_exit
 from .rapidfail import RapidFailWindow
-from .spec import AppSpec
+from .spec import AppSpec, HealthCheck
+from .states import Event, Phase
 
 log = logging.getLogger("bastion.module")
 
 PORT_RETRIES = 3
-OFFLINE_FILE = "app_offline.htm"
-OFFLINE_MAX_BYTES = 1024 * 1024
 MEMORY_SAMPLE_EVERY = 2.0
 
 
-def tree_usage(pid: int) -> tuple[int, float]:
-    """RSS in bytes and CPU percent of ``pid`` and all its descendants."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0, 0.0
-    rss, cpu = 0, 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            rss += proc.memory_info().rss
-            cpu += proc.cpu_percent(interval=None)
-    return rss, cpu
+def _without_health_check(spec: AppSpec) -> AppSpec:
+    return replace(spec, settings=replace(spec.settings, health_check=None))
 
 
 class AppController:
@@ -85,7 +74,7 @@ class AppController:
         self._publish = publish
         self.output = AppOutput(spec.name, spec.stdout_log)
         self.rapid = RapidFailWindow(spec.settings.rapid_fails_per_minute)
-        self.state: State = "stopped"
+        self.phase: Phase = "stopped"
         self.version = 0
         self.processes: list[AppProcess] = []  # ready, taking requests
         self.starting: list[AppProcess] = []
@@ -95,25 +84,50 @@ class AppController:
         self.last_exit = ""
         self.reason = ""
         self.detail = ""
-        self.offline_body: str | None = None
-        self.admin_stopped = False
+        self.offline_body: str | None = None  # app_offline.htm's content while present
         self.last_active = time.monotonic()
         self._usage: dict[int, dict[int, ProcessUsage]] = {}  # worker -> pid -> usage
-        self._retry_at_mono: float | None = None
+        self._retry_at_mono: float | None = None  # time.monotonic(), as published
         self._backoff = 0.0  # the first restart of an ``always`` app is immediate
         self._tasks: set[asyncio.Task[None]] = set()
         self._restart_handle: asyncio.TimerHandle | None = None
-        self._recycling = False
-        self._closed = False
         self._last_memory_sample = 0.0
         self._tree_rss: dict[int, int] = {}
+        self._liveness: dict[int, health.Liveness] = {}  # pid -> record, ready processes
+
+    @property
+    def state(self) -> State:
+        """The published state (``module.messages.State``) of the current phase."""
+        return states.PUBLISHED[self.phase]
+
+    # -- the one place the phase changes --------------------------------------------
+    def _facts(self) -> states.Facts:
+        return states.Facts(
+            serving=len(self.processes),
+            launching=len(self.starting),
+            resting=self.rapid.blocked_until(time.monotonic()) is not None,
+            offline_file=self.offline_body is not None,
+        )
+
+    def _go(self, event: Event, reason: str | None = None, detail: str | None = None) -> Phase:
+        """Apply ``event`` by the table, then bump the version and publish."""
+        self.phase = states.transition(self.phase, event, self._facts())
+        if reason is not None:
+            self.reason = reason
+        if detail is not None:
+            self.detail = detail
+        self.version += 1
+        self._publish(self.snapshot())
+        return self.phase
+
+    @property
+    def _live(self) -> bool:
+        return self.phase not in ("closing", "closed")
 
     # -- publishing -----------------------------------------------------------------
     def snapshot(self) -> AppState:
         """The current picture of this app, as sent to proxy workers."""
-        retry_at = None
-        if self.state == "backoff" and self._retry_at_mono is not None:
-            retry_at = time.time() + max(0.0, self._retry_at_mono - time.monotonic())
+        retry_at = self._retry_at_mono if self.phase == "backoff" else None
         return AppState(
             app=self.spec.name,
             version=self.version,
@@ -127,15 +141,6 @@ class AppController:
             offline_body=self.offline_body,
         )
 
-    def _set(self, state: State, reason: str | None = None, detail: str | None = None) -> None:
-        self.state = state
-        if reason is not None:
-            self.reason = reason
-        if detail is not None:
-            self.detail = detail
-        self.version += 1
-        self._publish(self.snapshot())
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -145,18 +150,16 @@ class AppController:
     def need(self) -> None:
         """A request wants this app: start it unless it is starting, ready or resting."""
         self.last_active = time.monotonic()
-        if self._closed or self.admin_stopped or self.offline_body is not None:
+        if self.phase in states.NO_PROCESSES or self.phase == "starting":
             return
-        if self.state == "starting" or (self.state == "ready" and not self._missing()):
+        if self.phase in ("ready", "recycling") and not self._missing():
             return
         now = time.monotonic()
         until = self.rapid.blocked_until(now)
         if until is not None:
-            self._retry_at_mono = until
-            if self.state != "backoff":
-                self._set("backoff")
-            else:
-                self._publish(self.snapshot())
+            if states.allowed(self.phase, "rest"):  # serving processes keep serving
+                self._retry_at_mono = until
+                self._go("rest")
             return
         self._start()
 
@@ -178,6 +181,21 @@ class AppController:
         # idle clock therefore runs from the end of the last request.
         self._usage[report.worker] = {u.pid: u for u in report.processes}
         self.last_active = time.monotonic()
+        for proc in self.processes:
+            record = self._liveness.get(proc.pid)
+            if record is not None:
+                record.completed(self.served(proc.pid) - self.in_flight(proc.pid))
+
+    def request_timed_out(self, pid: int) -> None:
+        """A worker's request to ``pid`` timed out (504); replace it after a few in a row."""
+        proc = next((p for p in self.processes if p.pid == pid), None)
+        if proc is None:
+            return
+        record = self._liveness_of(proc)
+        if record.timed_out():
+            why = f"{record.timeouts} request timeouts in a row"
+            if self.replace(proc, why):
+                record.replaced()
 
     def served(self, pid: int) -> int:
         """Requests sent to ``pid``, summed over workers."""
@@ -189,15 +207,14 @@ class AppController:
 
     # -- starting -------------------------------------------------------------------
     def _start(self) -> None:
-        wanted = max(1, self.spec.settings.processes_per_app)
-        wanted -= len(self.processes) + len(self.starting)
-        if wanted <= 0:
+        if self._missing() <= 0 or not self._live:
             return
+        wanted = self._missing()
         if self._restart_handle is not None:
             self._restart_handle.cancel()
             self._restart_handle = None
         if not self.processes:
-            self._set("starting", reason="")
+            self._go("start", reason="")
         for _ in range(wanted):
             self._spawn(self._start_one())
 
@@ -222,9 +239,11 @@ class AppController:
                 self.last_exit = describe_exit(proc.returncode)
                 await proc.stop(timeout=0)
                 self.output.mark(f"pid {proc.pid} {describe_exit(proc.returncode)}")
-                taken = "address already in use" in exc.detail.lower()
+                taken = exc.port_taken or "address already in use" in exc.detail.lower()
                 if not taken or attempt + 1 == PORT_RETRIES:
                     raise
+                log.warning("app %s: %s; trying another port", self.spec.name, exc.reason)
+                self.output.mark(f"{exc.reason}; trying another port")
             finally:
                 self.starting.remove(proc)
         raise AssertionError("unreachable")
@@ -241,12 +260,12 @@ class AppController:
             self.output.mark(f"start failed: {reason}")
             self._failure(reason, detail)
             return
-        if self._closed or self.admin_stopped or self.offline_body is not None:
+        if not states.allowed(self.phase, "up"):
             await self._stop_one(proc)  # offline or stopped while it was starting
             return
         self.processes.append(proc)
         log.info("app %s ready: pid %d port %d", self.spec.name, proc.pid, proc.port)
-        self._set("ready", reason="", detail="")
+        self._go("up", reason="", detail="")
         self._spawn(self._watch(proc))
 
     # -- crashes --------------------------------------------------------------------
@@ -270,32 +289,23 @@ class AppController:
         self._failure(f"process {status}", self.output.tail())
 
     def _failure(self, reason: str, detail: str) -> None:
-        """Count a crash or failed start and choose the next state."""
+        """Count a crash or failed start and let the table choose the next phase."""
         self.restarts += 1
         now = time.monotonic()
         self.rapid.record(now)
-        if self.processes:  # others still serve: replace the lost one at once
-            self._set("ready", reason=reason, detail=detail)
-            if not self._closed and self.rapid.blocked_until(now) is None:
+        until = self.rapid.blocked_until(now)
+        if until is not None:
+            self._retry_at_mono = until
+        phase = self._go("failure", reason=reason, detail=detail)
+        if phase in ("ready", "recycling"):  # others still serve: replace the lost one
+            if until is None:
                 self._start()
-            return
-        elif self.offline_body is not None or self.admin_stopped:
-            self._set("offline", reason=reason, detail=detail)
-            return
-        else:
-            until = self.rapid.blocked_until(now)
-            if until is not None:
-                self._retry_at_mono = until
-                self._set("backoff", reason=reason, detail=detail)
-            elif self.starting:
-                self._set("starting", reason=reason, detail=detail)
-            else:
-                self._set("failed", reason=reason, detail=detail)
-        if self.spec.settings.start_mode == "always":
+        elif phase in ("starting", "failed", "backoff") \
+                and self.spec.settings.start_mode == "always":
             self._schedule_restart()
 
     def _schedule_restart(self) -> None:
-        if self._closed or self._restart_handle is not None:
+        if not self._live or self._restart_handle is not None:
             return
         now = time.monotonic()
         delay = self._backoff
@@ -307,9 +317,9 @@ class AppController:
         self._restart_handle = loop.call_later(delay, self._restart_now)
 
     def _restart_now(self) -> None:
+        # need() re-checks the rapid-fail window: still full, it rests again (and
+        # publishes the new retry_at); else it starts.
         self._restart_handle = None
-        if self.state == "backoff":
-            self.state = "failed"  # need() re-checks the window and publishes
         self.need()
 
     def update_spec(self, spec: AppSpec) -> None:
@@ -321,6 +331,8 @@ class AppController:
             self.output.path = spec.stdout_log
             self.output.reopen()
         log.info("app %s: configuration changed", spec.name)
+        if _without_health_check(spec) == _without_health_check(old):
+            return  # the next checks use the new settings; processes are kept
         if self.processes:
             self.recycle("configuration changed")
         elif spec.settings.start_mode == "always":
@@ -329,13 +341,25 @@ class AppController:
     # -- recycling ------------------------------------------------------------------
     def recycle(self, reason: str = "requested") -> bool:
         """Overlapped restart of every process; False when there is nothing to recycle."""
-        if self._closed or self._recycling or not self.processes:
+        if self.phase != "ready" or not self.processes:
             return False
-        self._recycling = True
         self.recycles += 1
         log.info("app %s: recycling (%s)", self.spec.name, reason)
         self.output.mark(f"recycle: {reason}")
+        self._go("recycle")
         self._spawn(self._recycle(list(self.processes)))
+        return True
+
+    def replace(self, proc: AppProcess, reason: str) -> bool:
+        """Overlapped restart of one ready process that stopped answering; False when
+        that cannot begin now (another recycle is under way: it is checked again)."""
+        if self.phase != "ready" or proc not in self.processes:
+            return False
+        self.recycles += 1
+        log.warning("app %s: replacing pid %d (%s)", self.spec.name, proc.pid, reason)
+        self.output.mark(f"replacing pid {proc.pid}: {reason}")
+        self._go("recycle")
+        self._spawn(self._recycle([proc]))
         return True
 
     async def _recycle(self, old: list[AppProcess]) -> None:
@@ -351,16 +375,17 @@ class AppController:
                     self.output.mark(f"recycle start failed: {reason}; old process kept")
                     self.rapid.record(time.monotonic())
                     return
-                if self._closed or self.offline_body is not None or self.admin_stopped:
+                if not states.allowed(self.phase, "up"):
                     await self._stop_one(new)
                     return
                 self.processes.append(new)
                 self._spawn(self._watch(new))
                 if proc in self.processes:
                     self._withdraw(proc)
-                self._set("ready")
+                self._go("up")
         finally:
-            self._recycling = False
+            if self.phase == "recycling":
+                self._go("recycled")
 
     def _withdraw(self, proc: AppProcess) -> None:
         """Stop sending requests to ``proc``; it drains, then ``tick`` stops it."""
@@ -372,7 +397,7 @@ class AppController:
     # -- the periodic tick ----------------------------------------------------------
     def tick(self, now: float, orphans: Orphans | None = None) -> None:
         """Time-based rules: app_offline, draining, recycle triggers, idle stop."""
-        if self._closed:
+        if not self._live:
             return
         self._check_offline()
         for proc in list(self.draining):
@@ -382,18 +407,67 @@ class AppController:
                 self._spawn(self._stop_one(proc))
         for proc in self.processes:
             proc.refresh_descendants(orphans)
+        self._check_health(now)
         self._check_recycle(now)
         if self.processes and not self.starting and policy.is_idle(
             self.spec.settings.idle_timeout, self.last_active,
             sum(self.in_flight(p.pid) for p in self.processes), now,
-        ) and self.spec.settings.start_mode == "on_demand":
+        ) and self.spec.settings.start_mode == "on_demand" \
+                and states.allowed(self.phase, "idle"):
             log.info("app %s: idle for %gs, stopping", self.spec.name,
                      self.spec.settings.idle_timeout)
-            self._spawn(self._stop_all("stopped", "idle"))
+            self._spawn(self._stop_all("idle", "idle"))
+
+    def _liveness_of(self, proc: AppProcess) -> health.Liveness:
+        """The liveness record of a ready process, made when first needed: its first
+        check one interval later, its timeout row counted from the requests done now."""
+        record = self._liveness.get(proc.pid)
+        if record is None:
+            check = self.spec.settings.health_check
+            record = self._liveness[proc.pid] = health.Liveness(
+                next_check=time.monotonic() + (check.interval if check else 0.0),
+                completed_mark=self.served(proc.pid) - self.in_flight(proc.pid))
+        return record
+
+    def _check_health(self, now: float) -> None:
+        """Start the health checks that are due (``health_check``; off when None)."""
+        ready = {p.pid for p in self.processes}
+        for pid in [pid for pid in self._liveness if pid not in ready]:
+            del self._liveness[pid]
+        check = self.spec.settings.health_check
+        if check is None:
+            return
+        for proc in self.processes:
+            record = self._liveness_of(proc)
+            if record.check_due(now):
+                record.checking = True
+                self._spawn(self._health_check(proc, record, check))
+
+    async def _health_check(self, proc: AppProcess, record: health.Liveness,
+                            check: HealthCheck) -> None:
+        try:
+            why = await health.probe(proc.port, proc.socket_path,
+                                     self.spec.path_base + check.path, proc.token,
+                                     check.timeout)
+        finally:
+            record.checking = False
+            record.next_check = time.monotonic() + check.interval
+        if proc not in self.processes:
+            return  # withdrawn or gone meanwhile
+        if why is None:
+            record.check_passed()
+            return
+        log.warning("app %s: pid %d health check failed (%d of %d): %s", self.spec.name,
+                    proc.pid, record.failed_checks + 1, check.failures, why)
+        self.output.mark(f"pid {proc.pid} health check {check.path} failed: {why}")
+        if record.check_failed(check.failures):
+            if self.replace(proc, f"{record.failed_checks} failed health checks in a row"
+                            f" (last: {why})"):
+                record.replaced()
 
     def _check_recycle(self, now: float) -> None:
         rules = self.spec.settings.recycle
-        if self._recycling or not self.processes:
+        if self.phase != "ready" or not self.processes:
             return
         if rules.max_memory > 0 and now - self._last_memory_sample >= MEMORY_SAMPLE_EVERY:
             self._last_memory_sample = now
@@ -407,21 +481,20 @@ class AppController:
                 return
 
     def _check_offline(self) -> None:
-        if self.spec.cwd is None:
-            return
-        path = os.path.join(self.spec.cwd, OFFLINE_FILE)
         try:
-            with open(path, "rb") as f:
-                body = f.read(OFFLINE_MAX_BYTES).decode("utf-8", "replace")
-        except FileNotFoundError:
+            body = read_offline_file(self.spec.cwd)
+        except OSError:
+            return  # unreadable for now: keep what we knew
+        if body is None:
             if self.offline_body is not None:
                 log.info("app %s: %s removed, back online", self.spec.name, OFFLINE_FILE)
                 self.offline_body = None
-                self._set("stopped", reason="")
-                if self.spec.settings.start_mode == "always":
+                if not states.allowed(self.phase, "online"):
+                    return  # its stop has not begun yet, or Bastion is stopping
+                held = self.phase == "held"
+                self._go("online", reason="stopped by the administrator" if held else "")
+                if self.phase == "stopped" and self.spec.settings.start_mode == "always":
                     self.need()
-            return
-        except OSError:
             return
         if self.offline_body != body:
             first = self.offline_body is None
@@ -430,50 +503,53 @@ class AppController:
                 log.info("app %s: %s found, taking the app offline", self.spec.name, OFFLINE_FILE)
                 self._spawn(self._stop_all("offline", f"{OFFLINE_FILE} present"))
             else:
-                self._set("offline")
+                self._go("offline")
 
     # -- stopping -------------------------------------------------------------------
-    async def _stop_all(self, final: State, reason: str) -> None:
-        """Withdraw and stop every process, ending in ``final``."""
+    async def _stop_all(self, event: Event, reason: str) -> None:
+        """Withdraw and stop every process; ``event`` says which phase follows."""
         if self._restart_handle is not None:
             self._restart_handle.cancel()
             self._restart_handle = None
+        if not states.allowed(self.phase, event):
+            return  # closing: stop() takes care of the processes
         procs = self.processes + self.draining
         self.processes = []
         self.draining = []
-        self._set(final, reason=reason, detail="")
+        self._go(event, reason=reason, detail="")
         for proc in procs:
             proc.stopping = True
         await asyncio.gather(*(self._stop_one(p) for p in procs))
 
     async def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL after shutdown_time_limit)."""
-        self._closed = True
+        if self.phase == "closed":
+            return
         if self._restart_handle is not None:
             self._restart_handle.cancel()
+            self._restart_handle = None
         procs = self.processes + self.starting + self.draining
         if procs:
-            self._set("draining")
+            self._go("close")
         await asyncio.gather(*(self._stop_one(p) for p in procs))
         self.processes.clear()
         self.draining.clear()
         for task in list(self._tasks):
             task.cancel()
-        self._set("stopped")
+        self._go("closed")
         self.output.close()
 
     async def admin_stop(self) -> None:
         """``POST /apps/NAME/stop``: stop it; requests get 503 until ``admin_start``."""
-        self.admin_stopped = True
-        await self._stop_all("offline", "stopped by the administrator")
+        await self._stop_all("admin_stop", "stopped by the administrator")
 
     def admin_start(self) -> None:
         """``POST /apps/NAME/start``: allow it again, forget rapid failures, start it."""
-        self.admin_stopped = False
         self.rapid.clear()
-        if self.offline_body is None:
-            self._set("stopped", reason="")
-            self.need()
+        if self.phase == "held":
+            self._go("admin_start", reason=f"{OFFLINE_FILE} present"
+                     if self.offline_body is not None else "")
+        self.need()
 
     async def _stop_one(self, proc: AppProcess) -> None:
         await proc.stop()
@@ -518,15 +594,18 @@ class AppController:
                     "rss": rss,
                     "cpu_percent": cpu,
                 })
-        snap = self.snapshot()
+        retry_at = None  # shown as wall-clock time
+        if self.phase == "backoff" and self._retry_at_mono is not None:
+            retry_at = wall + max(0.0, self._retry_at_mono - now)
         return {
             "name": self.spec.name,
             "pool": self.spec.pool,
             "state": self.state,
+            "phase": self.phase,
             "restarts": self.restarts,
             "recycles": self.recycles,
             "last_exit": self.last_exit,
             "reason": self.reason,
-            "retry_at": snap.retry_at,
+            "retry_at": retry_at,
             "processes": procs,
         }

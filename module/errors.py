@@ -18,7 +18,8 @@ class LaunchError(ModuleError):
 class StartFailed(ModuleError):
     """A started process exited or did not listen within its startup time limit."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", port_taken: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.port_taken = port_taken  # another process holds the port: try another one

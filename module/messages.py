@@ -9,9 +9,10 @@ keeps the latest snapshot per app and never needs history, so a late-joining wor
 only needs the current snapshots (``Module.snapshot()``).
 
 Workers talk back with ``NeedApp`` ("a request wants app X and no endpoint is ready"),
-``EndpointFailed`` ("I could not reach process P of app X") and ``UsageReport`` (requests
-served and in flight per process, sent when they change, at most a few times a second).
-All are idempotent hints; the module decides what to do.
+``EndpointFailed`` ("I could not reach process P of app X"), ``RequestTimedOut`` ("process
+P of app X did not answer within request_timeout") and ``UsageReport`` (requests served
+and in flight per process, sent when they change, at most a few times a second). All are
+hints; the module decides what to do.
 
 Request slots (``SlotWanted`` / ``SlotGranted`` / ``SlotRefused`` / ``SlotFreed``) are
 the one exchange that is not for the module: the main process's slot granter
@@ -58,8 +59,10 @@ class AppState:
 
     ``version`` grows by one on every change of that app, so a waiting request can tell
     a failure that happened after it began waiting from an older one. ``retry_at`` is a
-    wall-clock time (``time.time()``) because it crosses process boundaries; the proxy
-    turns it into a ``Retry-After`` delay.
+    ``time.monotonic()`` time: on Linux that is CLOCK_MONOTONIC, one clock for every
+    process of the machine, so it crosses process boundaries and, unlike the wall clock,
+    does not move when the system time is stepped. The proxy turns it into a
+    ``Retry-After`` delay.
     """
 
     app: str
@@ -100,6 +103,20 @@ class EndpointFailed:
     def to_wire(self) -> dict[str, Any]:
         """A JSON-able dict of this message."""
         return {"kind": "failed", "app": self.app, "pid": self.pid, "error": self.error}
+
+
+@dataclass(frozen=True)
+class RequestTimedOut:
+    """Proxy -> module: process ``pid`` of ``app`` did not answer a request in time (504).
+
+    ``module.health.TIMEOUTS_IN_A_ROW`` of these in a row replace the process."""
+
+    app: str
+    pid: int
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        return {"kind": "timeout", "app": self.app, "pid": self.pid}
 
 
 @dataclass(frozen=True)
@@ -204,7 +221,7 @@ class SlotFreed:
                 "ticket": self.ticket}
 
 
-ToModule = NeedApp | EndpointFailed | UsageReport
+ToModule = NeedApp | EndpointFailed | RequestTimedOut | UsageReport
 FromProxy = ToModule | SlotWanted | SlotFreed  # everything a proxy worker sends
 ToProxy = AppState | SlotGranted | SlotRefused  # everything a proxy worker is told
 Message = FromProxy | ToProxy
@@ -232,6 +249,8 @@ def from_wire(data: dict[str, Any]) -> Message:
         return NeedApp(app=data["app"])
     if kind == "failed":
         return EndpointFailed(app=data["app"], pid=data["pid"], error=data.get("error", ""))
+    if kind == "timeout":
+        return RequestTimedOut(app=data["app"], pid=data["pid"])
     if kind == "usage":
         return UsageReport(
             app=data["app"],

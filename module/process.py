@@ -10,7 +10,11 @@ for SIGKILL when Bastion dies (``PR_SET_PDEATHSIG``), and the keeper kills its w
 group in that case too, so neither the app nor its children outlive Bastion.
 
 ``wait_ready`` polls the port (or socket) until it accepts a connection, the process
-exits, or ``startup_time_limit`` passes. ``stop`` sends SIGTERM to the group, waits up to
+exits, or ``startup_time_limit`` passes. A port that accepts is taken for the app only
+when the listening socket belongs to the launched process tree (``probes.tree_listens``):
+another process may hold the port chosen for the app, and it must never get the app's
+requests or its pairing token; that start fails with ``port_taken`` and the controller
+tries another port. ``stop`` sends SIGTERM to the group, waits up to
 ``shutdown_time_limit``, then sends SIGKILL to the group. Nothing here decides what an
 exit means: the app controller does.
 """
@@ -31,8 +35,15 @@ from collections.abc import Callable
 
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
-from .leftovers import DescendantTracker, Orphans, kill_leftovers, orphans_by_token
+from .leftovers import (
+    DescendantTracker,
+    Orphans,
+    kill_leftovers,
+    listener_pids,
+    orphans_by_token,
+)
 from .output import AppOutput, drain
+from .probes import tree_listens
 from .spec import AppSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -196,11 +207,15 @@ class AppProcess:
                 output.failed(self.pid, reason)
                 raise StartFailed(reason, output.tail())
             if await self._accepts():
-                if self.returncode is None:
-                    self.ready_at = time.monotonic()
-                    output.ready(self.pid, self.ready_at - self.started_at)
-                    return
-                continue
+                if self.returncode is not None:
+                    continue
+                ours = await asyncio.to_thread(tree_listens, self.pid, self.port,
+                                               self.socket_path)
+                if not ours:
+                    raise StartFailed(self._foreign_listener(), output.tail(), port_taken=True)
+                self.ready_at = time.monotonic()
+                output.ready(self.pid, self.ready_at - self.started_at)
+                return
             if time.monotonic() >= deadline:
                 reason = f"did not listen on its port within {limit:g}s"
                 output.failed(self.pid, reason)
@@ -209,6 +224,13 @@ class AppProcess:
             # A refused connect on loopback costs microseconds: poll often, so a request
             # waiting for a start is served within ~20 ms of the app's listen().
             delay = min(delay * 2, 0.02)
+
+    def _foreign_listener(self) -> str:
+        """Why a port that accepts is not the app's, naming its holder when visible."""
+        where = self.socket_path or f"port {self.port}"
+        holders = [p for p in listener_pids(self.port) if p != self.pid] if self.port else []
+        held = f" (pid {', '.join(map(str, holders))})" if holders else ""
+        return f"{where} accepts, but another process{held} listens there, not the app"
 
     # -- exit and stop --------------------------------------------------------------
     @property

@@ -25,6 +25,16 @@ class RecycleSettings:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """A periodic GET of ``path`` on each ready process (``module.health``)."""
+
+    path: str = "/health"  # under the app's path base, as a client request would come
+    interval: float = 10.0  # seconds between the end of one check and the next
+    timeout: float = 2.0  # seconds for the whole answer's status line
+    failures: int = 3  # failed checks in a row before the process is replaced
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     """Lifecycle, identity and limits shared by the apps of a pool."""
 
@@ -40,6 +50,7 @@ class PoolSettings:
     max_concurrency: int = 0
     max_queue: int = 100
     recycle: RecycleSettings = field(default_factory=RecycleSettings)
+    health_check: HealthCheck | None = None  # off unless configured
 
     def merged(self, overrides: dict[str, Any]) -> PoolSettings:
         """Return these settings with ``overrides`` (already typed) applied.

@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The host (``proxy.main``) makes one ``Supervisor`` from the app specs, subscribes to its
-``AppState`` snapshots and feeds it ``NeedApp`` / ``EndpointFailed`` / ``UsageReport``
-messages through ``handle``. That is the whole interface: the supervisor never sees a
-request, and the proxy never sees a process. ``start`` makes Bastion a child subreaper
+``AppState`` snapshots and feeds it ``NeedApp`` / ``EndpointFailed`` /
+``RequestTimedOut`` / ``UsageReport`` messages through ``handle``. That is the whole
+interface: the supervisor never sees a request, and the proxy never sees a process. ``start`` makes Bastion a child subreaper
 (orphans of apps come back to it), launches the keeper and every ``always`` app, and
 starts the tick that drives time-based rules; ``stop`` stops every app, then the keeper.
 ``status`` is the one query that the admin interface, ``bastion status`` and tests use.
@@ -26,7 +26,7 @@ from .controller import AppController
 from .errors import UnknownApp
 from .keeper import Keeper
 from .leftovers import become_subreaper, orphans_by_token, reap_orphan_zombies
-from .messages import AppState, EndpointFailed, NeedApp, UsageReport
+from .messages import AppState, NeedApp, RequestTimedOut, ToModule, UsageReport
 from .spec import AppSpec
 
 log = logging.getLogger("bastion.module")
@@ -62,13 +62,15 @@ class Supervisor:
         """The current state of every app."""
         return [app.snapshot() for app in self.apps.values()]
 
-    def handle(self, message: NeedApp | EndpointFailed | UsageReport) -> None:
+    def handle(self, message: ToModule) -> None:
         """Act on a message from a proxy worker."""
         app = self.app(message.app)
         if isinstance(message, NeedApp):
             app.need()
         elif isinstance(message, UsageReport):
             app.usage(message)
+        elif isinstance(message, RequestTimedOut):
+            app.request_timed_out(message.pid)
         else:
             app.endpoint_failed(message.pid)
 

@@ -26,7 +26,8 @@ current directory for ``config_from_dict``) and stored as absolute paths. Top-le
 starting with ``x-`` are ignored, so they can hold anchors for merge keys.
 
 An app's settings are its pool's, with the app's own pool keys replacing them; the
-exceptions are ``environment`` and ``recycle``, which are merged key by key.
+exceptions are ``environment``, ``recycle`` and ``health_check``, which are merged key by
+key (``health_check: null`` on an app turns its pool's check off).
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ from typing import Any, Final
 
 import yaml
 
-from module.spec import POOL_SETTING_NAMES, AppSpec, PoolSettings, RecycleSettings
+from module.spec import (
+    POOL_SETTING_NAMES,
+    AppSpec,
+    HealthCheck,
+    PoolSettings,
+    RecycleSettings,
+)
 from proxy.config import CertificatePair, Config, Limits, Listener, Route, TLSSettings
 from proxy.units import _show, parse_duration, parse_size
 
@@ -483,6 +490,27 @@ def _url_path(value: object) -> str:
     return value.rstrip("/") or "/"
 
 
+def _request_path(value: object) -> str:
+    """A request target in origin form: ``/health``, ``/status?full=1``."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f'must start with "/", not {_show(value)}')
+    if "#" in value or any(c <= " " or c == "\x7f" for c in value):
+        raise ValueError(f"must be a path without spaces, control characters or '#', "
+                         f"not {_show(value)}")
+    return value
+
+
+def _health_check(checker: _Checker, node: _Node, path: str) -> Any:
+    """``null`` (off) or a mapping of ``_HEALTH_RULES`` (missing keys: their defaults)."""
+    if node.value is None:
+        return None
+    if isinstance(node.value, dict):
+        return checker.fields(node, path, _HEALTH_RULES)
+    checker.add(node.line, f"{path} must be a mapping such as {{path: /health, interval: 10s, "
+                f"timeout: 2s, failures: 3}} or null, not {_show(node.value)}")
+    return _BAD
+
+
 def _hsts(value: object) -> int | None:
     return None if value is None else int(parse_duration(value))
 
@@ -570,6 +598,12 @@ _RECYCLE_RULES: Final[dict[str, Rule]] = {
     "max_requests": _scalar(_integer(0)),
     "max_memory": _scalar(parse_size),
 }
+_HEALTH_RULES: Final[dict[str, Rule]] = {
+    "path": _scalar(_request_path),
+    "interval": _scalar(_positive_duration),
+    "timeout": _scalar(_positive_duration),
+    "failures": _scalar(_integer(1)),
+}
 _POOL_RULES: Final[dict[str, Rule]] = {
     "user": _user_rule,
     "environment": _environment,
@@ -583,6 +617,7 @@ _POOL_RULES: Final[dict[str, Rule]] = {
     "max_concurrency": _scalar(_integer(0)),
     "max_queue": _scalar(_integer(0)),
     "recycle": _section(_RECYCLE_RULES),
+    "health_check": _health_check,
 }
 if set(_POOL_RULES) != POOL_SETTING_NAMES:  # keep the table in step with module.spec
     raise RuntimeError(f"_POOL_RULES differs from PoolSettings: {set(_POOL_RULES) ^ POOL_SETTING_NAMES}")
@@ -670,6 +705,8 @@ def _pools(checker: _Checker, node: _Node | None) -> dict[str, PoolSettings]:
             checker.add(item.key_line, f"pool name '{name}' must be letters, digits, '_', '.' or '-'")
         values = checker.fields(item, f"pools.{name}", _POOL_RULES)
         values["recycle"] = RecycleSettings(**values.get("recycle", {}))
+        if values.get("health_check") is not None:
+            values["health_check"] = HealthCheck(**values["health_check"])
         pools[name] = PoolSettings(**values)
     return pools
 
@@ -713,6 +750,9 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         base = pools.get(pool, PoolSettings())
         if "recycle" in own:
             own["recycle"] = replace(base.recycle, **own["recycle"])
+        if own.get("health_check") is not None:
+            own["health_check"] = replace(base.health_check or HealthCheck(),
+                                          **own["health_check"])
         apps.append(AppSpec(name=name, pool=pool, settings=base.merged(own),
                             path_base="" if url_path == "/" else url_path,
                             https_port=https_port, **values))

@@ -48,6 +48,7 @@ from module.messages import (
     FromProxy,
     NeedApp,
     ProcessUsage,
+    RequestTimedOut,
     SlotFreed,
     SlotGranted,
     SlotRefused,
@@ -119,6 +120,11 @@ class Lease:
         """This endpoint could not be reached: avoid it for a moment, tell the module."""
         self._table.suspend(self.app, self.endpoint.pid)
         self._table.send(EndpointFailed(self.app, self.endpoint.pid, error))
+
+    def timed_out(self) -> None:
+        """This endpoint did not answer within request_timeout (504): tell the module,
+        which replaces a process that does so several times in a row."""
+        self._table.send(RequestTimedOut(self.app, self.endpoint.pid))
 
 
 class EndpointTable:
@@ -370,7 +376,7 @@ def _refusal(state: AppState) -> ProxyError | None:
         return Unavailable(state.reason or f"the app {state.app!r} is offline",
                            app=state.app, body=state.offline_body)
     if state.state == "backoff" and state.retry_at is not None:
-        wait = state.retry_at - time.time()
+        wait = state.retry_at - time.monotonic()  # CLOCK_MONOTONIC: system-wide
         if wait > 0:
             return Unavailable(
                 f"the app {state.app!r} failed too often and is resting",

@@ -219,12 +219,12 @@ def test_older_failed_state_triggers_need_not_502() -> None:
 def test_backoff_in_future_is_503_with_retry_after() -> None:
     async def main() -> None:
         module = FakeModule()
-        retry_at = time.time() + 7.3
+        retry_at = time.monotonic() + 7.3
         module.update(AppState("shop", 4, "backoff", retry_at=retry_at, reason="crashed"))
         with pytest.raises(Unavailable) as info:
             await module.table.acquire("shop", 1.0)
         assert info.value.status == 503
-        assert info.value.retry_after == math.ceil(retry_at - time.time()) == 8
+        assert info.value.retry_after == math.ceil(retry_at - time.monotonic()) == 8
         assert module.requests() == []
 
     run(main())
@@ -233,7 +233,7 @@ def test_backoff_in_future_is_503_with_retry_after() -> None:
 def test_backoff_in_past_asks_module_again() -> None:
     async def main() -> None:
         module = FakeModule()
-        module.update(AppState("shop", 4, "backoff", retry_at=time.time() - 1))
+        module.update(AppState("shop", 4, "backoff", retry_at=time.monotonic() - 1))
         module.on_need = lambda t, m: t.update(AppState("shop", 5, "ready", endpoints=(EP1,)))
         lease = await module.table.acquire("shop", 1.0)
         assert lease.endpoint == EP1
@@ -247,7 +247,7 @@ def test_need_answered_with_backoff_is_503() -> None:
         module = FakeModule()
         module.update(AppState("shop", 1, "failed"))
         module.on_need = lambda t, m: t.update(
-            AppState("shop", 2, "backoff", retry_at=time.time() + 30))
+            AppState("shop", 2, "backoff", retry_at=time.monotonic() + 30))
         with pytest.raises(Unavailable) as info:
             await module.table.acquire("shop", 1.0)
         assert info.value.retry_after is not None and 29 <= info.value.retry_after <= 30

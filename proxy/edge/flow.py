@@ -600,8 +600,11 @@ class Flow:
             return
         if not error.app and self.app != "-":
             error.app = self.app
-        if self.lease is not None and error.status == 502:
-            self.lease.failed(str(error))
+        if self.lease is not None:
+            if error.status == 502:
+                self.lease.failed(str(error))
+            elif error.status == 504:
+                self.lease.timed_out()  # three in a row replace the process
         if self._head_out:
             self.down.abort()
             self._finish(abort_upstream=True)
