@@ -17,6 +17,7 @@ with a timeout; every wait is bounded.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -831,3 +832,36 @@ def test_watcher_loads_good_pair_after_broken_one(reloadable: Reloadable) -> Non
     good = r.new_pair("good")
     r.install(good)
     assert r.wait_for_certificate(good), "the watcher did not load the repaired pair"
+
+
+# 6. Failed handshakes are counted ----------------------------------------------------------
+
+
+def _handshake_errors(b: BastionProcess) -> float:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(b.config["admin_socket"])
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: bastion\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    for line in data.decode().splitlines():
+        if line.startswith("bastion_tls_handshake_errors_total"):
+            return float(line.split()[-1])
+    raise AssertionError("no bastion_tls_handshake_errors_total in /metrics")
+
+
+def test_failed_handshakes_are_counted(main: Main) -> None:
+    before = _handshake_errors(main.b)
+    for _ in range(3):  # plain HTTP to the TLS port: each handshake fails
+        with socket.create_connection(("127.0.0.1", main.https), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            with contextlib.suppress(OSError):
+                sock.recv(100)
+    assert wait_until(lambda: _handshake_errors(main.b) >= before + 3, timeout=10)
+    # A good handshake is not counted.
+    now = _handshake_errors(main.b)
+    tls_connect(main.https, client_context(), "www.example.com").close()
+    time.sleep(1.5)
+    assert _handshake_errors(main.b) == now

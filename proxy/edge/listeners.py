@@ -88,18 +88,31 @@ def bind_socket(listener: Listener, backlog: int = 1024) -> socket.socket:
 
 
 class AlpnSelector(asyncio.Protocol):
-    """Picks HTTP/2 or HTTP/1.1 once the TLS handshake chose a protocol, then hands the
-    transport over to it (``set_protocol``): no layer stays in between."""
+    """The protocol of a TLS connection until its handshake is done: picks HTTP/2 or
+    HTTP/1.1 by what ALPN chose, then hands the transport over to it
+    (``set_protocol``): no layer stays in between. One that is dropped without a
+    connection was a failed handshake (the event loop reports those to nobody): it is
+    counted then (``failed``)."""
+
+    __slots__ = ("_http1", "_http2", "_failed", "_made")
 
     def __init__(self, http1: Callable[[], asyncio.Protocol],
-                 http2: Callable[[], asyncio.Protocol]) -> None:
+                 http2: Callable[[], asyncio.Protocol] | None,
+                 failed: Callable[[], None] | None = None) -> None:
         self._http1 = http1
         self._http2 = http2
+        self._failed = failed
+        self._made = False
+
+    def __del__(self) -> None:
+        if not self._made and self._failed is not None:
+            self._failed()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        inner = self._http2() if alpn == "h2" else self._http1()
+        inner = self._http2() if alpn == "h2" and self._http2 is not None else self._http1()
         transport.set_protocol(inner)
         inner.connection_made(transport)
 
@@ -137,6 +150,10 @@ class _Served:
             self.server = None
 
 
+def _nothing() -> None:
+    return None
+
+
 class ListenerSet:
     """The running listeners of one worker."""
 
@@ -155,6 +172,8 @@ class ListenerSet:
         """Serve each bound socket with its site."""
         self.connections.limit = config.limits.max_connections
         connections = self.connections
+        metrics = next((site.metrics for site in sites.values()), None)
+        failed = metrics.tls_handshake_failed if metrics is not None else _nothing
         for listener, sock, context in sockets:
             site = sites[listener.address]
 
@@ -162,14 +181,17 @@ class ListenerSet:
                 return H1Connection(site, connections)
 
             factory: Callable[[], asyncio.Protocol] = http1
-            if context is not None and listener.http2:
-                h2_server = H2Server(site, connections)
-                self._h2.append(h2_server)
+            if context is not None:
+                h2: Callable[[], asyncio.Protocol] | None = None
+                if listener.http2:
+                    h2_server = H2Server(site, connections)
+                    self._h2.append(h2_server)
+                    h2 = h2_server
 
                 def selector(h1: Callable[[], asyncio.Protocol] = http1,
-                             h2: Callable[[], asyncio.Protocol] = h2_server
+                             h2: Callable[[], asyncio.Protocol] | None = h2
                              ) -> asyncio.Protocol:
-                    return AlpnSelector(h1, h2)
+                    return AlpnSelector(h1, h2, failed)
 
                 factory = selector
             served = _Served(sock, factory, context)
