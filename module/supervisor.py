@@ -25,8 +25,9 @@ from typing import Any
 from .controller import AppController
 from .errors import UnknownApp
 from .keeper import Keeper
-from .leftovers import become_subreaper, orphans_by_token, reap_orphan_zombies
+from .leftovers import Orphans, become_subreaper, orphans_by_token, reap_orphan_zombies
 from .messages import AppState, EndpointFailed, NeedApp, UsageReport
+from .periodic import Guard, every
 from .spec import AppSpec
 
 log = logging.getLogger("bastion.module")
@@ -42,6 +43,7 @@ class Supervisor:
         self._keeper = Keeper()
         self._subscribers: list[Subscriber] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._guard = Guard(log)
         self.started_at = time.time()
         self.apps: dict[str, AppController] = {
             spec.name: AppController(spec, self._keeper, self._broadcast) for spec in specs
@@ -96,27 +98,43 @@ class Supervisor:
             app.tick(time.monotonic())  # app_offline.htm before the first start
             if app.spec.settings.start_mode == "always":
                 app.need()
-        self._ticker = asyncio.create_task(self._tick_forever())
+        self._ticker = asyncio.create_task(every("module tick", TICK, self._tick, log))
 
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            now = time.monotonic()
+    def _tick(self) -> None:
+        """One tick. Its parts fail on their own (logged, rate-limited): an orphan scan
+        that fails (EMFILE, say) leaves app_offline, draining, recycle and idle rules
+        working, and the next tick tries everything again."""
+        now = time.monotonic()
+        orphans: Orphans = {}
+        try:
             orphans = orphans_by_token()
-            for app in self.apps.values():
-                try:
-                    app.tick(now, orphans)
-                except Exception:
-                    log.exception("app %s: periodic check failed", app.spec.name)
+            self._guard.succeeded("orphan scan")
+        except Exception:  # noqa: BLE001 - see above
+            self._guard.failed("orphan scan")
+        for app in self.apps.values():
+            part = f"app {app.spec.name}: periodic check"
+            try:
+                app.tick(now, orphans)
+                self._guard.succeeded(part)
+            except Exception:  # noqa: BLE001
+                self._guard.failed(part)
+        try:
             reap_orphan_zombies()
+            self._guard.succeeded("zombie sweep")
+        except Exception:  # noqa: BLE001
+            self._guard.failed("zombie sweep")
 
     async def stop(self) -> None:
         """Stop every app gracefully, then the keeper."""
         if self._ticker is not None:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._ticker
-        await asyncio.gather(*(app.stop() for app in self.apps.values()))
+        results = await asyncio.gather(*(app.stop() for app in self.apps.values()),
+                                       return_exceptions=True)
+        for app, result in zip(self.apps.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("app %s: stop failed: %r", app.spec.name, result)
         self._keeper.stop()
 
     def kill_now(self) -> None:
