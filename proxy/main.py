@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from module.leftovers import forget_own_child, note_own_child
 from module.messages import AppState, EndpointFailed, NeedApp, UsageReport, from_wire
 from module.periodic import every
 from module.supervisor import Supervisor
@@ -235,13 +236,16 @@ class ProcessWorker(WorkerHandle):
             raise
         finally:
             theirs.close()
+        pid = self.proc.pid
+        note_own_child(pid)  # Bastion's own child, not an app's leftover (module.leftovers)
+        exited = asyncio.ensure_future(self.proc.wait())
+        exited.add_done_callback(lambda _: forget_own_child(pid))
         self.started_at = self.last_seen = time.monotonic()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         setup = WorkerSetup(self.config, self.worker_id, tuple(fds.items()),
                             tuple(self.snapshot()), tuple(self.pems.items()))
         self._writer.write(channel.frame(channel.SETUP, pickle.dumps(setup)))
         self._reader_task = asyncio.create_task(self._read(reader))
-        exited = asyncio.ensure_future(self.proc.wait())
         ready = asyncio.ensure_future(self._ready.wait())
         try:
             await asyncio.wait({exited, ready}, timeout=WORKER_START_LIMIT,
@@ -249,7 +253,6 @@ class ProcessWorker(WorkerHandle):
         finally:
             ready.cancel()
         if not self._ready.is_set():
-            exited.cancel()
             if self.proc.returncode is None:
                 self.proc.kill()
                 await self.proc.wait()
