@@ -466,10 +466,18 @@ class Bastion:
                                             all_or_nothing=False)
         if not started:
             raise WorkerStartError("no proxy worker could start (see the errors above)")
-        interval = heartbeat_interval(min(self.config.worker_timeout, 3600.0))
+        self._watch_liveness()
+        self.notifier.ready(self._describe())
+
+    def _watch_liveness(self) -> None:
+        """(Re)start the liveness check, as often as the generation's heartbeats."""
+        if self._liveness is not None:
+            self._liveness.cancel()
+        if self.stopping:
+            return
+        interval = heartbeat_interval(self.config.worker_timeout)
         self._liveness = asyncio.create_task(
             every("worker liveness check", interval, self._check_liveness, log))
-        self.notifier.ready(self._describe())
 
     def _describe(self) -> str:
         return (f"{len(self.workers)} worker(s), {len(self.config.apps)} app(s), "
@@ -574,9 +582,12 @@ class Bastion:
                 log.error("reload failed, keeping the old configuration: %s", exc)
                 self.notifier.ready(self._describe())
                 return False, [str(exc)]
+            timeout_changed = new.worker_timeout != self.config.worker_timeout
             self.config = new
             self.pems = new_pems
             self.generation += 1
+            if timeout_changed:
+                self._watch_liveness()
             # Everything else is the old generation (replacements started meanwhile too).
             old_workers = [w for w in self.workers if w not in new_workers]
             self.workers = new_workers

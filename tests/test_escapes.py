@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def test_cgroup_daemon_dies_with_its_apps_crash(tmp_path: Path, daemons: list[Da
     assert f"/bastion-{daemon.bastion.pid}/gc-" in group, group
     assert _cgroup_of(daemon.app_pid) == group
     os.kill(daemon.app_pid, signal.SIGKILL)
+    crashed = time.monotonic()
     assert wait_until(lambda: not pid_alive(daemon.pid), 5), daemon.bastion.log()
+    print(f"\ndaemon killed {time.monotonic() - crashed:.3f}s after its app's crash")
     # The app comes back in a new cgroup of its own; the old one is removed.
     assert wait_until(lambda: ready_pids(daemon.bastion, "gc") not in ([], [daemon.app_pid]),
                       20)
