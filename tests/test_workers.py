@@ -447,7 +447,9 @@ def test_worker_with_a_blocked_event_loop_is_killed_and_replaced(tmp_path: Path)
             load.wait_for(60)
         print(f"stopped worker killed after {killed_in:.2f}s, replaced after "
               f"{replaced_in:.2f}s; {load.summary()}")
-        assert 2.0 <= killed_in <= 4.5, killed_in
+        # Silent for more than 2 s since its last heartbeat (sent up to 0.5 s before the
+        # SIGSTOP), found by a check that runs every 0.5 s.
+        assert 1.4 <= killed_in <= 4.0, killed_in
         assert replaced_in <= 6.0, replaced_in
         assert "sent no heartbeat" in bastion.log(), bastion.log()
         assert len(worker_children(bastion)) == 2 and before[1] in worker_pids(bastion)
