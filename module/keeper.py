@@ -10,6 +10,10 @@ or not (the kernel closes the pipe even on SIGKILL), and the keeper sends SIGKIL
 process group still on its list, then exits. A clean stop has already stopped every
 app, so the list is empty by then.
 
+Where app processes run in cgroups (``module.cgroups``), Bastion also writes ``+CPATH``
+for its cgroup directory: at end-of-file the keeper SIGKILLs every process in every app
+cgroup below it (a daemon that left group and session included) and removes them.
+
 The keeper ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C in Bastion's terminal reaches the
 whole foreground group, and the keeper must outlive Bastion's own shutdown. It never
 lingers itself: end-of-file is the only way out of its loop, and it always comes.
@@ -21,7 +25,11 @@ import os
 import signal
 import subprocess
 import sys
-from typing import IO
+import time
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cgroups import CgroupRoot
 
 
 def _kill_group(pgid: int) -> None:
@@ -31,13 +39,44 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _kill_cgroup_tree(path: str) -> None:
+    from .cgroups import AppCgroup, CgroupRoot
+
+    root = CgroupRoot(path)
+    root.kill_all()
+    deadline = time.monotonic() + 2.0
+    for leaf in root.leaves():
+        cgroup = AppCgroup(leaf)
+        while time.monotonic() < deadline:
+            try:
+                os.rmdir(leaf)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                cgroup.kill_now()
+                time.sleep(0.01)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def run(stream: IO[bytes]) -> None:
     """Read ``+PGID`` / ``-PGID`` lines until EOF, then kill the groups left."""
     groups: set[int] = set()
     pids: set[int] = set()
+    cgroups: set[str] = set()
     for raw in stream:
         line = raw.strip()
         if len(line) < 2:
+            continue
+        if line[1:2] == b"C":  # a cgroup directory (module.cgroups)
+            path = line[2:].decode(errors="surrogateescape")
+            if line[:1] == b"+":
+                cgroups.add(path)
+            elif line[:1] == b"-":
+                cgroups.discard(path)
             continue
         target = groups
         number = line[1:]
@@ -58,6 +97,8 @@ def run(stream: IO[bytes]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    for path in cgroups:
+        _kill_cgroup_tree(path)
 
 
 class Keeper:
@@ -65,6 +106,9 @@ class Keeper:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        # Bastion's cgroup directory when app processes run in cgroups (set by the
+        # supervisor; AppProcess.launch makes each process's leaf in it).
+        self.cgroups: CgroupRoot | None = None
 
     def start(self) -> None:
         """Start the keeper process (idempotent)."""
@@ -103,6 +147,19 @@ class Keeper:
     def forget_pid(self, pid: int) -> None:
         """Process ``pid`` is gone; stop guarding it."""
         self._send(f"-p{pid}")
+
+    def watch_cgroup(self, path: str) -> None:
+        """Kill every process in the cgroups below ``path`` if Bastion dies."""
+        self._send(f"+C{path}")
+
+    def forget_cgroup(self, path: str) -> None:
+        """Bastion removed ``path`` itself."""
+        self._send(f"-C{path}")
+
+    @property
+    def pid(self) -> int | None:
+        """The keeper's pid while it runs."""
+        return None if self._proc is None else self._proc.pid
 
     def stop(self) -> None:
         """Close the pipe (the keeper kills what is left, then exits) and reap it."""

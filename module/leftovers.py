@@ -12,8 +12,20 @@ re-parented to Bastion instead of init, and it recognises them in two ways:
 * an orphan re-parented to Bastion still carries the ``BASTION_TOKEN`` of the process
   that started it in its environment, which names its app process exactly.
 
-``kill_leftovers`` SIGKILLs both kinds and reaps the ones that are Bastion's children.
+* an orphan that did not leave its session (a double fork without ``setsid()``) still
+  has the app process's session id: the app process is its session's leader.
+
+``kill_leftovers`` SIGKILLs these kinds and reaps the ones that are Bastion's children.
 The keeper is told about tracked descendants too, so they die even if Bastion is killed.
+
+Anything else that is Bastion's child and that Bastion did not start itself came from an
+app as well: only descendants of Bastion re-parent to it. Bastion's own children (app
+processes, the keeper, proxy workers) are registered with ``note_own_child``;
+``scan_children`` lists the others (*strays*). A stray that none of the rules above
+names (a daemon that double-forked with ``setsid()`` and an empty environment before a
+tick saw it) cannot be attributed to an app: the supervisor has the keeper guard it and
+kills it at Bastion's stop at the latest. Where cgroups can be used
+(``module.cgroups``) they name every such process exactly, and this is the fallback.
 """
 
 from __future__ import annotations
@@ -111,8 +123,58 @@ def orphans_by_token() -> Orphans:
 
 
 def orphans_with_token(token: str, root_pid: int) -> list[psutil.Process]:
-    """Children carrying ``token``, other than its app process ``root_pid`` itself."""
-    return [p for p in orphans_by_token().get(token, []) if p.pid != root_pid]
+    """Children carrying ``token`` or in the session ``root_pid`` leads, other than the
+    app process ``root_pid`` itself."""
+    found = {p.pid: p for p in orphans_by_token().get(token, []) if p.pid != root_pid}
+    for child in psutil.Process().children():
+        with contextlib.suppress(OSError, psutil.Error):
+            if child.pid != root_pid and os.getsid(child.pid) == root_pid:
+                found.setdefault(child.pid, child)
+    return list(found.values())
+
+
+# Children Bastion started itself (app processes, the keeper, proxy workers): pid ->
+# creation time, so a reused pid is never taken for one of them.
+_OWN: dict[int, float] = {}
+
+
+def note_own_child(pid: int) -> None:
+    """``pid`` is a child Bastion started itself (never a stray)."""
+    with contextlib.suppress(psutil.Error):
+        _OWN[pid] = psutil.Process(pid).create_time()
+
+
+def forget_own_child(pid: int) -> None:
+    """Bastion's own child ``pid`` is gone."""
+    _OWN.pop(pid, None)
+
+
+def is_own_child(proc: psutil.Process) -> bool:
+    """True when ``proc`` is a child Bastion started itself."""
+    created = _OWN.get(proc.pid)
+    try:
+        return created is not None and proc.create_time() == created
+    except psutil.Error:
+        return False
+
+
+def session_of(pid: int) -> int | None:
+    """The session id of ``pid`` (None when it is gone)."""
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def scan_strays() -> list[psutil.Process]:
+    """This process's live children that it did not start itself: every one of them
+    came from an app (only descendants re-parent to a subreaper)."""
+    strays = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if not is_own_child(child) and child.status() != psutil.STATUS_ZOMBIE:
+                strays.append(child)
+    return strays
 
 
 async def kill_leftovers(tracker: DescendantTracker, token: str) -> list[int]:

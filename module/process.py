@@ -7,7 +7,10 @@ leader of a new session and process group, stdin from /dev/null, stdout and stde
 one pipe drained into the app's ``AppOutput``. The environment carries the port, a fresh
 token of 256 random bits, the path base and the app's name. The child asks the kernel
 for SIGKILL when Bastion dies (``PR_SET_PDEATHSIG``), and the keeper kills its whole
-group in that case too, so neither the app nor its children outlive Bastion.
+group in that case too, so neither the app nor its children outlive Bastion. Where
+cgroups can be used (``module.cgroups``, handed over with the keeper) the child first
+joins a cgroup of its own: then every process it ever starts is signalled and killed
+with it, even one that left its group and session, and the cgroup goes with it.
 
 ``wait_ready`` polls the port (or socket) until it accepts a connection, the process
 exits, or ``startup_time_limit`` passes. A port that accepts is taken for the app only
@@ -33,13 +36,16 @@ import signal
 import time
 from collections.abc import Callable
 
+from .cgroups import AppCgroup
 from .errors import LaunchError, StartFailed
 from .keeper import Keeper
 from .leftovers import (
     DescendantTracker,
     Orphans,
+    forget_own_child,
     kill_leftovers,
     listener_pids,
+    note_own_child,
     orphans_by_token,
 )
 from .output import AppOutput, drain
@@ -55,14 +61,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _child_setup(uid: int | None, gid: int | None, groups: list[int]) -> Callable[[], None]:
-    """What the child does between fork and exec: die with Bastion, become the user.
+def _child_setup(uid: int | None, gid: int | None, groups: list[int],
+                 cgroup: AppCgroup | None = None) -> Callable[[], None]:
+    """What the child does between fork and exec: join its cgroup, die with Bastion,
+    become the user.
 
     The identity is switched here rather than with ``subprocess``'s ``user=`` arguments,
     which uvloop's subprocess support does not accept.
     """
 
     def setup() -> None:
+        if cgroup is not None:
+            cgroup.join_in_child()  # while still root
         if gid is not None:
             os.setgroups(groups)
             os.setgid(gid)
@@ -101,6 +111,7 @@ class AppProcess:
         self.stopping = False
         self.draining_since = 0.0  # monotonic; 0 while it takes requests
         self.tracker: DescendantTracker | None = None
+        self.cgroup: AppCgroup | None = None
         self._keeper: Keeper | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -151,6 +162,8 @@ class AppProcess:
             uid, gid = entry.pw_uid, entry.pw_gid
             groups = os.getgrouplist(user, entry.pw_gid)
             env_home = {"HOME": entry.pw_dir, "USER": user, "LOGNAME": user}
+        if keeper.cgroups is not None:
+            self.cgroup = keeper.cgroups.new_group(self.spec.name)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self._argv(),
@@ -160,13 +173,17 @@ class AppProcess:
                 cwd=self.spec.cwd,
                 env={**self.environment(), **env_home},
                 start_new_session=True,
-                preexec_fn=_child_setup(uid, gid, groups),
+                preexec_fn=_child_setup(uid, gid, groups, self.cgroup),
             )
         except OSError as exc:
+            if self.cgroup is not None:
+                await self.cgroup.kill_and_remove()
+                self.cgroup = None
             reason = f"cannot run {self.spec.command[0]!r}: {exc.strerror or exc}"
             output.failed(0, reason)
             raise LaunchError(reason) from exc
         self.pid = self._proc.pid
+        note_own_child(self.pid)
         self.started_at = time.monotonic()
         self.tracker = DescendantTracker(self.pid)
         self._keeper = keeper
@@ -254,10 +271,12 @@ class AppProcess:
         return code
 
     def signal_group(self, sig: int) -> None:
-        """Send ``sig`` to the process's whole group."""
+        """Send ``sig`` to the process's whole group (and its whole cgroup)."""
         if self.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
+        if self.cgroup is not None:
+            self.cgroup.signal(sig)
 
     async def stop(self, timeout: float | None = None) -> int:
         """SIGTERM the group, wait up to ``timeout``, then SIGKILL it; return the status."""
@@ -316,7 +335,12 @@ class AppProcess:
         """After the process is gone: kill and reap whatever it left behind."""
         if self.tracker is None:
             return []
-        killed = await kill_leftovers(self.tracker, self.token)
+        if self.returncode is not None:
+            forget_own_child(self.pid)
+        killed = []
+        if self.cgroup is not None:
+            killed = await self.cgroup.kill_and_remove()
+        killed += await kill_leftovers(self.tracker, self.token)
         if self._keeper is not None:
             self._keeper.forget(self.pid)
             for pid in self.tracker.seen:

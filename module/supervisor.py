@@ -9,6 +9,15 @@ interface: the supervisor never sees a request, and the proxy never sees a proce
 (orphans of apps come back to it), launches the keeper and every ``always`` app, and
 starts the tick that drives time-based rules; ``stop`` stops every app, then the keeper.
 ``status`` is the one query that the admin interface, ``bastion status`` and tests use.
+
+What an app leaves behind is killed with it: each app process runs in a cgroup of its
+own where cgroups can be used (``module.cgroups``); else, and in addition, the tick
+looks at Bastion's children. Every child Bastion did not start itself came from an app
+(``module.leftovers``): one carrying an app process's token or in its session is that
+app process's and dies with it; one that names no app is guarded by the keeper and
+killed at Bastion's stop at the latest. A child counts as a stray only when two ticks
+in a row saw it, so a process Bastion is starting at that very moment (forked, not yet
+registered) is never mistaken for one.
 """
 
 from __future__ import annotations
@@ -22,11 +31,25 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import psutil
+
+from .cgroups import CgroupRoot
 from .controller import AppController
 from .errors import UnknownApp
 from .keeper import Keeper
-from .leftovers import become_subreaper, orphans_by_token, reap_orphan_zombies
+from .leftovers import (
+    Orphans,
+    become_subreaper,
+    note_descendants,
+    note_own_child,
+    orphans_by_token,
+    reap_children,
+    reap_orphan_zombies,
+    scan_strays,
+    session_of,
+)
 from .messages import AppState, NeedApp, RequestTimedOut, ToModule, UsageReport
+from .periodic import Guard, every
 from .spec import AppSpec
 
 log = logging.getLogger("bastion.module")
@@ -42,6 +65,10 @@ class Supervisor:
         self._keeper = Keeper()
         self._subscribers: list[Subscriber] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._guard = Guard(log)
+        self._cgroups: CgroupRoot | None = None
+        self._seen_strays: dict[int, float] = {}  # pid -> creation time, last tick
+        self._unattributed: dict[int, float] = {}  # strays of no known app: killed at stop
         self.started_at = time.time()
         self.apps: dict[str, AppController] = {
             spec.name: AppController(spec, self._keeper, self._broadcast) for spec in specs
@@ -94,37 +121,126 @@ class Supervisor:
         if not become_subreaper():
             log.warning("could not become a child subreaper: setsid grandchildren may escape")
         self._keeper.start()
+        if self._keeper.pid is not None:
+            note_own_child(self._keeper.pid)
+        self._cgroups = CgroupRoot.create()
+        if self._cgroups is not None:
+            self._keeper.watch_cgroup(self._cgroups.path)
+            log.info("app processes run in cgroups under %s", self._cgroups.path)
+        else:
+            log.info("no usable cgroup v2: app leftovers are found as orphans (subreaper)")
+        self._keeper.cgroups = self._cgroups
         for app in self.apps.values():
             app.tick(time.monotonic())  # app_offline.htm before the first start
             if app.spec.settings.start_mode == "always":
                 app.need()
-        self._ticker = asyncio.create_task(self._tick_forever())
+        self._ticker = asyncio.create_task(every("module tick", TICK, self._tick, log))
 
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            now = time.monotonic()
+    def _tick(self) -> None:
+        """One tick. Its parts fail on their own (logged, rate-limited): an orphan scan
+        that fails (EMFILE, say) leaves app_offline, draining, recycle and idle rules
+        working, and the next tick tries everything again."""
+        now = time.monotonic()
+        orphans: Orphans = {}
+        try:
             orphans = orphans_by_token()
-            for app in self.apps.values():
-                try:
-                    app.tick(now, orphans)
-                except Exception:
-                    log.exception("app %s: periodic check failed", app.spec.name)
+            self._attribute_strays(orphans)
+            self._guard.succeeded("orphan scan")
+        except Exception:  # noqa: BLE001 - see above
+            self._guard.failed("orphan scan")
+        for app in self.apps.values():
+            part = f"app {app.spec.name}: periodic check"
+            try:
+                app.tick(now, orphans)
+                self._guard.succeeded(part)
+            except Exception:  # noqa: BLE001
+                self._guard.failed(part)
+        try:
             reap_orphan_zombies()
+            self._guard.succeeded("zombie sweep")
+        except Exception:  # noqa: BLE001
+            self._guard.failed("zombie sweep")
+
+    def _attribute_strays(self, orphans: Orphans) -> None:
+        """Add strays in an app process's session to ``orphans`` under its token (the
+        tick then has that process track them); the keeper guards the ones that no
+        app names, and the stop kills them."""
+        processes = [p for app in self.apps.values()
+                     for p in app.processes + app.starting + app.draining if p.pid]
+        by_session = {p.pid: p.token for p in processes}
+        live_tokens = {p.token for p in processes}
+        carried = {child.pid: token for token, children in orphans.items()
+                   for child in children}
+        seen_now: dict[int, float] = {}
+        for stray in scan_strays():
+            try:
+                created = stray.create_time()
+            except psutil.Error:
+                continue
+            seen_now[stray.pid] = created
+            if self._seen_strays.get(stray.pid) != created:
+                continue  # seen once: maybe a child Bastion is registering right now
+            if carried.get(stray.pid) in live_tokens:
+                continue  # carries a live app process's token: that process tracks it
+            token = by_session.get(session_of(stray.pid) or -1)
+            if token is not None:
+                orphans.setdefault(token, []).append(stray)
+            elif stray.pid not in self._unattributed:
+                self._unattributed[stray.pid] = created
+                note_descendants([stray.pid])  # reaped by the sweep when it exits
+                self._keeper.watch_pid(stray.pid)
+                log.warning("process %d (%s) came from an app that cannot be told: "
+                            "it is killed at Bastion's stop at the latest", stray.pid,
+                            _describe(stray))
+        self._seen_strays = seen_now
+        for pid in [p for p in self._unattributed if p not in seen_now]:
+            del self._unattributed[pid]
+            self._keeper.forget_pid(pid)
+
+    async def _kill_strays(self) -> None:
+        """At the stop: SIGKILL every child Bastion did not start itself (all came from
+        apps), whether or not a tick saw it, and reap them; then remove the cgroups."""
+        victims = []
+        for stray in scan_strays():
+            with contextlib.suppress(psutil.Error):
+                stray.kill()
+                victims.append(stray.pid)
+                log.info("stop: killed process %d left behind by an app", stray.pid)
+        await reap_children(victims)
+        for pid in self._unattributed:
+            self._keeper.forget_pid(pid)
+        self._unattributed.clear()
+        if self._cgroups is not None:
+            await self._cgroups.remove()
+            self._keeper.forget_cgroup(self._cgroups.path)
 
     async def stop(self) -> None:
         """Stop every app gracefully, then the keeper."""
         if self._ticker is not None:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._ticker
-        await asyncio.gather(*(app.stop() for app in self.apps.values()))
+        results = await asyncio.gather(*(app.stop() for app in self.apps.values()),
+                                       return_exceptions=True)
+        for app, result in zip(self.apps.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("app %s: stop failed: %r", app.spec.name, result)
+        try:
+            await self._kill_strays()
+        except Exception:  # noqa: BLE001 - the keeper still kills what is left
+            log.exception("stop: killing what apps left behind failed")
         self._keeper.stop()
 
     def kill_now(self) -> None:
         """SIGKILL every app process group (used when a graceful stop is abandoned)."""
         for app in self.apps.values():
             app.kill_now()
+        with contextlib.suppress(Exception):
+            if self._cgroups is not None:
+                self._cgroups.kill_all()
+            for stray in scan_strays():
+                with contextlib.suppress(psutil.Error):
+                    stray.kill()
         self._keeper.stop()
 
     def apply(self, specs: Iterable[AppSpec]) -> None:
@@ -176,3 +292,9 @@ class Supervisor:
     def signal_app(self, name: str, sig: signal.Signals) -> list[int]:
         """Send ``sig`` to every process of app ``name``."""
         return self.app(name).signal(sig)
+
+
+def _describe(proc: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(proc.cmdline())[:120] or proc.name()
+    return "?"

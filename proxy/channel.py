@@ -4,7 +4,8 @@ One socketpair per worker carries frames: a kind byte, a 4-byte big-endian lengt
 the payload. Module messages travel as JSON (``module.messages`` ``to_wire`` /
 ``from_wire``), so the interface between the module and the proxy is the same whether a
 worker shares the main process's event loop or not. Only the worker's set-up (its
-frozen ``Config``) travels pickled, from the main process to its own child.
+frozen ``Config`` and its generation's certificate bytes) and new certificate bytes
+travel pickled, from the main process to its own child.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ STOP = b"S"  # main -> worker: drain and exit (payload: grace seconds as JSON)
 REOPEN = b"L"  # main -> worker: reopen log files
 METRICS = b"X"  # worker -> main: metrics snapshot as JSON
 READY = b"R"  # worker -> main: listening
-CERTIFICATES = b"T"  # main -> worker: re-read certificate and key files in place
+CERTIFICATES = b"T"  # main -> worker: new certificates in place (payload: pickled PEM bytes)
+HEARTBEAT = b"H"  # worker -> main: the worker's event loop runs (proxy/liveness.py)
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:

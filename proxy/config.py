@@ -86,6 +86,7 @@ class Config:
     access_log: str | None = None
     access_log_format: LogFormat = "combined"
     workers: int | Literal["auto"] = "auto"
+    worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is killed
     trusted_proxies: tuple[str, ...] = ()
     detailed_errors: bool = False
     limits: Limits = field(default_factory=Limits)

@@ -639,6 +639,7 @@ _TOP_RULES: Final[dict[str, Rule]] = {
     "access_log": _path_rule(optional=True, dash=True),
     "access_log_format": _scalar(_choice("combined", "json")),
     "workers": _scalar(_workers),
+    "worker_timeout": _scalar(_positive_duration),
     "trusted_proxies": _cidrs,
     "detailed_errors": _scalar(_boolean),
     "limits": _section(_LIMIT_RULES),

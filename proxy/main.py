@@ -8,14 +8,30 @@ module's ``Supervisor``, the admin socket and the proxy workers:
 
 * ``workers: 1`` without a top-level ``user``: one ``ProxyWorker`` in this event loop;
 * otherwise N worker processes (``proxy.worker``) sharing the listening sockets, each
-  connected by a socketpair; a worker that dies is replaced.
+  connected by a socketpair; a worker that dies is replaced, and one whose event loop
+  is stuck (no heartbeat for ``worker_timeout``, ``proxy.liveness``) is killed first.
+
+A generation of workers is one ``Config`` and the bytes of its certificate and key
+files, read once (``self.pems``); every worker of the generation, replacements included,
+starts from exactly those, so a broken pair written to disk later cannot stop a
+replacement from starting. Only a reload (or the certificate watcher's in-place reload)
+reads the files again, checks them, and makes the new bytes the generation's.
+
+A worker that dies is handled in one place: before READY its ``start`` fails (at once,
+not after the start limit) and the caller decides (the first start goes on with the
+others and replaces it later; a reload refuses the new generation); after READY its
+watcher calls ``_replace``. Replacements come with a growing delay when workers die
+young, and a replacement that fails to start is itself replaced the same way.
 
 Either way a worker is reached through a ``WorkerHandle``: it is told every ``AppState``
 and its messages go to ``Supervisor.handle``, except the request-slot messages: those go
 to the ``SlotGranter`` (``proxy/slots.py``), which keeps ``max_concurrency`` and
-``max_queue`` for the whole Bastion and answers the one worker that asked. Signal handlers only schedule work on the
-loop. SIGTERM/SIGINT: stop accepting, let requests in flight finish, stop every app,
-exit 0. SIGHUP (or ``POST /reload``): re-read the config; if it is invalid keep the old
+``max_queue`` for the whole Bastion and answers the one worker that asked. Signal
+handlers only schedule work on the loop. SIGTERM/SIGINT: close the main process's copies
+of the listening sockets at once (with the workers closing theirs, new connections are
+refused instead of waiting in a backlog nobody accepts from, as nginx does), let
+requests in flight finish, stop every app, exit 0. SIGHUP (or ``POST /reload``): re-read
+the config; if it is invalid keep the old
 one and log why; else keep the listening sockets that stay (new ones are bound, removed
 ones closed once unused), update the module (changed apps recycled overlapped, unchanged
 apps untouched), start a new generation of workers, then drain the old one, the way
@@ -40,6 +56,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from module.leftovers import forget_own_child, note_own_child
 from module.messages import (
     AppState,
     EndpointFailed,
@@ -51,6 +68,7 @@ from module.messages import (
     ToProxy,
     from_wire,
 )
+from module.periodic import every
 from module.supervisor import Supervisor
 
 from . import channel
@@ -58,11 +76,19 @@ from .admin import AdminServer
 from .config import Config
 from .edge.listeners import bind_socket
 from .endpoints import queue_limits
+from .liveness import heartbeat_interval, overdue
 from .metrics import merge, retired
 from .sdnotify import Notifier, watchdog_interval
 from .slots import Answer, SlotGranter
-from .tls import TLSConfigError
-from .worker import ProxyWorker, WorkerSetup, report_slow_stop, server_context
+from .tls import PemFiles, TLSConfigError, tls_files
+from .worker import (
+    ProxyWorker,
+    WorkerSetup,
+    check_certificates,
+    pem_files,
+    report_slow_stop,
+    server_context,
+)
 
 log = logging.getLogger("bastion")
 
@@ -109,6 +135,10 @@ def in_process(config: Config) -> bool:
 ToModule = FromProxy  # what a worker sends: for the module, or the slot granter
 
 
+class WorkerStartError(RuntimeError):
+    """A worker did not become ready (it exited, or did not say READY in time)."""
+
+
 class WorkerHandle(abc.ABC):
     """The main process's side of one worker, local or a child process."""
 
@@ -133,8 +163,8 @@ class WorkerHandle(abc.ABC):
         """Reopen the worker's log files."""
 
     @abc.abstractmethod
-    def reload_certificates(self) -> None:
-        """Re-read certificate and key files in place (connections stay open)."""
+    def reload_certificates(self, pems: PemFiles) -> None:
+        """New certificate bytes in place (connections stay open)."""
 
     def flush(self) -> None:  # noqa: B027 - optional hook: only a local worker has work
         """Send usage reports now (a local worker; a process reports on its own)."""
@@ -148,11 +178,11 @@ class LocalWorker(WorkerHandle):
     """A ``ProxyWorker`` in the main process's event loop."""
 
     def __init__(self, worker_id: int, config: Config, sockets: dict[str, socket.socket],
-                 to_module: Callable[[ToModule], None]) -> None:
+                 to_module: Callable[[ToModule], None], pems: PemFiles) -> None:
         super().__init__(worker_id)
         self.config = config
         self.sockets = sockets
-        self.worker = ProxyWorker(config, to_module, worker_id)
+        self.worker = ProxyWorker(config, to_module, worker_id, pems)
 
     def tell(self, state: ToProxy) -> None:
         self.worker.deliver(state)
@@ -162,8 +192,8 @@ class LocalWorker(WorkerHandle):
         dups = {address: sock.dup() for address, sock in self.sockets.items()}
         await self.worker.start(self.worker.bind(dups))
 
-    def reload_certificates(self) -> None:
-        self.worker.reload_certificates()
+    def reload_certificates(self, pems: PemFiles) -> None:
+        self.worker.reload_certificates(pems)
 
     async def stop(self, grace: float) -> None:
         await self.worker.stop(grace)
@@ -184,16 +214,19 @@ class ProcessWorker(WorkerHandle):
     def __init__(self, worker_id: int, config: Config, sockets: dict[str, socket.socket],
                  to_module: Callable[[ToModule], None],
                  on_exit: Callable[[ProcessWorker], None],
-                 snapshot: Callable[[], list[AppState]]) -> None:
+                 snapshot: Callable[[], list[AppState]], pems: PemFiles) -> None:
         super().__init__(worker_id)
         self.snapshot = snapshot
         self.config = config
         self.sockets = sockets
         self.to_module = to_module
         self.on_exit = on_exit
+        self.pems = dict(pems)
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = time.monotonic()
+        self.last_seen = time.monotonic()  # any frame from the worker: its loop runs
         self.stopping = False
+        self.ready = False
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
@@ -203,24 +236,50 @@ class ProcessWorker(WorkerHandle):
             self._writer.write(channel.json_frame(channel.MESSAGE, state.to_wire()))
 
     async def start(self) -> None:
+        """Start the process; return once it says READY. Raise ``WorkerStartError`` as
+        soon as it exits before that (or after ``WORKER_START_LIMIT``, killing it)."""
         ours, theirs = socket.socketpair()
         fds = {a: s.fileno() for a, s in self.sockets.items()}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.worker", "--channel", str(theirs.fileno()),
-            pass_fds=[theirs.fileno(), *fds.values()],
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        theirs.close()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy.worker", "--channel", str(theirs.fileno()),
+                pass_fds=[theirs.fileno(), *fds.values()],
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        pid = self.proc.pid
+        note_own_child(pid)  # Bastion's own child, not an app's leftover (module.leftovers)
+        exited = asyncio.ensure_future(self.proc.wait())
+        exited.add_done_callback(lambda _: forget_own_child(pid))
+        self.started_at = self.last_seen = time.monotonic()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         setup = WorkerSetup(self.config, self.worker_id, tuple(fds.items()),
-                            tuple(self.snapshot()))
+                            tuple(self.snapshot()), tuple(self.pems.items()))
         self._writer.write(channel.frame(channel.SETUP, pickle.dumps(setup)))
         self._reader_task = asyncio.create_task(self._read(reader))
-        asyncio.create_task(self._watch())
+        ready = asyncio.ensure_future(self._ready.wait())
         try:
-            await asyncio.wait_for(self._ready.wait(), WORKER_START_LIMIT)
-        except TimeoutError:
-            raise RuntimeError(f"worker {self.worker_id} did not start") from None
+            await asyncio.wait({exited, ready}, timeout=WORKER_START_LIMIT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._ready.is_set():
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+                raise WorkerStartError(
+                    f"worker {self.worker_id} (pid {self.proc.pid}) did not start within "
+                    f"{WORKER_START_LIMIT:g}s: killed")
+            raise WorkerStartError(
+                f"worker {self.worker_id} (pid {self.proc.pid}) exited with "
+                f"{self.proc.returncode} before it was ready")
+        self.ready = True
+        self.last_seen = time.monotonic()
+        exited.add_done_callback(self._exited)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         import json
@@ -228,6 +287,7 @@ class ProcessWorker(WorkerHandle):
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 kind, payload = await channel.read_frame(reader)
+                self.last_seen = time.monotonic()
                 if kind == channel.MESSAGE:
                     message = from_wire(json.loads(payload))
                     if not isinstance(message, AppState | SlotGranted | SlotRefused):
@@ -237,13 +297,17 @@ class ProcessWorker(WorkerHandle):
                 elif kind == channel.READY:
                     self._ready.set()
 
-    async def _watch(self) -> None:
+    def _exited(self, _: asyncio.Future[int]) -> None:
+        """A worker that was ready exited: replace it unless it was told to stop."""
         assert self.proc is not None
-        code = await self.proc.wait()
         if not self.stopping:
             log.error("worker %d (pid %d) exited with %s; replacing it",
-                      self.worker_id, self.proc.pid, code)
+                      self.worker_id, self.proc.pid, self.proc.returncode)
             self.on_exit(self)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last frame from the worker."""
+        return now - self.last_seen
 
     async def stop(self, grace: float) -> None:
         self.stopping = True
@@ -265,9 +329,10 @@ class ProcessWorker(WorkerHandle):
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(channel.frame(channel.REOPEN))
 
-    def reload_certificates(self) -> None:
+    def reload_certificates(self, pems: PemFiles) -> None:
+        self.pems = dict(pems)
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(channel.frame(channel.CERTIFICATES))
+            self._writer.write(channel.frame(channel.CERTIFICATES, pickle.dumps(self.pems)))
 
     def kill(self) -> None:
         """SIGKILL the worker (the main process is exiting in a hurry)."""
@@ -278,9 +343,12 @@ class ProcessWorker(WorkerHandle):
 class Bastion:
     """One running Bastion: listening sockets, module, workers and admin socket."""
 
-    def __init__(self, config: Config, sockets: dict[str, socket.socket]) -> None:
+    def __init__(self, config: Config, sockets: dict[str, socket.socket],
+                 pems: PemFiles | None = None) -> None:
         self.config = config
         self.sockets = sockets
+        # The generation's certificate bytes: every worker of it starts from these.
+        self.pems: dict[str, bytes] = dict(pems) if pems is not None else pem_files(config)
         self.supervisor = Supervisor(config.apps)
         # max_concurrency / max_queue for the whole Bastion (proxy/slots.py)
         self.slots = SlotGranter(queue_limits(config.apps))
@@ -293,6 +361,7 @@ class Bastion:
         self._worker_backoff = 0.0
         self._retired: dict[str, Any] = merge([])
         self._reloading = asyncio.Lock()
+        self._liveness: asyncio.Task[None] | None = None
         self.stopping = False
         self.generation = 0
 
@@ -324,59 +393,109 @@ class Bastion:
             worker.tell(state)
         self._answer(self.slots.update(state))  # after the workers have the state
 
-    def _new_worker(self, config: Config) -> WorkerHandle:
+    def _new_worker(self, config: Config, pems: PemFiles) -> WorkerHandle:
         self._next_id += 1
         worker: WorkerHandle
         if in_process(config):
-            worker = LocalWorker(self._next_id, config, self.sockets, self._to_module)
+            worker = LocalWorker(self._next_id, config, self.sockets, self._to_module, pems)
         else:
             worker = ProcessWorker(self._next_id, config, self.sockets, self._to_module,
-                                   self._replace, self.supervisor.snapshot)
+                                   self._replace, self.supervisor.snapshot, pems)
         self._handles[worker.worker_id] = worker
         return worker
 
+    def _forget(self, worker: WorkerHandle) -> None:
+        """Take ``worker`` out of the list (whoever saw it go first)."""
+        with contextlib.suppress(ValueError):
+            self.workers.remove(worker)
+
     def _replace(self, dead: ProcessWorker) -> None:
+        """A ready worker exited: start another one of the running generation."""
         if self.stopping or dead not in self.workers:
-            return
-        self.workers.remove(dead)
+            return  # stopping, or a retired generation's worker
+        self._forget(dead)
         self._retire(dead)
-        # A worker that dies young (a broken log path, say) is replaced with a growing
-        # delay, never in a tight loop.
-        young = time.monotonic() - dead.started_at < WORKER_HEALTHY
+        self._replace_later(time.monotonic() - dead.started_at)
+
+    def _replace_later(self, lived: float) -> None:
+        """Start a replacement, after a growing delay when workers die young (a broken
+        log path, say): never in a tight loop."""
+        young = lived < WORKER_HEALTHY
         self._worker_backoff = min(max(0.5, self._worker_backoff * 2), 30.0) if young else 0.0
         delay = self._worker_backoff
         if delay:
-            log.error("worker died %.1fs after starting: next one in %gs",
-                      time.monotonic() - dead.started_at, delay)
+            log.error("worker died %.1fs after starting: next one in %gs", lived, delay)
         asyncio.create_task(self._start_later(delay))
 
     async def _start_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if not self.stopping:
-            try:
-                await self._start_workers(self.config, 1)
-            except RuntimeError as exc:
-                log.error("%s", exc)
+        if self.stopping:
+            return
+        started = time.monotonic()
+        try:
+            await self._start_one(self.config, self.pems)
+        except Exception as exc:  # noqa: BLE001 - a failed replacement is replaced again
+            log.error("replacement worker failed: %s", exc)
+            self._replace_later(time.monotonic() - started)
 
-    async def _start_workers(self, config: Config, count: int) -> list[WorkerHandle]:
-        started = []
-        for _ in range(count):
-            worker = self._new_worker(config)
-            self.workers.append(worker)  # told every state from now on
+    async def _start_one(self, config: Config, pems: PemFiles) -> WorkerHandle:
+        """Start one worker of the generation (``config``, ``pems``) and add it to the
+        list; ``WorkerStartError`` (and the worker gone from the list) if it fails."""
+        worker = self._new_worker(config, pems)
+        self.workers.append(worker)  # told every state from now on
+        for state in self.supervisor.snapshot():
+            worker.tell(state)
+        try:
+            await worker.start()
+        except BaseException:
+            self._forget(worker)
+            raise
+        if self.stopping or worker not in self.workers:
+            # Bastion began stopping (or a reload retired the list) while it started.
+            self._forget(worker)
+            await worker.stop(0)
+            raise WorkerStartError(f"worker {worker.worker_id} no longer needed")
+        if isinstance(worker, ProcessWorker):
+            # States published while it was starting reached it before READY,
+            # but the snapshot taken now is the truth: send it again.
             for state in self.supervisor.snapshot():
                 worker.tell(state)
+        return worker
+
+    async def _start_workers(self, config: Config, pems: PemFiles, count: int, *,
+                             all_or_nothing: bool) -> list[WorkerHandle]:
+        """Start ``count`` workers one after the other. ``all_or_nothing`` (a reload):
+        the first failure stops those already started and raises. Otherwise (the first
+        start) a worker that fails is replaced later, like one that dies."""
+        started: list[WorkerHandle] = []
+        for _ in range(count):
+            began = time.monotonic()
             try:
-                await worker.start()
-            except Exception:
-                self.workers.remove(worker)
-                raise
-            if isinstance(worker, ProcessWorker):
-                # States published while it was starting reached it before READY,
-                # but the snapshot taken now is the truth: send it again.
-                for state in self.supervisor.snapshot():
-                    worker.tell(state)
-            started.append(worker)
+                started.append(await self._start_one(config, pems))
+            except WorkerStartError as exc:
+                if all_or_nothing:
+                    for worker in started:
+                        self._forget(worker)
+                    await asyncio.gather(*(w.stop(0) for w in started))
+                    raise
+                log.error("%s", exc)
+                self._replace_later(time.monotonic() - began)
         return started
+
+    def _check_liveness(self) -> None:
+        """Kill (SIGKILL) every ready worker process silent for over its generation's
+        ``worker_timeout``; its exit is then handled like any other (replaced)."""
+        now = time.monotonic()
+        for worker in list(self.workers):
+            if not isinstance(worker, ProcessWorker) or not worker.ready or worker.stopping:
+                continue
+            timeout = worker.config.worker_timeout
+            if overdue(worker.last_seen, now, timeout) and worker.proc is not None \
+                    and worker.proc.returncode is None:
+                log.error("worker %d (pid %d) sent no heartbeat for %.1fs (worker_timeout "
+                          "%gs): its event loop is stuck; killing it", worker.worker_id,
+                          worker.proc.pid, worker.silent_for(now), timeout)
+                worker.kill()
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -384,8 +503,22 @@ class Bastion:
         self.supervisor.subscribe(self._broadcast)
         await self.supervisor.start()
         await self.admin.start()
-        await self._start_workers(self.config, worker_count(self.config))
+        started = await self._start_workers(self.config, self.pems, worker_count(self.config),
+                                            all_or_nothing=False)
+        if not started:
+            raise WorkerStartError("no proxy worker could start (see the errors above)")
+        self._watch_liveness()
         self.notifier.ready(self._describe())
+
+    def _watch_liveness(self) -> None:
+        """(Re)start the liveness check, as often as the generation's heartbeats."""
+        if self._liveness is not None:
+            self._liveness.cancel()
+        if self.stopping:
+            return
+        interval = heartbeat_interval(self.config.worker_timeout)
+        self._liveness = asyncio.create_task(
+            every("worker liveness check", interval, self._check_liveness, log))
 
     def _describe(self) -> str:
         return (f"{len(self.workers)} worker(s), {len(self.config.apps)} app(s), "
@@ -413,6 +546,13 @@ class Bastion:
         await self._stop.wait()
         self.stopping = True
         self.notifier.stopping()
+        if self._liveness is not None:
+            self._liveness.cancel()
+        # New connections are refused from now on rather than completed by the kernel
+        # into a backlog nobody accepts from: our copies of the listening sockets go
+        # now, each worker closes its own as its stop begins.
+        for sock in self.sockets.values():
+            sock.close()
         log.info("stopping: finishing requests in flight")
         longest_app_stop = max(
             (a.settings.shutdown_time_limit for a in self.config.apps), default=10.0)
@@ -460,16 +600,20 @@ class Bastion:
             self.notifier.reloading()
             try:
                 new = load_config(self.config.source)
+                new_pems = pem_files(new)  # the new generation's certificates, read once
                 if new == self.config and not new.user:
-                    # Only certificate files changed, and the workers can still read
-                    # them (they did not drop privileges): swap contexts in place.
-                    return self._reload_certificates()
+                    # Only certificate files changed: swap contexts in place.
+                    return self._reload_certificates(new_pems)
                 old_sockets = dict(self.sockets)
-                self.sockets = self._rebind(new)
+                self.sockets = self._rebind(new, new_pems)
                 self._answer(self.slots.configure(queue_limits(new.apps)))
                 self.supervisor.apply(new.apps)
-                old_workers = list(self.workers)  # they get states until they are stopped
-                new_workers = await self._start_workers(new, worker_count(new))
+                try:
+                    new_workers = await self._start_workers(
+                        new, new_pems, worker_count(new), all_or_nothing=True)
+                except BaseException:
+                    self._restore_sockets(old_sockets)
+                    raise
             except ConfigError as error:
                 problems = [str(p) for p in error.problems]
                 for problem in problems:
@@ -480,8 +624,14 @@ class Bastion:
                 log.error("reload failed, keeping the old configuration: %s", exc)
                 self.notifier.ready(self._describe())
                 return False, [str(exc)]
+            timeout_changed = new.worker_timeout != self.config.worker_timeout
             self.config = new
+            self.pems = new_pems
             self.generation += 1
+            if timeout_changed:
+                self._watch_liveness()
+            # Everything else is the old generation (replacements started meanwhile too).
+            old_workers = [w for w in self.workers if w not in new_workers]
             self.workers = new_workers
             grace = self.grace()
             await asyncio.gather(*(w.stop(grace) for w in old_workers))
@@ -494,26 +644,33 @@ class Bastion:
             self.notifier.ready(self._describe())
             return True, []
 
-    def _reload_certificates(self) -> tuple[bool, list[str]]:
-        """The configuration is unchanged: re-read certificates in place, in every
-        worker, without a new generation, so no connection is touched at all."""
-        for listener in self.config.listeners:
-            if listener.tls is not None:
-                server_context(listener)  # a broken pair raises: nothing is changed
+    def _reload_certificates(self, pems: PemFiles) -> tuple[bool, list[str]]:
+        """The configuration is unchanged: new certificates in place, in every worker,
+        without a new generation, so no connection is touched at all. The new bytes
+        become the generation's: replacements start with them."""
+        check_certificates(self.config, pems)  # a broken pair raises: nothing is changed
+        self.pems = dict(pems)
         for worker in self.workers:
-            worker.reload_certificates()
+            worker.reload_certificates(self.pems)
         log.info("configuration unchanged: certificates re-read in place")
         self.notifier.ready(self._describe())
         return True, []
 
-    def _rebind(self, new: Config) -> dict[str, socket.socket]:
+    def _restore_sockets(self, old: dict[str, socket.socket]) -> None:
+        """A reload failed after ``_rebind``: close what it bound, keep the old set."""
+        for address, sock in self.sockets.items():
+            if old.get(address) is not sock:
+                sock.close()
+        self.sockets = old
+
+    def _rebind(self, new: Config, pems: PemFiles) -> dict[str, socket.socket]:
         sockets: dict[str, socket.socket] = {}
         try:
             for listener in new.listeners:
                 existing = self.sockets.get(listener.address)
                 sockets[listener.address] = existing or bind_socket(listener)
                 if listener.tls is not None:
-                    server_context(listener)  # a broken certificate refuses the reload
+                    server_context(listener, pems)  # a broken certificate refuses the reload
         except BaseException:
             for address, sock in sockets.items():
                 if self.sockets.get(address) is not sock:
@@ -548,13 +705,14 @@ class Bastion:
         return data
 
 
-def bind_all(config: Config) -> dict[str, socket.socket]:
-    """Bind every listener and check its TLS settings (OSError / TLS errors propagate)."""
+def bind_all(config: Config, pems: PemFiles | None = None) -> dict[str, socket.socket]:
+    """Bind every listener and check its TLS settings, from ``pems`` when given
+    (OSError / TLS errors propagate)."""
     bound: dict[str, socket.socket] = {}
     try:
         for listener in config.listeners:
             if listener.tls is not None:
-                server_context(listener)  # fail before binding anything
+                server_context(listener, pems)  # fail before binding anything
             bound[listener.address] = bind_socket(listener)
     except BaseException:
         for sock in bound.values():
@@ -569,10 +727,7 @@ def certificate_files(config: Config) -> dict[str, float]:
     for listener in config.listeners:
         if listener.tls is None:
             continue
-        paths = [p for pair in listener.tls.certificates for p in (pair.cert, pair.key)]
-        if listener.tls.client_ca:
-            paths.append(listener.tls.client_ca)
-        for path in paths:
+        for path, _ in tls_files(listener.tls):
             try:
                 files[path] = os.stat(path).st_mtime
             except OSError:
@@ -580,41 +735,52 @@ def certificate_files(config: Config) -> dict[str, float]:
     return files
 
 
-async def watch_certificates(bastion: Bastion, every: float = CERT_POLL) -> None:
+class CertificateWatcher:
     """Reload when a certificate or key file changes (renewed by certbot, say).
 
     A renewal writes the certificate and the key one after the other: the reload waits
     until the files have been quiet for one interval, and a broken pair is refused by
-    the reload itself, which keeps the old contexts.
+    the reload itself, which keeps the old contexts. ``step`` runs every interval.
     """
-    seen = certificate_files(bastion.config)
-    while True:
-        await asyncio.sleep(every)
-        now = certificate_files(bastion.config)
-        if now == seen:
-            continue
-        await asyncio.sleep(every)
-        settled = certificate_files(bastion.config)
-        if settled != now:
-            continue
+
+    def __init__(self, bastion: Bastion) -> None:
+        self.bastion = bastion
+        self.seen = certificate_files(bastion.config)
+        self.changed: dict[str, float] | None = None  # a change waiting to settle
+
+    async def step(self) -> None:
+        """Look at the files once; reload when a change has settled."""
+        now = certificate_files(self.bastion.config)
+        if self.changed is None or now != self.changed:
+            self.changed = None if now == self.seen else now
+            return
+        self.changed = None
         log.info("certificate files changed: reloading")
         try:
-            applied, _ = await bastion.reload()
-        except Exception:  # the watcher must outlive any one failed reload
+            applied, _ = await self.bastion.reload()
+        except Exception:  # a failed reload is logged here; the watcher goes on
             log.exception("reload after a certificate change failed")
             applied = False
-        seen = certificate_files(bastion.config) if applied else settled
+        self.seen = certificate_files(self.bastion.config) if applied else now
+
+
+async def watch_certificates(bastion: Bastion, interval: float = CERT_POLL) -> None:
+    """Run a ``CertificateWatcher`` every ``interval`` seconds until cancelled."""
+    watcher = CertificateWatcher(bastion)
+    await every("certificate watcher", interval, watcher.step, log)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:
-    while True:
+    def ping() -> None:
         notifier.watchdog()
-        await asyncio.sleep(interval)
+
+    await every("systemd watchdog", interval, ping, log, first=0.0)
 
 
 async def _run(config: Config, ready: Callable[[Bastion], None] | None) -> None:
-    sockets = bind_all(config)
-    bastion = Bastion(config, sockets)
+    pems = pem_files(config)  # the first generation's certificates, read once
+    sockets = bind_all(config, pems)
+    bastion = Bastion(config, sockets, pems)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bastion.request_stop)
@@ -681,6 +847,9 @@ def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int
     except TLSConfigError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
         return 2
+    except WorkerStartError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 1
     if uvloop:
         log.debug("ran on uvloop")
     return 0

@@ -27,13 +27,22 @@ context.
 
 Loading errors are reported as :class:`TLSConfigError` naming the file and the problem
 (unreadable, not PEM, encrypted key, key does not match certificate).
+
+Files or bytes.  Every loader takes an optional ``PemFiles`` mapping (file name -> its
+bytes, from :func:`read_pem_files`).  The main process reads the files of a generation
+once and hands the bytes to its workers, so a worker started later (a replacement) builds
+exactly the contexts the running generation checked, whatever is on disk by then; only a
+reload reads the files again.  OpenSSL loads a chain only from a file, so the bytes are
+given to it through an anonymous in-memory file (``memfd``); nothing is written to disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +55,31 @@ from proxy.config import CertificatePair, TLSSettings
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
+PemFiles = Mapping[str, bytes]  # file name as in the settings -> the file's bytes
+
+
 class TLSConfigError(Exception):
     """A certificate, key or CA file cannot be used; the message names the file."""
+
+
+def tls_files(tls: TLSSettings) -> list[tuple[str, str]]:
+    """Every (file, what it is) ``tls`` names: certificates, keys, the client CA."""
+    paths = [entry for pair in tls.certificates
+             for entry in ((pair.cert, "certificate"), (pair.key, "private key"))]
+    if tls.client_ca:
+        paths.append((tls.client_ca, "client CA"))
+    return paths
+
+
+def read_pem_files(settings: Iterable[TLSSettings]) -> dict[str, bytes]:
+    """The bytes of every file the ``settings`` name, read once (TLSConfigError when one
+    cannot be read). Hand them to :class:`TLSContextSet` to build from these bytes."""
+    files: dict[str, bytes] = {}
+    for tls in settings:
+        for path, what in tls_files(tls):
+            if path not in files:
+                files[path] = _read(path, what, None)
+    return files
 
 
 @dataclass(frozen=True)
@@ -88,14 +120,16 @@ def certificate_names(pem_path: str | Path) -> list[str]:
     return _names_of(_load_certificates(str(pem_path))[0])
 
 
-def build_server_context(tls: TLSSettings, alpn: list[str]) -> ssl.SSLContext:
+def build_server_context(tls: TLSSettings, alpn: list[str],
+                         files: PemFiles | None = None) -> ssl.SSLContext:
     """A server :class:`ssl.SSLContext` for a listener, SNI across all its certificates.
 
     ``alpn`` is the list of protocols to offer, most preferred first, e.g.
     ``["h2", "http/1.1"]``.  Raises :class:`TLSConfigError` when a file cannot be used.
-    Use :class:`TLSContextSet` directly to be able to reload.
+    Use :class:`TLSContextSet` directly to be able to reload. ``files``: build from
+    these bytes instead of reading the files.
     """
-    return TLSContextSet(tls, alpn).context
+    return TLSContextSet(tls, alpn, files).context
 
 
 class TLSContextSet:
@@ -105,16 +139,18 @@ class TLSContextSet:
     SIGHUP) to re-read the files.
     """
 
-    def __init__(self, tls: TLSSettings, alpn: Sequence[str]) -> None:
-        """Load every pair of ``tls``; raises :class:`TLSConfigError` on a bad file."""
+    def __init__(self, tls: TLSSettings, alpn: Sequence[str],
+                 files: PemFiles | None = None) -> None:
+        """Load every pair of ``tls`` (from ``files`` when given, else from disk);
+        raises :class:`TLSConfigError` on a bad file."""
         self._alpn = list(alpn)
         self._lock = threading.Lock()
-        entries = _build_entries(tls, self._alpn)
+        entries = _build_entries(tls, self._alpn, files)
         self._settings = tls
         self._entries = entries
         self._front = _base_context(tls, self._alpn)
-        _load_pair(self._front, entries[0].pair)
-        _apply_client_auth(self._front, tls)
+        _load_pair(self._front, entries[0].pair, files)
+        _apply_client_auth(self._front, tls, files)
         self._front.sni_callback = self._on_server_name
 
     @property
@@ -142,16 +178,17 @@ class TLSContextSet:
                     return entry.context
         return entries[0].context
 
-    def reload(self, tls: TLSSettings | None = None) -> None:
-        """Re-read the files (of ``tls``, or of the current settings) and swap them in.
+    def reload(self, tls: TLSSettings | None = None, files: PemFiles | None = None) -> None:
+        """Re-read the files (of ``tls``, or of the current settings) and swap them in;
+        with ``files``, use those bytes instead of reading.
 
         On failure raises :class:`TLSConfigError` and keeps serving the old contexts.
         ALPN protocols stay as they were.
         """
         new = self._settings if tls is None else tls
-        entries = _build_entries(new, self._alpn)
+        entries = _build_entries(new, self._alpn, files)
         with self._lock:
-            _apply_client_auth(self._front, new)
+            _apply_client_auth(self._front, new, files)
             self._entries = entries
             self._settings = new
 
@@ -165,7 +202,7 @@ class TLSContextSet:
 # -- building ------------------------------------------------------------------------
 
 
-def _build_entries(tls: TLSSettings, alpn: list[str]) -> list[_Entry]:
+def _build_entries(tls: TLSSettings, alpn: list[str], files: PemFiles | None) -> list[_Entry]:
     if not tls.certificates:
         raise TLSConfigError("tls: at least one certificate is required")
     if tls.client_certificates != "none" and not tls.client_ca:
@@ -174,10 +211,10 @@ def _build_entries(tls: TLSSettings, alpn: list[str]) -> list[_Entry]:
         )
     entries = []
     for pair in tls.certificates:
-        names = _check_pair(pair)
+        names = _check_pair(pair, files)
         context = _base_context(tls, alpn)
-        _load_pair(context, pair)
-        _apply_client_auth(context, tls)
+        _load_pair(context, pair, files)
+        _apply_client_auth(context, tls, files)
         entries.append(_Entry(pair, tuple(names), context))
     return entries
 
@@ -198,13 +235,17 @@ def _base_context(tls: TLSSettings, alpn: list[str]) -> ssl.SSLContext:
     return context
 
 
-def _apply_client_auth(context: ssl.SSLContext, tls: TLSSettings) -> None:
+def _apply_client_auth(context: ssl.SSLContext, tls: TLSSettings,
+                       files: PemFiles | None) -> None:
     if tls.client_certificates == "none":
         context.verify_mode = ssl.CERT_NONE
         return
     assert tls.client_ca is not None  # checked in _build_entries
     try:
-        context.load_verify_locations(cafile=tls.client_ca)
+        if files is not None and tls.client_ca in files:
+            context.load_verify_locations(cadata=files[tls.client_ca].decode("latin-1"))
+        else:
+            context.load_verify_locations(cafile=tls.client_ca)
     except ssl.SSLError as exc:
         raise TLSConfigError(
             f"{tls.client_ca}: not a PEM CA certificate file ({exc.reason or exc})"
@@ -218,19 +259,39 @@ def _apply_client_auth(context: ssl.SSLContext, tls: TLSSettings) -> None:
     )
 
 
-def _load_pair(context: ssl.SSLContext, pair: CertificatePair) -> None:
+@contextlib.contextmanager
+def _in_memory(path: str, files: PemFiles | None) -> Iterator[str]:
+    """A name OpenSSL can open for ``path``: an anonymous in-memory copy of its bytes
+    from ``files`` (``/proc/self/fd/N`` of a memfd), else ``path`` itself."""
+    data = None if files is None else files.get(path)
+    memfd_create = getattr(os, "memfd_create", None)
+    if data is None or memfd_create is None or not os.path.isdir("/proc/self/fd"):
+        yield path
+        return
+    fd = memfd_create("bastion-pem", os.MFD_CLOEXEC)
     try:
-        context.load_cert_chain(certfile=pair.cert, keyfile=pair.key)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _load_pair(context: ssl.SSLContext, pair: CertificatePair, files: PemFiles | None) -> None:
+    try:
+        with _in_memory(pair.cert, files) as cert, _in_memory(pair.key, files) as key:
+            context.load_cert_chain(certfile=cert, keyfile=key)
     except OSError as exc:  # includes ssl.SSLError
         raise TLSConfigError(
             f"{pair.cert} / {pair.key}: cannot load certificate and key: {_reason(exc)}"
         ) from exc
 
 
-def _check_pair(pair: CertificatePair) -> list[str]:
+def _check_pair(pair: CertificatePair, files: PemFiles | None) -> list[str]:
     """Parse the pair with ``cryptography`` to give a precise error; return its names."""
-    certs = _load_certificates(pair.cert)
-    key_data = _read(pair.key, "private key")
+    certs = _load_certificates(pair.cert, files)
+    key_data = _read(pair.key, "private key", files)
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
     except TypeError as exc:
@@ -252,8 +313,8 @@ def _check_pair(pair: CertificatePair) -> list[str]:
     return _names_of(certs[0])
 
 
-def _load_certificates(path: str) -> list[x509.Certificate]:
-    data = _read(path, "certificate")
+def _load_certificates(path: str, files: PemFiles | None = None) -> list[x509.Certificate]:
+    data = _read(path, "certificate", files)
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
@@ -263,7 +324,9 @@ def _load_certificates(path: str) -> list[x509.Certificate]:
     return certs
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str, files: PemFiles | None) -> bytes:
+    if files is not None and path in files:
+        return files[path]
     try:
         return Path(path).read_bytes()
     except OSError as exc:

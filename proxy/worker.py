@@ -9,9 +9,12 @@ its own event loop (``workers: 1``, no ``user``), or runs N worker *processes*
 (``python -m proxy.worker``), each a ``ProxyWorker`` connected to the main process by a
 socketpair (``proxy.channel``); the messages are the same either way.
 
-A worker process gets its set-up (config, socket fds, worker number) as the first frame,
-builds its TLS contexts (while still root, so it can read private keys), drops to the
-configured ``user``, starts serving, and says READY. It exits when told to stop
+A worker process gets its set-up (config, socket fds, worker number, and the bytes of
+its generation's certificate and key files) as the first frame, builds its TLS contexts
+from those bytes (it never reads the files itself, so a replacement started after the
+files changed serves what its generation checked), drops to the configured ``user``,
+starts serving, and says READY. From then on it sends a HEARTBEAT frame every
+``heartbeat_interval(worker_timeout)`` (``proxy.liveness``). It exits when told to stop
 (after draining), on SIGTERM (the same), or at once when the channel closes (the main
 process died): it never outlives the main process.
 """
@@ -35,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from module.messages import AppState, FromProxy, SlotGranted, SlotRefused, ToProxy, from_wire
+from module.periodic import every
 
 from . import channel
 from .config import Config, Listener
@@ -43,9 +47,10 @@ from .edge.listeners import ListenerSet
 from .edge.site import Site
 from .edge.upstream import UpstreamPool
 from .endpoints import EndpointTable, queue_limits
+from .liveness import heartbeat_interval
 from .metrics import Metrics
 from .routing import Router
-from .tls import TLSConfigError, TLSContextSet
+from .tls import PemFiles, TLSConfigError, TLSContextSet, read_pem_files
 
 log = logging.getLogger("bastion.worker")
 
@@ -58,26 +63,42 @@ def alpn_protocols(listener: Listener) -> list[str]:
     return ["h2", "http/1.1"] if listener.http2 else ["http/1.1"]
 
 
-def server_context(listener: Listener) -> ssl.SSLContext:
-    """The TLS context of ``listener`` (which must have ``tls``)."""
+def server_context(listener: Listener, files: PemFiles | None = None) -> ssl.SSLContext:
+    """The TLS context of ``listener`` (which must have ``tls``), from ``files`` when
+    given (else read from disk)."""
     from .tls import build_server_context
 
     assert listener.tls is not None
-    return build_server_context(listener.tls, alpn_protocols(listener))
+    return build_server_context(listener.tls, alpn_protocols(listener), files)
 
 
-def context_set(listener: Listener) -> TLSContextSet:
+def context_set(listener: Listener, files: PemFiles | None = None) -> TLSContextSet:
     """The reloadable TLS contexts of ``listener`` (which must have ``tls``)."""
     assert listener.tls is not None
-    return TLSContextSet(listener.tls, alpn_protocols(listener))
+    return TLSContextSet(listener.tls, alpn_protocols(listener), files)
+
+
+def pem_files(config: Config) -> dict[str, bytes]:
+    """The bytes of every certificate, key and client CA file of ``config``, read now:
+    one generation's certificates (TLSConfigError when a file cannot be read)."""
+    return read_pem_files(lis.tls for lis in config.listeners if lis.tls is not None)
+
+
+def check_certificates(config: Config, files: PemFiles) -> None:
+    """Build every TLS listener's contexts from ``files`` (TLSConfigError when broken)."""
+    for listener in config.listeners:
+        if listener.tls is not None:
+            server_context(listener, files)
 
 
 class ProxyWorker:
     """One worker's proxy: serves requests on the sockets it is given."""
 
-    def __init__(self, config: Config, send: Send, worker_id: int = 0) -> None:
+    def __init__(self, config: Config, send: Send, worker_id: int = 0,
+                 pems: PemFiles | None = None) -> None:
         self.config = config
         self.worker_id = worker_id
+        self.pems = pems  # the generation's certificate bytes (None: read the files)
         self.table = EndpointTable(send, queue_limits(config.apps), worker=worker_id)
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
@@ -92,16 +113,19 @@ class ProxyWorker:
         for listener in self.config.listeners:
             context = None
             if listener.tls is not None:
-                self.tls[listener.address] = context_set(listener)
+                self.tls[listener.address] = context_set(listener, self.pems)
                 context = self.tls[listener.address].context
             bound.append((listener, sockets[listener.address], context))
         return bound
 
-    def reload_certificates(self) -> None:
-        """Re-read every certificate and key in place: connections stay open, new
-        handshakes use the new files. A broken pair raises and the old one stays."""
+    def reload_certificates(self, pems: PemFiles | None = None) -> None:
+        """New certificates in place (from ``pems``, else re-read from disk): connections
+        stay open, new handshakes use the new ones. A broken pair raises and the old
+        ones stay."""
         for contexts in self.tls.values():
-            contexts.reload()
+            contexts.reload(files=pems)
+        if pems is not None:
+            self.pems = pems
 
     def update(self, state: AppState) -> None:
         """A state snapshot from the module."""
@@ -171,6 +195,7 @@ class WorkerSetup:
     worker_id: int
     fds: tuple[tuple[str, int], ...]  # listener address -> inherited socket fd
     states: tuple[AppState, ...] = ()  # the module's snapshot when the worker was made
+    pems: tuple[tuple[str, bytes], ...] = ()  # the generation's certificate files' bytes
 
 
 def _preload() -> None:
@@ -209,8 +234,9 @@ async def _worker_process(channel_fd: int) -> None:
         if not writer.is_closing():
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 
-    worker = ProxyWorker(config, send, setup.worker_id)  # opens its logs while still root
-    sockets = worker.bind(listening)  # reads the private keys while still root
+    # Opens its logs while still root; its TLS contexts come from the generation's bytes.
+    worker = ProxyWorker(config, send, setup.worker_id, dict(setup.pems))
+    sockets = worker.bind(listening)
     if config.user:
         _preload()
         drop_privileges(config.user)
@@ -241,19 +267,26 @@ async def _worker_process(channel_fd: int) -> None:
                     worker.reopen_logs()
                 elif kind == channel.CERTIFICATES:
                     try:
-                        worker.reload_certificates()
+                        worker.reload_certificates(pickle.loads(payload) if payload else None)
                     except TLSConfigError as exc:
                         log.error("certificates not reloaded, old ones kept: %s", exc)
         except (asyncio.IncompleteReadError, ConnectionError):
             os._exit(0)  # the main process is gone: never outlive it
 
-    async def metrics_loop() -> None:
-        while True:
-            await asyncio.sleep(METRICS_EVERY)
-            if not writer.is_closing():
-                writer.write(channel.json_frame(channel.METRICS, worker.metrics_snapshot()))
+    def report_metrics() -> None:
+        if not writer.is_closing():
+            writer.write(channel.json_frame(channel.METRICS, worker.metrics_snapshot()))
 
-    tasks = [asyncio.create_task(read_loop()), asyncio.create_task(metrics_loop())]
+    def heartbeat() -> None:
+        if not writer.is_closing():
+            writer.write(channel.frame(channel.HEARTBEAT))
+
+    tasks = [
+        asyncio.create_task(read_loop()),
+        asyncio.create_task(every("metrics report", METRICS_EVERY, report_metrics, log)),
+        asyncio.create_task(every("heartbeat", heartbeat_interval(config.worker_timeout),
+                                  heartbeat, log, first=0.0)),
+    ]
     await stop.wait()
     reporter = asyncio.create_task(report_slow_stop(8.0))
     await worker.stop(grace[0] if grace else None)

@@ -261,6 +261,19 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_worker_timeout_default_and_problems_name_file_and_line(tmp_path: Path) -> None:
+    assert config_from_dict(minimal()).worker_timeout == 30.0
+    base = 'listen: [{address: "127.0.0.1:8080"}]\napps: {hello: {command: [x]}}\n'
+    for value, message in (("0s", "worker_timeout must be more than 0"),
+                           ("soon", "worker_timeout"), ("[1]", "worker_timeout")):
+        path = write(tmp_path, base + f"workers: 2\nworker_timeout: {value}\n")
+        (problem,) = problems_of(path)
+        assert problem.startswith(f"{path}:4: ") and message in problem, problem
+    path = write(tmp_path, base + "worker_timout: 5s\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:3: ") and "worker_timeout" in problem, problem
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "- listen\n- apps\n")
     assert problems_of(path) == [f"{path}:1: the configuration must be a mapping, not a list"]
@@ -365,6 +378,8 @@ def test_config_from_dict_rejects_non_string_keys() -> None:
     [
         ({"workers": 4}, 4),
         ({"workers": "auto"}, "auto"),
+        ({"worker_timeout": "90s"}, 90.0),
+        ({"worker_timeout": 5}, 5.0),
         ({"access_log": "-"}, "-"),
         ({"access_log_format": "json"}, "json"),
         ({"detailed_errors": True}, True),

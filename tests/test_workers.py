@@ -377,3 +377,141 @@ def test_top_level_user_access_log_in_root_only_directory(tmp_path: Path) -> Non
         if _nobody_can_import():
             assert bastion.get("/info", timeout=5).status == 200
             assert wait_until(lambda: "/info" in (logs / "access.log").read_text(), 5)
+
+
+# -- a worker dying at start-up, certificates of a generation, liveness, stop -------------
+
+def test_worker_dying_during_start_up_is_replaced_and_ready_is_sent(tmp_path: Path) -> None:
+    """A worker killed before it says READY, while Bastion still starts its workers:
+    the main process goes on, says READY, and replaces it (it exited 1 after 30 s)."""
+    from test_sdnotify import FakeSystemd
+
+    systemd = FakeSystemd(tmp_path / "notify.sock")
+    config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}}, workers=3)
+    bastion = BastionProcess(tmp_path, config, env={"NOTIFY_SOCKET": str(systemd.path)})
+    try:
+        bastion.start()
+        began = time.monotonic()
+        assert wait_until(lambda: worker_children(bastion), 10, interval=0.005), bastion.log()
+        victim = worker_children(bastion)[0]
+        victim.kill()  # a worker process needs ~0.3 s to import: it is not ready yet
+        ready = systemd.wait_for("READY", 15)
+        print(f"READY {time.monotonic() - began:.2f}s after the start")
+        assert ready["READY"] == "1"
+        assert "before it was ready" in bastion.log(), bastion.log()
+        assert wait_until(lambda: len(worker_pids(bastion)) == 3, 15), bastion.log()
+        assert victim.pid not in worker_pids(bastion)
+        assert len(worker_children(bastion)) == 3
+        assert wait_until(lambda: ready_pids(bastion, "echo"), 20), bastion.log()
+        assert bastion.get("/info").status == 200
+        assert bastion.stop() == 0, bastion.log()
+        assert "Traceback" not in bastion.log(), bastion.log()
+    finally:
+        systemd.close()
+        bastion.stop(signal.SIGKILL)
+
+
+def test_replacement_worker_serves_the_generations_certificates(
+        tmp_path: Path, tls_ca: Any) -> None:
+    """A broken pair on disk (here: a certificate that does not match the key) does not
+    stop a killed worker from being replaced: the replacement starts from the bytes its
+    generation read, serves them, and stays up; the broken files are refused by the
+    certificate watcher's reload."""
+    from conftest import tls_config
+
+    tls = tls_config(tls_ca, tmp_path / "tls")
+    config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}},
+                           workers=2, tls=tls)
+    bastion = BastionProcess(tmp_path, config, tls_ca=tls_ca).start()
+    try:
+        assert wait_until(lambda: len(worker_pids(bastion)) == 2, 20), bastion.log()
+        assert wait_until(lambda: ready_pids(bastion, "echo"), 20), bastion.log()
+        assert bastion.get("/info", listener=1).status == 200
+        cert = Path(tls["certificates"][0]["cert"])
+        other = tls_ca.issue_cert("other.test")  # its certificate, not matching our key
+        cert.write_bytes(other.cert_chain_pems[0].bytes())
+        before = worker_pids(bastion)
+        os.kill(before[0], signal.SIGKILL)
+        assert wait_until(lambda: len(set(worker_pids(bastion)) - set(before)) == 1, 15), \
+            bastion.log()
+        settled = worker_pids(bastion)
+        time.sleep(4)  # a replacement reading the broken files would have died by now
+        assert worker_pids(bastion) == settled, bastion.log()
+        assert len(worker_children(bastion)) == 2
+        for _ in range(6):  # both workers serve the generation's certificate
+            assert bastion.get("/info", listener=1).status == 200
+        assert "exited with" not in bastion.log().split("replacing it", 1)[1], bastion.log()
+    finally:
+        bastion.stop(signal.SIGKILL)
+
+
+def test_worker_with_a_blocked_event_loop_is_killed_and_replaced(tmp_path: Path) -> None:
+    """``worker_timeout``: a worker that sends no heartbeat (SIGSTOP: its loop cannot
+    run) is SIGKILLed and replaced within about ``worker_timeout``; the server serves."""
+    config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}},
+                           workers=2, worker_timeout="2s")
+    bastion = BastionProcess(tmp_path, config).start()
+    try:
+        assert wait_until(lambda: len(worker_pids(bastion)) == 2, 20), bastion.log()
+        assert wait_until(lambda: ready_pids(bastion, "echo"), 20), bastion.log()
+        before = worker_pids(bastion)
+        victim = psutil.Process(before[0])
+        with Load(lambda: (bastion.port(), "/info"), rate=50, threads=2, timeout=15) as load:
+            load.wait_for(20)
+            victim.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            assert wait_until(lambda: not pid_alive(victim.pid), 10), bastion.log()
+            killed_in = time.monotonic() - stopped_at
+            assert wait_until(lambda: len(set(worker_pids(bastion)) - set(before)) == 1, 10)
+            replaced_in = time.monotonic() - stopped_at
+            failed_before = len(load.failures)
+            load.wait_for(60)
+        print(f"stopped worker killed after {killed_in:.2f}s, replaced after "
+              f"{replaced_in:.2f}s; {load.summary()}")
+        # Silent for more than 2 s since its last heartbeat (sent up to 0.5 s before the
+        # SIGSTOP), found by a check that runs every 0.5 s.
+        assert 1.4 <= killed_in <= 4.0, killed_in
+        assert replaced_in <= 6.0, replaced_in
+        assert "sent no heartbeat" in bastion.log(), bastion.log()
+        assert len(worker_children(bastion)) == 2 and before[1] in worker_pids(bastion)
+        # Only connections the stopped worker had accepted may fail; none after.
+        assert len(load.failures) == failed_before <= 4, load.summary()
+        assert bastion.get("/info").status == 200
+    finally:
+        bastion.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_new_connections_are_refused_at_once_during_a_stop(tmp_path: Path,
+                                                          workers: int) -> None:
+    """Once a graceful stop begins, no copy of the listening sockets stays open, so a
+    new connection is refused at once instead of waiting in a backlog nobody accepts
+    from until the drain ends; the request in flight still finishes."""
+    config = simple_config({"echo": {"command": ECHO, "start_mode": "always"}},
+                           workers=workers)
+    bastion = BastionProcess(tmp_path, config).start()
+    try:
+        assert wait_until(lambda: ready_pids(bastion, "echo"), 20), bastion.log()
+        assert wait_until(lambda: len(worker_pids(bastion)) == workers, 20)
+        result: dict[str, Any] = {}
+
+        def slow() -> None:
+            try:
+                result["status"] = bastion.get("/slow?s=4", timeout=20).status
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = repr(exc)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        time.sleep(1.0)  # the request is in flight
+        bastion.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        time.sleep(0.5)  # the workers have begun their stop
+        began = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            bastion.get("/info", timeout=5)
+        print(f"refused after {time.monotonic() - began:.3f}s")
+        thread.join(20)
+        assert result.get("status") == 200, (result, bastion.log())
+        assert bastion.proc.wait(20) == 0, bastion.log()  # type: ignore[union-attr]
+    finally:
+        bastion.stop(signal.SIGKILL)

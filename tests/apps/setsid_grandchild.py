@@ -6,6 +6,10 @@ The child calls ``os.setsid()`` (it leaves the app's process group) and forks th
 grandchild, then exits at once, so the grandchild is an orphan outside the group: killing
 the group does not reach it. The grandchild writes its pid to ``$PIDFILE`` and sleeps.
 The app then serves ``GET`` with ``{"pid": ...}`` on PORT.
+
+``DAEMON_LEAVES=pgid`` makes the child leave only the process group (``setpgid``), not
+the session; ``DAEMON_ENV=empty`` makes the grandchild exec a sleeping Python with an
+empty environment (no ``BASTION_TOKEN`` left to name its app).
 """
 
 from __future__ import annotations
@@ -35,11 +39,17 @@ def main() -> None:
     pidfile = os.environ["PIDFILE"]
     child = os.fork()
     if child == 0:
-        os.setsid()
+        if os.environ.get("DAEMON_LEAVES") == "pgid":
+            os.setpgid(0, 0)
+        else:
+            os.setsid()
         if os.fork() == 0:
             with open(pidfile + ".tmp", "w") as f:
                 f.write(str(os.getpid()))
             os.rename(pidfile + ".tmp", pidfile)
+            if os.environ.get("DAEMON_ENV") == "empty":
+                code = "import time\nwhile True: time.sleep(3600)"
+                os.execve(sys.executable, [sys.executable, "-c", code], {})
             while True:
                 time.sleep(3600)
         os._exit(0)
