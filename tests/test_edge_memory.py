@@ -813,12 +813,6 @@ async def test_pipelined_head_gets_the_request_line_check(tmp_path: Path, split:
     assert 400 in [r.status for r in responses(transport.written)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/edge/h1.py data_received: the head size guard (max_header_size + HEAD_SLACK, "
-    "431) and the early 414 live in _head_bytes, skipped for a head that began in the "
-    "read of the request before it; its target then accumulates in H1Connection._url "
-    "without bound (quadratic copies) while the first request is served or the "
-    "connection is idle"))
 @pytest.mark.parametrize("first_answered", [False, True], ids=["first-active", "first-done"])
 @in_loop
 async def test_pipelined_head_that_never_ends_is_refused(tmp_path: Path,
@@ -856,11 +850,6 @@ async def test_head_that_never_ends_is_refused(tmp_path: Path) -> None:
 
 
 # -- Expect: 100-continue ---------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/edge/h1.py / flow.py: Expect: 100-continue is not handled; the flow prefetches "
-    "the body before asking the app, so a client that waits for 100 Continue gets 408 "
-    "after body_timeout (RFC 9110 10.1.1: a proxy must answer with a final status or "
-    "begin forwarding)"))
 @in_loop
 async def test_expect_100_continue(tmp_path: Path) -> None:
     edge = make_edge(tmp_path, body_timeout=0.3)

@@ -486,10 +486,6 @@ async def test_head_answer_followed_by_bytes_is_not_reused() -> None:
     assert not conn.reusable and not conn.recycle()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy/edge/upstream.py: on_headers_complete raises _Stop after a HEAD answer, and "
-    "data_received's HttpParserCallbackError branch then sets reusable = False because the "
-    "state is _DONE: a complete kept-alive HEAD answer is never pooled"))
 @in_loop
 async def test_head_answer_is_reusable() -> None:
     conn, _, sink = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", head_only=True)

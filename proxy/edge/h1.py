@@ -69,7 +69,8 @@ class _Stop(Exception):
 class _Incoming:
     """A request head parsed on this connection, and its body until a flow takes it."""
 
-    __slots__ = ("request", "keep_alive", "http10", "complete", "body", "flow", "upgrade")
+    __slots__ = ("request", "keep_alive", "http10", "complete", "body", "flow", "upgrade",
+                 "expect")
 
     def __init__(self, request: Request, keep_alive: bool, http10: bool) -> None:
         self.request = request
@@ -79,6 +80,7 @@ class _Incoming:
         self.body: list[bytes] = []
         self.flow: Flow | None = None
         self.upgrade = request.upgrade
+        self.expect = False  # Expect: 100-continue, and no byte of the body yet
 
 
 class H1Connection(asyncio.Protocol):
@@ -156,9 +158,11 @@ class H1Connection(asyncio.Protocol):
             return
         if state == st.CLOSED or self._refusal is not None:
             return
-        if not self._in_message or self._in_head:
+        if not self._in_message or self._first is not None:
             if not self._head_bytes(data):
                 return
+        elif self._in_head:
+            self._head_size += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -234,6 +238,16 @@ class H1Connection(asyncio.Protocol):
 
     # -- llhttp callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if not self._in_head:
+            # A head that begins after another message in the same read (pipelined):
+            # bounded from here on like any other (its request line is not re-checked
+            # raw, but it is re-serialised for the app, and its parts are checked).
+            self._in_head = True
+            self._first = None
+            self._head_size = 0
+            if self.state == st.IDLE:
+                self.state = st.next_state(self.state, st.BYTES)
+                self._set_deadline(self.site.limits.header_timeout)
         self._in_message = True
         self._trailers = False
         self._url = b""
@@ -241,6 +255,9 @@ class H1Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > strict.MAX_TARGET + 64:
+            self._refusal = RequestRejected(414, "request target too long")
+            raise _Stop()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._trailers:
@@ -291,6 +308,9 @@ class H1Connection(asyncio.Protocol):
                           upgrade=is_upgrade(method, headers), trusted=self._trusted)
         keep_alive = parser.should_keep_alive() and not request.upgrade
         incoming = _Incoming(request, keep_alive, version == (1, 0))
+        if has_body and version == (1, 1):
+            incoming.expect = any(n.lower() == b"expect" and v.lower() == b"100-continue"
+                                  for n, v in headers)
         self._incoming = self._last = incoming
         self._queue.append(incoming)
         if len(self._queue) > 1 or self._active is not None:
@@ -300,6 +320,7 @@ class H1Connection(asyncio.Protocol):
         incoming = self._incoming
         if incoming is None:
             return
+        incoming.expect = False
         if incoming.flow is not None:
             incoming.flow.feed(body)
         else:
@@ -336,6 +357,9 @@ class H1Connection(asyncio.Protocol):
                 flow.feed(chunk)
         if incoming.complete:
             flow.feed_end()
+        elif incoming.expect and not flow.done and self.transport is not None:
+            # The client waits for this before its body (RFC 9110 10.1.1), as nginx does.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request's head: what follows is kept for the
@@ -456,7 +480,11 @@ class H1Connection(asyncio.Protocol):
             transport.close()
             return
         self.state = st.next_state(self.state, st.KEEP)
-        self._set_deadline(self.site.limits.keepalive_timeout)
+        if self._in_head:  # a pipelined head is on its way
+            self.state = st.next_state(self.state, st.BYTES)
+            self._set_deadline(self.site.limits.header_timeout)
+        else:
+            self._set_deadline(self.site.limits.keepalive_timeout)
         if self._read_paused:
             self._read_paused = 0
             transport.resume_reading()

@@ -225,6 +225,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._error = InvalidResponse("response head too large")
             raise _Stop()
         low = name.lower()
+        if self._state == _BODY:
+            return  # chunked trailers: dropped, never part of the head
         if low == b"transfer-encoding":
             if self._codings is None:
                 self._codings = []
@@ -264,9 +266,10 @@ class UpstreamConnection(asyncio.Protocol):
         length = self._length
         if bodyless or length == 0:
             self._deliver_head(status, chunked, length, minor)
+            # After a HEAD answer llhttp would wait for the body Content-Length
+            # announces: the next exchange gets a fresh parser, and what the old one
+            # still sees makes the connection unusable (``on_body``).
             self._complete(fresh_parser=self._head_only)
-            if self._head_only:
-                raise _Stop()  # llhttp would wait for the body Content-Length announces
             return
         self._close_delimited = not chunked and length is None
         if self._close_delimited:
@@ -277,8 +280,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._state == _BODY and self.sink is not None:
             self.sink.upstream_body(body)
-        else:
+        else:  # bytes after the answer: never asked for
             self.reusable = False
+            if self._state == _IDLE:
+                self.abort()  # already back in the pool
 
     def on_message_complete(self) -> None:
         if self._interim:
