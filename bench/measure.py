@@ -10,7 +10,7 @@ KIND says which processes are "the proxy" (summed) and which are "the app":
 * ``nginx``: PID is the master; proxy = master + every descendant (the workers);
   app = the tree of APP_PID (the standalone upstream).
 * ``bastion``: PID is Bastion's main process; proxy = main + its keeper child
-  (``python -m module.keeper``) + its worker processes (``python -m proxy.worker``,
+  (``python -m bastion.module.keeper``) + its worker processes (``python -m bastion.proxy.control.worker``,
   with ``workers`` > 1); app = every other child tree (the apps it launched).
 * ``app``: no proxy; app = the tree of PID.
 """
@@ -93,7 +93,7 @@ def _split(kind: str, pid: int, app_pid: int | None) -> tuple[list[psutil.Proces
             cmdline = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        if "module.keeper" in cmdline or "proxy.worker" in cmdline:
+        if "module.keeper" in cmdline or "bastion.proxy.control.worker" in cmdline:
             proxy.append(child)
         else:
             app.extend(_tree(child.pid))

@@ -250,9 +250,9 @@ apps:
     startup_time_limit: 20s
     rapid_fails_per_minute: 100
 EOF
-    "$PY" -m proxy check -c "$WORK/$name.yaml" >/dev/null
+    "$PY" -m bastion check -c "$WORK/$name.yaml" >/dev/null
     log "starting Bastion $name (workers: $workers) on :$http and :$https"
-    "$PY" -m proxy serve -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
+    "$PY" -m bastion serve -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
     "$PY" "$HERE/measure.py" wait "http://127.0.0.1:$http/" 30 \

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Bastion starts one small keeper process (``python -m module.keeper``) with a pipe on its
+Bastion starts one small keeper process (``python -m bastion.module.keeper``) with a pipe on its
 stdin. For every app process it launches, Bastion writes ``+PGID`` (the app is its own
 process-group leader, so PGID is its pid); when the process is gone it writes ``-PGID``.
 The keeper only reads. When its stdin reaches end-of-file, Bastion has exited, cleanly
@@ -115,7 +115,7 @@ class Keeper:
         if self._proc is not None:
             return
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "module.keeper"],
+            [sys.executable, "-m", "bastion.module.keeper"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             close_fds=True,

@@ -1,7 +1,7 @@
-"""``python -m proxy`` is the ``bastion`` command."""
+"""``python -m bastion`` is the ``bastion`` command."""
 
 import sys
 
-from .cli import main
+from .control.cli import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ Loaded through the ``pytest11`` entry point ``bastion``; it gives the
 Theory of operation
 -------------------
 ``bastion(...)`` writes a configuration into a fresh temporary directory and runs
-``python -m proxy serve -c FILE`` in its own session, its output in ``bastion.log``:
+``python -m bastion serve -c FILE`` in its own session, its output in ``bastion.log``:
 
 * listeners: every ``listen`` entry gets a free port on 127.0.0.1 (one HTTP and, with
   ``tls=True``, one HTTPS listener when the config has none). TLS listeners serve a
@@ -22,7 +22,7 @@ Theory of operation
 * ``admin_socket`` is in the temporary directory (``status()`` reads it).
 * each app without a ``cwd`` gets its own empty temporary one (``offline()`` writes
   ``app_offline.htm`` there), and its command is wrapped in
-  ``python -m proxy.pytest_plugin_shim FLAG -- argv...``, which fails one start when
+  ``python -m bastion.proxy.pytest_plugin_shim FLAG -- argv...``, which fails one start when
   ``fail_next_start()`` created FLAG and otherwise execs the command (same pid).
 
 The factory returns once every listener accepts and the admin socket answers (and, with
@@ -62,7 +62,7 @@ __all__ = ["BastionFactory", "BastionHandle", "Response", "bastion", "start_bast
 LOOPBACK = "127.0.0.1"
 SERVER_NAMES = ("127.0.0.1", "::1", "localhost")
 OFFLINE_FILE = "app_offline.htm"
-SHIM_MODULE = "proxy.pytest_plugin_shim"
+SHIM_MODULE = "bastion.proxy.pytest_plugin_shim"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
 
 
@@ -144,7 +144,7 @@ def _make_certificate(directory: Path) -> tuple[Path, Path, Path]:
     try:
         import trustme
     except ImportError:
-        from proxy.devcert import ensure_dev_cert
+        from .control.devcert import ensure_dev_cert
 
         made = ensure_dev_cert(directory / "devcert")
         return made.cert_path, made.key_path, made.ca_path
@@ -272,7 +272,7 @@ class BastionHandle:
         self.config_path.write_text(json.dumps(self.config, indent=2))  # JSON is YAML
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "-c", str(self.config_path)],
+            [sys.executable, "-m", "bastion", "serve", "-c", str(self.config_path)],
             cwd=str(self.directory), env=self.env, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )

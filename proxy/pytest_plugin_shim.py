@@ -1,4 +1,4 @@
-"""Start shim used by the ``bastion`` pytest fixture: ``python -m proxy.pytest_plugin_shim FLAG -- argv...``.
+"""Start shim used by the ``bastion`` pytest fixture: ``python -m bastion.proxy.pytest_plugin_shim FLAG -- argv...``.
 
 The fixture wraps every app command in this shim so that ``fail_next_start(app)`` can make
 exactly one start fail: when ``FLAG`` exists, the shim deletes it, prints one line and exits
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = "usage: python -m proxy.pytest_plugin_shim FLAGFILE -- COMMAND [ARG...]"
+USAGE = "usage: python -m bastion.proxy.pytest_plugin_shim FLAGFILE -- COMMAND [ARG...]"
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Start real Bastion processes for tests and talk to them over loopback.
 
 ``BastionProcess`` writes a YAML config into a temporary directory, runs
-``python -m proxy serve -c FILE`` as a subprocess (in its own session, so a test can
+``python -m bastion serve -c FILE`` as a subprocess (in its own session, so a test can
 SIGKILL it without touching pytest), waits until every listener accepts, and gives the
 base URLs. ``stop()`` sends SIGTERM and waits. ``app_pids()`` reads the admin socket's
 ``/status``. Every wait is bounded.
@@ -86,7 +86,7 @@ class BastionProcess:
         """Start Bastion and wait for its listeners."""
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [PY, "-m", "proxy", "serve", "-c", str(self.path)],
+            [PY, "-m", "bastion", "serve", "-c", str(self.path)],
             cwd=str(REPO), env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )

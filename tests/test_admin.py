@@ -30,7 +30,7 @@ SAMPLE = re.compile(r'^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+
 
 def bastion_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "BASTION_CONFIG"}
-    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=str(REPO), env=env,
+    return subprocess.run([sys.executable, "-m", "bastion", *args], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import pytest
 
-from module.spec import PoolSettings, RecycleSettings
-from proxy.config import CertificatePair, Limits, Route
-from proxy.config_load import (
+from bastion.module.spec import PoolSettings, RecycleSettings
+from bastion.proxy.config.load import (
     ConfigError,
     Problem,
     check_main,
     config_from_dict,
     load_config,
 )
-from proxy.units import parse_duration, parse_size
+from bastion.proxy.config.model import CertificatePair, Limits, Route
+from bastion.proxy.config.units import parse_duration, parse_size
 
 CONFIGS = Path(__file__).parent / "configs"
 ROOT = Path(__file__).parent.parent
@@ -505,7 +505,7 @@ def test_check_main_problems(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_module_entry_point(tmp_path: Path) -> None:
     good = make_full_example(tmp_path)
-    run = [sys.executable, "-m", "proxy.config_load"]
+    run = [sys.executable, "-m", "bastion.proxy.config.load"]
     done = subprocess.run([*run, str(good)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, f"{good}: configuration OK\n", "")
     bad = str(CONFIGS / "broken-syntax.yaml")

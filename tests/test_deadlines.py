@@ -16,12 +16,12 @@ import time
 
 import pytest
 
-from module.controller import AppController
-from module.keeper import Keeper
-from module.rapidfail import RapidFailWindow
-from module.spec import AppSpec
-from proxy.endpoints import EndpointTable
-from proxy.errors import Unavailable
+from bastion.module.controller import AppController
+from bastion.module.keeper import Keeper
+from bastion.module.rapidfail import RapidFailWindow
+from bastion.module.spec import AppSpec
+from bastion.proxy.edge.endpoints import EndpointTable
+from bastion.proxy.edge.errors import Unavailable
 
 HOUR = 3600.0
 

@@ -19,9 +19,9 @@ from typing import Any
 import trustme
 import yaml
 
-from proxy.config_load import config_from_dict, load_config
-from proxy.main import in_process, worker_count
-from proxy.worker import alpn_protocols
+from bastion.proxy.config.load import config_from_dict, load_config
+from bastion.proxy.control.main import in_process, worker_count
+from bastion.proxy.control.worker import alpn_protocols
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -102,7 +102,7 @@ def test_example_config_comments_match_what_it_configures(tmp_path: Path) -> Non
     """``bastion check --no-files`` accepts the file as it is, and its comments' claims
     about workers, HTTP/2 and the user drop are what the settings do."""
     path = DEPLOY / "bastion.yaml"
-    done = subprocess.run([sys.executable, "-m", "proxy", "check", "--no-files", "-c",
+    done = subprocess.run([sys.executable, "-m", "bastion", "check", "--no-files", "-c",
                            str(path)], cwd=str(DEPLOY.parent), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr

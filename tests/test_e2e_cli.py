@@ -1,4 +1,4 @@
-"""End to end: the ``bastion`` command line, run as ``python -m proxy`` in real processes.
+"""End to end: the ``bastion`` command line, run as ``python -m bastion`` in real processes.
 
 ``check`` on broken and valid files, ``serve`` on a port already bound, the built-in demo
 (``serve`` with no config, on 127.0.0.1:8080 / :8443; skipped when those are taken),
@@ -33,10 +33,10 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
 
 def bastion_cli(*args: str, env: dict[str, str] | None = None,
                 timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m proxy ARGS`` to completion (bounded)."""
+    """Run ``python -m bastion ARGS`` to completion (bounded)."""
     full_env = {k: v for k, v in os.environ.items() if k != "BASTION_CONFIG"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=str(REPO), env=full_env,
+    return subprocess.run([sys.executable, "-m", "bastion", *args], cwd=str(REPO), env=full_env,
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
@@ -270,7 +270,7 @@ def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     env = {k: v for k, v in os.environ.items() if k != "BASTION_CONFIG"}
     env["BASTION_DATA_DIR"] = str(tmp_path / "data")
     log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve"], cwd=str(REPO), env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "bastion", "serve"], cwd=str(REPO), env=env,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -29,16 +29,16 @@ import httptools
 import pytest
 from http1_cases import CORPUS, IDS, MAX_BODY, MAX_HEADER, Case
 
-from module.messages import AppState, Endpoint, EndpointFailed
-from proxy.config import Config
-from proxy.config_load import config_from_dict
-from proxy.edge.accesslog import AccessLog
-from proxy.edge.h1 import H1Connection
-from proxy.edge.listeners import Connections
-from proxy.edge.site import Site
-from proxy.edge.upstream import UpstreamConnection, UpstreamPool
-from proxy.endpoints import EndpointTable
-from proxy.routing import Router
+from bastion.module.messages import AppState, Endpoint, EndpointFailed
+from bastion.proxy.config.load import config_from_dict
+from bastion.proxy.config.model import Config
+from bastion.proxy.edge.accesslog import AccessLog
+from bastion.proxy.edge.endpoints import EndpointTable
+from bastion.proxy.edge.h1 import H1Connection
+from bastion.proxy.edge.listeners import Connections
+from bastion.proxy.edge.routing import Router
+from bastion.proxy.edge.site import Site
+from bastion.proxy.edge.upstream import UpstreamConnection, UpstreamPool
 
 APP_PORT = 9
 APP_PID = 4242

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from module.messages import (
+from bastion.module.messages import (
     AppState,
     Endpoint,
     EndpointFailed,
@@ -20,10 +20,10 @@ from module.messages import (
     SlotFreed,
     SlotWanted,
 )
-from proxy.edge.upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
-from proxy.endpoints import EndpointTable, QueueLimits
-from proxy.error_pages import render
-from proxy.errors import (
+from bastion.proxy.control.slots import Answer, SlotGranter
+from bastion.proxy.edge.endpoints import EndpointTable, QueueLimits
+from bastion.proxy.edge.error_pages import render
+from bastion.proxy.edge.errors import (
     BadGateway,
     ConnectRefused,
     GatewayTimeout,
@@ -32,7 +32,7 @@ from proxy.errors import (
     Unavailable,
     from_upstream,
 )
-from proxy.slots import Answer, SlotGranter
+from bastion.proxy.edge.upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
 
 EP1 = Endpoint(101, 30001, "tok1")
 EP2 = Endpoint(102, 30002, "tok2")

@@ -28,7 +28,7 @@ import pytest
 from harness import APPS, PY, BastionProcess, pid_alive, simple_config, wait_until
 from test_workers import ready_pids
 
-from module.cgroups import CgroupRoot, cgroup2_mount, own_cgroup
+from bastion.module.cgroups import CgroupRoot, cgroup2_mount, own_cgroup
 
 ROOT = os.geteuid() == 0
 

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from proxy.config import Limits
-from proxy.edge import h1state as st
-from proxy.edge.h1state import (
+from bastion.proxy.config.model import Limits
+from bastion.proxy.edge import h1state as st
+from bastion.proxy.edge.h1state import (
     ACTIVE,
     BYTES,
     CLOSE,

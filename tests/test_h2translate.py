@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.edge.h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
+from bastion.proxy.edge.h2translate import (
+    Malformed,
+    check_body_length,
+    request_from_h2,
+    response_to_h2,
+)
 
 BASE = [(":method", "GET"), (":scheme", "https"), (":path", "/a?b=1"),
         (":authority", "example.com:8443")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.edge.headers import ForwardInfo, downstream_headers, upstream_headers
-from proxy.trust import TrustedProxies
+from bastion.proxy.edge.headers import ForwardInfo, downstream_headers, upstream_headers
+from bastion.proxy.edge.trust import TrustedProxies
 
 INFO = ForwardInfo(
     client_ip="203.0.113.7",

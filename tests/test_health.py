@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from module.health import (
+from bastion.module.health import (
     TIMEOUTS_IN_A_ROW,
     Liveness,
     check_request,
@@ -22,10 +22,10 @@ from module.health import (
     probe,
     verdict,
 )
-from module.messages import Endpoint, RequestTimedOut, from_wire
-from module.spec import HealthCheck, PoolSettings
-from proxy.config_load import ConfigError, config_from_dict, load_config
-from proxy.endpoints import Lease
+from bastion.module.messages import Endpoint, RequestTimedOut, from_wire
+from bastion.module.spec import HealthCheck, PoolSettings
+from bastion.proxy.config.load import ConfigError, config_from_dict, load_config
+from bastion.proxy.edge.endpoints import Lease
 
 # -- pure ---------------------------------------------------------------------------------
 
@@ -271,9 +271,9 @@ def test_a_reload_that_changes_only_health_check_keeps_the_processes() -> None:
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from module.controller import AppController
-    from module.keeper import Keeper
-    from module.spec import AppSpec
+    from bastion.module.controller import AppController
+    from bastion.module.keeper import Keeper
+    from bastion.module.spec import AppSpec
 
     async def main() -> None:
         spec = AppSpec(name="shop", command=("x",))

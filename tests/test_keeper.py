@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-from module.keeper import Keeper, run
+from bastion.module.keeper import Keeper, run
 
 
 def sleeper() -> subprocess.Popen[bytes]:
@@ -115,7 +115,7 @@ def test_keeper_ignores_sigterm() -> None:
 SCRIPT = textwrap.dedent(
     """
     import subprocess, sys, time
-    from module.keeper import Keeper
+    from bastion.module.keeper import Keeper
     keeper = Keeper()
     keeper.start()
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -148,6 +148,6 @@ def test_sigkill_of_owner_kills_watched_group_and_keeper_exits() -> None:
 
 def test_run_parses_lines_and_kills_what_is_left(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     killed: list[int] = []
-    monkeypatch.setattr("module.keeper._kill_group", killed.append)
+    monkeypatch.setattr("bastion.module.keeper._kill_group", killed.append)
     run(io.BytesIO(b"+10\n+11\n-10\ngarbage\n+\n+x\n\n+12\n-99\n"))
     assert sorted(killed) == [11, 12]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from module import messages
-from module.messages import (
+from bastion.module import messages
+from bastion.module.messages import (
     AppState,
     Endpoint,
     EndpointFailed,

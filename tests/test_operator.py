@@ -40,10 +40,10 @@ PLAIN = app_command("python", "plain_app.py", "{port}")
 
 def cli(*args: str, env: dict[str, str] | None = None,
         timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """``python -m proxy ARGS`` to completion, without BASTION_* from the caller."""
+    """``python -m bastion ARGS`` to completion, without BASTION_* from the caller."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=str(REPO), env=full,
+    return subprocess.run([sys.executable, "-m", "bastion", *args], cwd=str(REPO), env=full,
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
@@ -84,7 +84,7 @@ def test_every_command_works_with_a_broken_config_file(running: BastionProcess) 
     sock = b.config["admin_socket"]
     status = cli("status", "-c", str(b.path))
     assert status.returncode == 0, status.stderr
-    from proxy.version import version
+    from bastion.proxy.version import version
 
     assert f"bastion {version()}" in status.stdout
     assert f"listening on http://{b.config['listen'][0]['address']}" in status.stdout
@@ -159,7 +159,7 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_version() -> None:
-    from proxy.version import version
+    from bastion.proxy.version import version
 
     result = cli("--version")
     assert result.returncode == 0
@@ -167,7 +167,7 @@ def test_version() -> None:
 
 
 def test_status_into_a_closed_pipe_ends_quietly(running: BastionProcess) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "status", "--json", "--socket",
+    proc = subprocess.Popen([sys.executable, "-m", "bastion", "status", "--json", "--socket",
                              running.config["admin_socket"]], cwd=str(REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
@@ -177,7 +177,7 @@ def test_status_into_a_closed_pipe_ends_quietly(running: BastionProcess) -> None
     assert proc.wait(30) == 0, err
     assert err == "", err
     shell = subprocess.run(
-        f"{sys.executable} -m proxy status --socket {running.config['admin_socket']} | head -1",
+        f"{sys.executable} -m bastion status --socket {running.config['admin_socket']} | head -1",
         shell=True, cwd=str(REPO), capture_output=True, text=True, timeout=30)
     assert shell.stdout.startswith("bastion "), shell.stdout
     assert shell.stderr == "", shell.stderr
@@ -188,7 +188,7 @@ def test_status_into_a_closed_pipe_ends_quietly(running: BastionProcess) -> None
 
 def test_logs_follow_sees_a_line_printed_after_the_start(running: BastionProcess) -> None:
     b = running
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "logs", "plain", "-f", "-n", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "bastion", "logs", "plain", "-f", "-n", "0",
                              "--socket", b.config["admin_socket"]], cwd=str(REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
@@ -346,7 +346,7 @@ def test_config_prints_every_default_and_loads_the_same(tmp_path: Path) -> None:
     assert data["admin_socket"] == "/run/bastion/admin.sock"
     again = tmp_path / "effective.yaml"
     again.write_text(result.stdout)
-    from proxy.config_load import load_config
+    from bastion.proxy.config.load import load_config
 
     first, second = load_config(str(path)), load_config(str(again))
     assert second.apps == first.apps and second.routes == first.routes
@@ -377,7 +377,7 @@ def test_metrics_listener_parses_with_prometheus_client(tmp_path: Path) -> None:
         assert response.getheader("Content-Type", "").startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     build = families["bastion_build_info"].samples[0]
-    from proxy.version import version
+    from bastion.proxy.version import version
 
     assert build.labels["version"] == version() and build.value == 1
     for name in ("bastion_app_requests_in_flight", "bastion_app_requests_queued"):
@@ -412,7 +412,7 @@ def test_nothing_refers_to_a_folder_outside_the_repository() -> None:
 
 
 def test_configuration_reference_names_every_key() -> None:
-    from proxy import config_load as c
+    from bastion.proxy.config import load as c
 
     text = (REPO / "docs" / "configuration.md").read_text()
     tables = (c._TOP_RULES, c._POOL_RULES, c._APP_RULES, c._LIMIT_RULES, c._RECYCLE_RULES,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from module.output import TAIL_BYTES, AppOutput
-from module.ports import PORT_RANGE, pick_free_port, port_is_free
+from bastion.module.output import TAIL_BYTES, AppOutput
+from bastion.module.ports import PORT_RANGE, pick_free_port, port_is_free
 
 
 def test_tail_keeps_only_last_64_kib() -> None:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from harness import BastionProcess, app_command, simple_config, wait_until
 
-from module.periodic import ErrorLog, Guard, every
+from bastion.module.periodic import ErrorLog, Guard, every
 
 ECHO = app_command("uvicorn", "echo_asgi:app")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.pytest_plugin import BastionFactory, BastionHandle, wait_until
+from bastion.proxy.pytest_plugin import BastionFactory, BastionHandle, wait_until
 
 PROJECT = Path(__file__).resolve().parent / "plugin_example"
 SHOP = [sys.executable, "-m", "uvicorn", "--app-dir", str(PROJECT), "shop:app",
@@ -122,9 +122,10 @@ def test_offline_gives_503_with_the_page_and_online_serves_again(shop: BastionHa
 def test_loading_the_plugin_imports_nothing_heavy() -> None:
     import subprocess
 
-    code = ("import sys, proxy.pytest_plugin; "
-            "heavy = {'psutil', 'trustme', 'yaml', 'aiohttp', 'cryptography', 'proxy.devcert',"
-            " 'proxy.main', 'module'} & set(sys.modules); print(sorted(heavy))")
+    code = ("import sys, bastion.proxy.pytest_plugin; "
+            "heavy = {'psutil', 'trustme', 'yaml', 'aiohttp', 'cryptography',"
+            " 'bastion.proxy.control.devcert', 'bastion.proxy.control.main',"
+            " 'bastion.module'} & set(sys.modules); print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, check=True)
     assert out.stdout.strip() == "[]"
@@ -135,7 +136,7 @@ def test_the_shim_fails_once_then_execs(tmp_path: Path) -> None:
 
     flag = tmp_path / "flag"
     flag.write_text("x")
-    argv = [sys.executable, "-m", "proxy.pytest_plugin_shim", str(flag), "--",
+    argv = [sys.executable, "-m", "bastion.proxy.pytest_plugin_shim", str(flag), "--",
             sys.executable, "-c", "import os; print(os.getpid())"]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert first.returncode == 1

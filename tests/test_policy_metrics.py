@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from module.policy import (
+from bastion.module.policy import (
     BACKOFF_CAP,
     BACKOFF_FIRST,
     HEALTHY_UPTIME,
@@ -17,9 +17,9 @@ from module.policy import (
     next_backoff,
     recycle_reason,
 )
-from module.spec import RecycleSettings
-from proxy import channel
-from proxy.metrics import BUCKETS, Metrics, merge, render
+from bastion.module.spec import RecycleSettings
+from bastion.proxy.control import channel
+from bastion.proxy.edge.metrics import BUCKETS, Metrics, merge, render
 
 
 def test_backoff_doubles_from_half_a_second_and_is_capped() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pwd
 
-from proxy.config import Config
-from proxy.config_load import config_from_dict
-from proxy.main import privilege_problems
+from bastion.proxy.config.load import config_from_dict
+from bastion.proxy.config.model import Config
+from bastion.proxy.control.main import privilege_problems
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from module.probes import _tcp_listeners_netlink, _tcp_listeners_proc, tree_listens
+from bastion.module.probes import _tcp_listeners_netlink, _tcp_listeners_proc, tree_listens
 
 LISTEN = ("import socket, sys, time\n"
           "s = socket.socket(socket.AF_UNIX if sys.argv[1] == 'unix' else socket.AF_INET)\n"

@@ -7,7 +7,7 @@ oldest failure that keeps the window full leaves it.
 
 from __future__ import annotations
 
-from module.rapidfail import RapidFailWindow
+from bastion.module.rapidfail import RapidFailWindow
 
 
 def test_below_limit_is_allowed() -> None:

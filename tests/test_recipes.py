@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from proxy.pytest_plugin import BastionHandle, start_bastion
+from bastion.proxy.pytest_plugin import BastionHandle, start_bastion
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CLIENT = "127.0.0.2"

@@ -145,7 +145,7 @@ def admin_trigger(b: BastionProcess) -> None:
 
 def cli_trigger(b: BastionProcess) -> None:
     time.sleep(1.0)
-    done = subprocess.run([PY, "-m", "proxy", "recycle", "echo", "-c", str(b.path)],
+    done = subprocess.run([PY, "-m", "bastion", "recycle", "echo", "-c", str(b.path)],
                           cwd=str(REPO), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "recycling echo" in done.stdout
@@ -188,7 +188,7 @@ def test_recycle_of_a_stopped_app_is_refused(bastion_factory: Any) -> None:
     assert status == 409, body
     status, body = b.admin_post("/apps/nope/recycle")
     assert status == 404, body
-    done = subprocess.run([PY, "-m", "proxy", "recycle", "echo", "-c", str(b.path)],
+    done = subprocess.run([PY, "-m", "bastion", "recycle", "echo", "-c", str(b.path)],
                           cwd=str(REPO), capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "no running process" in done.stderr, done
 

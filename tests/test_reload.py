@@ -33,7 +33,7 @@ PROBLEM = re.compile(r"^(?P<file>.+?):(?P<line>\d+): (?P<message>.+)$", re.M)
 
 def bastion_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "BASTION_CONFIG"}
-    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=str(REPO), env=env,
+    return subprocess.run([sys.executable, "-m", "bastion", *args], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import Route
-from proxy.routing import Router, host_rank, normalise_host, path_matches
+from bastion.proxy.config.model import Route
+from bastion.proxy.edge.routing import Router, host_rank, normalise_host, path_matches
 
 
 def app_of(router: Router, host: str, path: str) -> str | None:

@@ -3,7 +3,7 @@ plain values: no sockets, no event loop, a clock of our own."""
 
 from __future__ import annotations
 
-from module.messages import (
+from bastion.module.messages import (
     AppState,
     Endpoint,
     SlotFreed,
@@ -11,8 +11,8 @@ from module.messages import (
     SlotRefused,
     SlotWanted,
 )
-from proxy.endpoints import QueueLimits
-from proxy.slots import Answer, SlotGranter
+from bastion.proxy.control.slots import Answer, SlotGranter
+from bastion.proxy.edge.endpoints import QueueLimits
 
 EP1 = Endpoint(101, 30001, "tok1")
 EP2 = Endpoint(102, 30002, "tok2")

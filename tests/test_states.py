@@ -12,8 +12,8 @@ import itertools
 
 import pytest
 
-from module.messages import State
-from module.states import (
+from bastion.module.messages import State
+from bastion.module.states import (
     EVENTS,
     PHASES,
     PUBLISHED,

@@ -21,10 +21,10 @@ from typing import cast
 import pytest
 import trustme
 
-from proxy import devcert
-from proxy.config import CertificatePair, TLSSettings
-from proxy.devcert import DevCert, describe, dev_cert_dir, ensure_dev_cert
-from proxy.tls import (
+from bastion.proxy.config.model import CertificatePair, TLSSettings
+from bastion.proxy.control import devcert
+from bastion.proxy.control.devcert import DevCert, describe, dev_cert_dir, ensure_dev_cert
+from bastion.proxy.edge.tls import (
     TLSConfigError,
     TLSContextSet,
     build_server_context,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from proxy.edge import upstream as upstream_module
-from proxy.edge.upstream import (
+from bastion.proxy.edge import upstream as upstream_module
+from bastion.proxy.edge.upstream import (
     IDLE_TIMEOUT,
     MAX_HEAD,
     Closed,

@@ -147,7 +147,7 @@ def worker_children(bastion: BastionProcess) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(bastion.pid).children():
         try:
-            if "proxy.worker" in proc.cmdline():
+            if "bastion.proxy.control.worker" in proc.cmdline():
                 found.append(proc)
         except psutil.NoSuchProcess:
             continue

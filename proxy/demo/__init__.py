@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from module.spec import AppSpec, PoolSettings
+from bastion.module.spec import AppSpec, PoolSettings
 
-from ..config import CertificatePair, Config, Listener, Route, TLSSettings
-from ..devcert import dev_cert_dir, ensure_dev_cert
+from ..config.model import CertificatePair, Config, Listener, Route, TLSSettings
+from ..control.devcert import dev_cert_dir, ensure_dev_cert
 
 HTTP_PORT = 8080
 HTTPS_PORT = 8443
@@ -25,7 +25,7 @@ def demo_config() -> Config:
     apps = (
         AppSpec(
             name="demo-asgi",
-            command=(sys.executable, "-m", "proxy.demo.asgi_host", "--port", "{port}"),
+            command=(sys.executable, "-m", "bastion.proxy.demo.asgi_host", "--port", "{port}"),
             pool="demo",
             settings=pool,
             path_base="",
@@ -33,7 +33,7 @@ def demo_config() -> Config:
         ),
         AppSpec(
             name="demo-wsgi",
-            command=(sys.executable, "-m", "proxy.demo.wsgi_app", "--port", "{port}"),
+            command=(sys.executable, "-m", "bastion.proxy.demo.wsgi_app", "--port", "{port}"),
             pool="demo",
             settings=pool,
             path_base="/wsgi",

@@ -16,9 +16,9 @@ def _field(seen: dict[str, str], name: str) -> str:
 def _status() -> str:
     """``bastion status`` of the Bastion running this demo (its admin socket)."""
     try:
-        from ..adminclient import Found, call
-        from ..cli import _format_status
-        from ..devcert import dev_cert_dir
+        from ..control.adminclient import Found, call
+        from ..control.cli import _format_status
+        from ..control.devcert import dev_cert_dir
 
         found = Found(str(dev_cert_dir() / "admin.sock"), "the demo's admin socket")
         status, data = call(found, "GET", "/status", timeout=5)
@@ -29,7 +29,7 @@ def _status() -> str:
 
 def _ca_path() -> str:
     try:
-        from ..devcert import dev_cert_dir
+        from ..control.devcert import dev_cert_dir
 
         return str(dev_cert_dir() / "ca.pem")
     except Exception:  # noqa: BLE001

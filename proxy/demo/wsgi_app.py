@@ -1,6 +1,6 @@
 """The demo's WSGI app, wrapped in the integration middleware, on a threaded wsgiref server.
 
-``python -m proxy.demo.wsgi_app --port N`` serves it on 127.0.0.1:N (the standard library
+``python -m bastion.proxy.demo.wsgi_app --port N`` serves it on 127.0.0.1:N (the standard library
 only, so the demo needs nothing beyond Bastion's own dependencies).
 """
 

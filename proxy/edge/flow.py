@@ -44,10 +44,12 @@ import posixpath
 import time
 from typing import Protocol
 
-from module.messages import Endpoint
+from bastion.module.messages import Endpoint
 
-from ..endpoints import Lease
-from ..errors import (
+from .accesslog import LogEntry
+from .codec import request_head
+from .endpoints import Lease
+from .errors import (
     BadGateway,
     ConnectRefused,
     GatewayTimeout,
@@ -57,8 +59,6 @@ from ..errors import (
     UpstreamGone,
     from_upstream,
 )
-from .accesslog import LogEntry
-from .codec import request_head
 from .headers import ForwardInfo, downstream_headers, upstream_headers
 from .site import WAIT_MARGIN, Site
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError

@@ -40,17 +40,17 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from ..errors import RequestRejected
 from . import h1state as st
 from . import strict
 from .accesslog import LogEntry
 from .codec import response_head, status_line
+from .errors import RequestRejected
 from .flow import BodyTooLarge, Flow, Request
 from .upstream import UpstreamConnection
 from .websocket import Tunnel, is_upgrade
 
 if TYPE_CHECKING:
-    from .listeners import Connections
+    from .connections import Connections
     from .site import Site
 
 log = logging.getLogger("bastion.proxy")

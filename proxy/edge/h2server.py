@@ -63,7 +63,7 @@ from .h2translate import Malformed, check_body_length, request_from_h2, response
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .listeners import Connections
+    from .connections import Connections
     from .site import Site
 
 log = logging.getLogger("bastion.h2")

@@ -29,9 +29,10 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import cast
 
-from ..config import Config, Listener
+from ..config.model import Config, Listener
+from .connections import Connections, Drainable
 from .h1 import H1Connection
 from .h2server import H2Server
 from .site import Site
@@ -39,35 +40,6 @@ from .site import Site
 log = logging.getLogger("bastion.proxy")
 
 HANDSHAKE_TIMEOUT = 10.0
-
-
-class Drainable(Protocol):
-    """A client connection a graceful stop can drain."""
-
-    def drain(self) -> None: ...
-
-
-class Connections:
-    """The open client connections of one worker, against ``max_connections``."""
-
-    def __init__(self, limit: int, on_full: Callable[[bool], None]) -> None:
-        self.limit = limit
-        self.open: set[Drainable] = set()
-        self.draining = False
-        self._on_full = on_full
-        self._full = False
-
-    def opened(self, conn: Drainable) -> None:
-        self.open.add(conn)
-        if self.limit and len(self.open) >= self.limit and not self._full:
-            self._full = True
-            self._on_full(True)
-
-    def closed(self, conn: Drainable) -> None:
-        self.open.discard(conn)
-        if self._full and len(self.open) < self.limit:
-            self._full = False
-            self._on_full(False)
 
 
 def bind_socket(listener: Listener, backlog: int = 1024) -> socket.socket:

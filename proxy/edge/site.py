@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from module.spec import AppSpec
+from bastion.module.spec import AppSpec
 
-from ..config import Config, Listener
-from ..endpoints import EndpointTable
-from ..error_pages import render
-from ..errors import ProxyError
-from ..metrics import Metrics
-from ..routing import Router
-from ..trust import TrustedProxies
+from ..config.model import Config, Listener
 from .accesslog import AccessLog, LogEntry
+from .endpoints import EndpointTable
+from .error_pages import render
+from .errors import ProxyError
+from .metrics import Metrics
+from .routing import Router
+from .trust import TrustedProxies
 from .upstream import UpstreamPool
 
 WAIT_MARGIN = 5.0  # beyond startup_time_limit, in case the module's own timer is late

@@ -138,3 +138,18 @@ def call(found: Found, method: str, path: str, timeout: float = 60.0) -> tuple[i
     except ValueError:
         raise Unreachable(f"{found.path} ({found.origin}) answered {response.status} "
                           "without JSON: is it Bastion's admin socket?") from None
+
+
+def running_addresses(admin_socket: str) -> set[str]:
+    """The listening addresses (and ``metrics_listen``) of the Bastion answering on
+    ``admin_socket``; empty when none does."""
+    try:
+        status, data = call(Found(admin_socket, "admin_socket"), "GET", "/status", timeout=5)
+    except Exception:  # noqa: BLE001 - no running Bastion there
+        return set()
+    if status != 200 or not isinstance(data, dict):
+        return set()
+    ours = {lis["address"] for lis in data.get("listeners", [])}
+    if data.get("metrics_listen"):
+        ours.add(data["metrics_listen"])
+    return ours

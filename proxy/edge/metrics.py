@@ -16,7 +16,7 @@ import platform
 from collections.abc import Iterable
 from typing import Any
 
-from .version import version
+from ..version import version
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

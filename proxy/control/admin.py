@@ -22,25 +22,40 @@ import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sized
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from module.errors import UnknownApp
+from bastion.module.errors import UnknownApp
+from bastion.module.supervisor import Supervisor
 
-from .metrics import render
-from .version import version
-
-if TYPE_CHECKING:
-    from .main import Bastion
+from ..config.model import Config
+from ..edge.metrics import render
+from ..version import version
 
 log = logging.getLogger("bastion.admin")
+
+
+class Served(Protocol):
+    """What the admin API controls: the main process (``main.Bastion``), seen through
+    the few things it asks of it."""
+
+    config: Config
+    supervisor: Supervisor
+
+    @property
+    def workers(self) -> Sized: ...
+
+    def status(self) -> dict[str, Any]: ...
+    def metrics(self) -> dict[str, Any]: ...
+    async def reload(self) -> tuple[bool, list[str]]: ...
 
 
 class AdminServer:
     """Serves the admin API on ``config.admin_socket``."""
 
-    def __init__(self, bastion: Bastion) -> None:
+    def __init__(self, bastion: Served) -> None:
         self.bastion = bastion
         self.path = bastion.config.admin_socket
         self._runner: web.AppRunner | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from module.spec import AppSpec, PoolSettings
+from bastion.module.spec import AppSpec, PoolSettings
 
 ClientCertMode = Literal["none", "optional", "required"]
 LogFormat = Literal["combined", "json"]

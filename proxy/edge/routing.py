@@ -16,7 +16,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .config import Route
+from ..config.model import Route
 
 
 def normalise_host(host: str) -> str:

@@ -48,9 +48,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from module.messages import AppState, Endpoint, SlotFreed, SlotGranted, SlotRefused, SlotWanted
+from bastion.module.messages import (
+    AppState,
+    Endpoint,
+    SlotFreed,
+    SlotGranted,
+    SlotRefused,
+    SlotWanted,
+)
 
-from .endpoints import SUSPEND_FOR, QueueLimits
+from ..edge.endpoints import SUSPEND_FOR, QueueLimits
 
 Answer = tuple[int, SlotGranted | SlotRefused]  # (worker, message to that worker)
 Ticket = tuple[int, int]  # (worker, ticket)

@@ -6,7 +6,7 @@ Theory of operation
 module: it is given the bound listening sockets and a ``send`` function for module
 messages, and it is told ``AppState`` snapshots. The main process runs one of them in
 its own event loop (``workers: 1``, no ``user``), or runs N worker *processes*
-(``python -m proxy.worker``), each a ``ProxyWorker`` connected to the main process by a
+(``python -m bastion.proxy.control.worker``), each a ``ProxyWorker`` connected to the main process by a
 socketpair (``proxy.channel``); the messages are the same either way.
 
 A worker process gets its set-up (config, socket fds, worker number, and the bytes of
@@ -37,20 +37,27 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from module.messages import AppState, FromProxy, SlotGranted, SlotRefused, ToProxy, from_wire
-from module.periodic import every
+from bastion.module.messages import (
+    AppState,
+    FromProxy,
+    SlotGranted,
+    SlotRefused,
+    ToProxy,
+    from_wire,
+)
+from bastion.module.periodic import every
 
+from ..config.model import Config, Listener
+from ..edge.accesslog import AccessLog
+from ..edge.endpoints import EndpointTable, queue_limits
+from ..edge.listeners import ListenerSet
+from ..edge.metrics import Metrics
+from ..edge.routing import Router
+from ..edge.site import Site
+from ..edge.tls import PemFiles, TLSConfigError, TLSContextSet, read_pem_files
+from ..edge.upstream import UpstreamPool
 from . import channel
-from .config import Config, Listener
-from .edge.accesslog import AccessLog
-from .edge.listeners import ListenerSet
-from .edge.site import Site
-from .edge.upstream import UpstreamPool
-from .endpoints import EndpointTable, queue_limits
 from .liveness import heartbeat_interval
-from .metrics import Metrics
-from .routing import Router
-from .tls import PemFiles, TLSConfigError, TLSContextSet, read_pem_files
 
 log = logging.getLogger("bastion.worker")
 
@@ -66,7 +73,7 @@ def alpn_protocols(listener: Listener) -> list[str]:
 def server_context(listener: Listener, files: PemFiles | None = None) -> ssl.SSLContext:
     """The TLS context of ``listener`` (which must have ``tls``), from ``files`` when
     given (else read from disk)."""
-    from .tls import build_server_context
+    from ..edge.tls import build_server_context
 
     assert listener.tls is not None
     return build_server_context(listener.tls, alpn_protocols(listener), files)
@@ -299,13 +306,13 @@ async def _worker_process(channel_fd: int) -> None:
 
 
 def main() -> None:
-    """``python -m proxy.worker --channel FD``: one proxy worker process."""
+    """``python -m bastion.proxy.control.worker --channel FD``: one proxy worker process."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--channel", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    from .main import install_uvloop
+    from .loop import install_uvloop
 
     install_uvloop()
     asyncio.run(_worker_process(args.channel))

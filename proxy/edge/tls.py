@@ -50,7 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from proxy.config import CertificatePair, TLSSettings
+from ..config.model import CertificatePair, TLSSettings
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 

@@ -21,8 +21,8 @@ import sys
 import time
 from typing import Any
 
+from ..version import version
 from .adminclient import Found, Unreachable, call, find_socket, open_request
-from .version import version
 
 OK, REFUSED, UNREACHABLE = 0, 1, 2
 
@@ -34,10 +34,10 @@ def _config_path(args: argparse.Namespace) -> str | None:
 def _load(path: str | None) -> Any:
     """The Config for ``path``, or the built-in demo when there is none."""
     if path is None:
-        from .demo import demo_config
+        from ..demo import demo_config
 
         return demo_config()
-    from .config_load import ConfigError, load_config
+    from ..config.load import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -65,18 +65,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``bastion check -c FILE``: validate like ``nginx -t``."""
-    from .config_load import check_main
+    from ..config.load import check_main
 
     path = _config_path(args)
     if path is None:
         print("bastion check: give a file with -c FILE (or BASTION_CONFIG)", file=sys.stderr)
         return UNREACHABLE
-    return check_main(path, files=not args.no_files, start=True)
+    from .adminclient import running_addresses
+
+    return check_main(path, files=not args.no_files, start=True, running=running_addresses)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     """``bastion config -c FILE``: the effective configuration, defaults filled in."""
-    from .config_dump import dump
+    from ..config.dump import dump
     from .main import worker_count
 
     path = _config_path(args)

@@ -56,8 +56,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from module.leftovers import forget_own_child, note_own_child
-from module.messages import (
+from bastion.module.leftovers import forget_own_child, note_own_child
+from bastion.module.messages import (
     AppState,
     EndpointFailed,
     FromProxy,
@@ -68,19 +68,20 @@ from module.messages import (
     ToProxy,
     from_wire,
 )
-from module.periodic import every
-from module.supervisor import Supervisor
+from bastion.module.periodic import every
+from bastion.module.supervisor import Supervisor
 
+from ..config.model import Config
+from ..edge.endpoints import queue_limits
+from ..edge.listeners import bind_socket
+from ..edge.metrics import merge, retired
+from ..edge.tls import PemFiles, TLSConfigError, tls_files
 from . import channel
 from .admin import AdminServer
-from .config import Config
-from .edge.listeners import bind_socket
-from .endpoints import queue_limits
 from .liveness import heartbeat_interval, overdue
-from .metrics import merge, retired
+from .loop import install_uvloop
 from .sdnotify import Notifier, watchdog_interval
 from .slots import Answer, SlotGranter
-from .tls import PemFiles, TLSConfigError, tls_files
 from .worker import (
     ProxyWorker,
     WorkerSetup,
@@ -105,16 +106,6 @@ def compiled_parser_in_use() -> bool:
 
     compiled = getattr(http_parser, "HttpRequestParserC", None)
     return compiled is not None and http_parser.HttpRequestParser is compiled
-
-
-def install_uvloop() -> bool:
-    """Use uvloop's event loop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 def worker_count(config: Config) -> int:
@@ -209,7 +200,7 @@ class LocalWorker(WorkerHandle):
 
 
 class ProcessWorker(WorkerHandle):
-    """A ``python -m proxy.worker`` child process connected by a socketpair."""
+    """A ``python -m bastion.proxy.control.worker`` child process connected by a socketpair."""
 
     def __init__(self, worker_id: int, config: Config, sockets: dict[str, socket.socket],
                  to_module: Callable[[ToModule], None],
@@ -242,7 +233,7 @@ class ProcessWorker(WorkerHandle):
         fds = {a: s.fileno() for a, s in self.sockets.items()}
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy.worker", "--channel", str(theirs.fileno()),
+                sys.executable, "-m", "bastion.proxy.control.worker", "--channel", str(theirs.fileno()),
                 pass_fds=[theirs.fileno(), *fds.values()],
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -592,7 +583,7 @@ class Bastion:
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Re-read the config file and apply it; (applied, problems)."""
-        from .config_load import ConfigError, load_config
+        from ..config.load import ConfigError, load_config
 
         if self.config.source.startswith("<"):
             return False, ["the built-in configuration cannot be reloaded"]

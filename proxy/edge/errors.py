@@ -74,7 +74,7 @@ class UpstreamGone(BadGateway):
 
 def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     """Map a failure talking to the app to the status the client gets."""
-    from .edge.upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
+    from .upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
 
     cause: BaseException | None = exc
     while cause is not None:

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from module.spec import AppSpec, PoolSettings
+from bastion.module.spec import AppSpec, PoolSettings
 
-from .config import Config, Listener
+from .model import Config, Listener
 
 
 def _settings(settings: PoolSettings) -> dict[str, Any]:

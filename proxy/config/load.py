@@ -49,15 +49,16 @@ from typing import Any, Final
 
 import yaml
 
-from module.spec import (
+from bastion.module.spec import (
     POOL_SETTING_NAMES,
     AppSpec,
     HealthCheck,
     PoolSettings,
     RecycleSettings,
 )
-from proxy.config import CertificatePair, Config, Limits, Listener, Route, TLSSettings
-from proxy.units import _show, parse_duration, parse_size
+
+from .model import CertificatePair, Config, Limits, Listener, Route, TLSSettings
+from .units import _show, parse_duration, parse_size
 
 
 @dataclass(frozen=True)
@@ -185,12 +186,17 @@ _BAD: Final = _Bad()
 Rule = Callable[["_Checker", _Node, str], Any]
 
 
+# Given an admin socket path: the listening addresses of the Bastion running there.
+Running = Callable[[str], set[str]]
+
+
 class _Checker:
     """Collects problems while converting nodes; ``path`` names a key, e.g. ``limits.x``."""
 
     def __init__(self, file: str, base_dir: str, files: bool = True,
-                 start: bool = False) -> None:
+                 start: bool = False, running: Running | None = None) -> None:
         self.file = file
+        self.running = running  # the addresses a running Bastion holds, by admin socket
         self.base_dir = base_dir
         self.files = files  # check that files and directories exist
         self.start = start  # ``bastion check``: also what only fails at start
@@ -798,17 +804,7 @@ def _check_ports(checker: _Checker, listeners: list[Listener], metrics: str | No
     taken = [(key, host, port) for key, host, port in wanted if _in_use(host, port)]
     if not taken:
         return
-    ours: set[str] = set()
-    try:
-        from .adminclient import Found, call
-
-        status, data = call(Found(admin_socket, "admin_socket"), "GET", "/status", timeout=5)
-        if status == 200:
-            ours = {lis["address"] for lis in data.get("listeners", [])}
-            if data.get("metrics_listen"):
-                ours.add(data["metrics_listen"])
-    except Exception:  # noqa: BLE001 - no running Bastion here: every taken port is a problem
-        pass
+    ours = checker.running(admin_socket) if checker.running is not None else set()
     for key, host, port in taken:
         address = Listener(host, port).address
         if address not in ours:
@@ -864,12 +860,14 @@ def _build(checker: _Checker, root: _Node) -> Config:
 # --- public entry points ----------------------------------------------------------------
 
 
-def load_config(path: str, files: bool = True, start: bool = False) -> Config:
+def load_config(path: str, files: bool = True, start: bool = False,
+                running: Running | None = None) -> Config:
     """Read, check and convert the YAML file ``path``; ConfigError lists every problem.
 
     ``files=False`` takes file, directory and user names on trust (linting a file for another
     machine); ``start=True`` also checks what would only fail when Bastion starts: each
-    app's program on its PATH, listening addresses held by another program."""
+    app's program on its PATH, listening addresses held by another program than the
+    Bastion that ``running`` finds on the admin socket (its addresses are no problem)."""
     try:
         with open(path, "rb") as stream:
             raw = stream.read()
@@ -880,7 +878,7 @@ def load_config(path: str, files: bool = True, start: bool = False) -> Config:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigError([Problem(path, line, "the file is not valid UTF-8")]) from None
-    checker = _Checker(path, os.path.dirname(os.path.abspath(path)), files, start)
+    checker = _Checker(path, os.path.dirname(os.path.abspath(path)), files, start, running)
     root = _from_yaml(text, path, checker.problems)
     if root is None or root.value is None:
         raise ConfigError([Problem(path, 1, "empty configuration; listen and apps are required")])
@@ -893,13 +891,14 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return _build(checker, _from_python(data, checker.problems, source))
 
 
-def check_main(path: str, files: bool = True, start: bool = False) -> int:
+def check_main(path: str, files: bool = True, start: bool = False,
+               running: Running | None = None) -> int:
     """``bastion check -c FILE``: print the problems on stderr (1) or "FILE: configuration OK" (0).
 
     ``start`` (``bastion check``) also looks at the apps' programs and the listening
     addresses; ``files=False`` (``--no-files``) looks at nothing on this machine."""
     try:
-        load_config(path, files=files, start=start and files)
+        load_config(path, files=files, start=start and files, running=running)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -910,5 +909,5 @@ def check_main(path: str, files: bool = True, start: bool = False) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m proxy.config_load FILE")
+        sys.exit("usage: python -m bastion.proxy.config.load FILE")
     sys.exit(check_main(sys.argv[1]))

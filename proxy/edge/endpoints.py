@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from module.messages import (
+from bastion.module.messages import (
     AppState,
     Endpoint,
     EndpointFailed,
@@ -56,7 +56,7 @@ from module.messages import (
     ToProxy,
     UsageReport,
 )
-from module.spec import AppSpec
+from bastion.module.spec import AppSpec
 
 from .errors import BadGateway, ProxyError, Unavailable
 
