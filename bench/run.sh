@@ -78,7 +78,7 @@ if ((${#need_apt[@]})); then
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-if ! "$PY" -c 'import proxy.main, aiohttp, psutil' 2>/dev/null; then
+if ! "$PY" -c 'import bastion.proxy.control.main, aiohttp, psutil' 2>/dev/null; then
     log "installing Bastion into $PY"
     timeout 300 "$PY" -m pip install -q -e "$ROOT"
 fi
