@@ -91,6 +91,8 @@ def normalised_path(raw: str) -> str:
     """The decoded path with dot segments and doubled slashes resolved, for routing."""
     if not raw.startswith("/"):
         return raw
+    if "/." not in raw and "//" not in raw:
+        return raw  # nothing to resolve (the common case)
     path = posixpath.normpath(raw)
     if path.startswith("//"):
         path = "/" + path.lstrip("/")
@@ -652,8 +654,7 @@ class Flow:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-        status = self.status or 500
-        self.site.finished(self.request.log_entry(), status, self.sent, self.app, self.pid,
+        self.site.finished(self.request, self.status or 500, self.sent, self.app, self.pid,
                            time.monotonic() - self.started)
         self.down.flow_done(self)
 

@@ -282,7 +282,8 @@ class H1Connection(asyncio.Protocol):
         headers = self._headers
         try:
             verdict = strict.check_request(method, target, version, headers,
-                                           max_header_size=limits.max_header_size)
+                                           max_header_size=limits.max_header_size,
+                                           tokens_checked=True)
         except strict.StrictError as exc:
             self._refusal = RequestRejected(exc.status, exc.message)
             raise _Stop() from None

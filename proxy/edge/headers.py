@@ -13,7 +13,7 @@ to it. ``Content-Length`` is dropped both ways: bodies are re-framed by the edge
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HOP_BY_HOP = frozenset(
     {
@@ -47,8 +47,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server"}
 Headers = list[tuple[bytes, bytes]]
 
 
-@dataclass(frozen=True)
-class ForwardInfo:
+class ForwardInfo(NamedTuple):
     """What Bastion vouches for about one request."""
 
     client_ip: str

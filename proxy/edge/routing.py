@@ -73,10 +73,15 @@ class Router:
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self.routes = tuple(routes)
+        self._hosts: dict[str, str] = {}  # raw Host -> normalised (bounded memo)
 
     def match(self, host: str, path: str) -> Route | None:
         """The best route for ``host`` (raw Host header) and ``path``, or None (404)."""
-        name = normalise_host(host)
+        name = self._hosts.get(host)
+        if name is None:
+            name = normalise_host(host)
+            if len(self._hosts) < 1024:
+                self._hosts[host] = name
         best: tuple[int, int] | None = None
         chosen: Route | None = None
         for route in self.routes:

@@ -10,6 +10,7 @@ error pages, and the access log and metrics a finished request goes to.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from bastion.module.spec import AppSpec
 
@@ -23,7 +24,13 @@ from .routing import Router
 from .trust import TrustedProxies
 from .upstream import UpstreamPool
 
-WAIT_MARGIN = 5.0  # beyond startup_time_limit, in case the module's own timer is late
+WAIT_MARGIN = 5.0
+
+
+class Logged(Protocol):
+    """A request that can say what the access log says of it."""
+
+    def log_entry(self) -> LogEntry: ...  # beyond startup_time_limit, in case the module's own timer is late
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,13 @@ class Site:
             name = f"{name}:{https_port}"
         return f"https://{name}{target}".encode("latin-1")
 
-    def finished(self, entry: LogEntry, status: int, sent: int, app: str, pid: int,
+    def finished(self, entry: LogEntry | Logged, status: int, sent: int, app: str, pid: int,
                  duration: float) -> None:
-        """Access log and metrics for one finished request, whatever its protocol."""
-        self.access_log.write_entry(entry, status, sent, app, pid, duration)
+        """Access log and metrics for one finished request, whatever its protocol
+        (``entry``: what the log says of it, made only when there is a log)."""
+        if self.access_log.enabled:
+            if not isinstance(entry, LogEntry):
+                entry = entry.log_entry()
+            self.access_log.write_entry(entry, status, sent, app, pid, duration)
         if self.metrics is not None:
             self.metrics.observe(app, status, duration)
