@@ -5,8 +5,9 @@ The corpus itself is tests/http1_cases.py (shared with the in-memory run of
 tests/test_edge_memory.py). Each case names the status Bastion must
 answer (a set where RFC 9112 allows either) and whether the app may see the request:
 every rejected one must reach no app, and the connection must close after it. The whole
-corpus runs twice: with aiohttp's llhttp parser and with its pure-Python parser
-(``AIOHTTP_NO_EXTENSIONS=1`` in Bastion's environment).
+corpus runs twice: with the data plane as built by ``./run`` (compiled with mypyc where a
+compiler was there) and as plain Python (``BASTION_INTERPRETED=1`` in Bastion's
+environment).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ def _config(tmp: Path) -> dict[str, Any]:
     )
 
 
-@pytest.fixture(scope="module", params=["llhttp", "python"])
+@pytest.fixture(scope="module", params=["built", "interpreted"])
 def edge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[BastionProcess]:
     tmp = tmp_path_factory.mktemp(f"corpus-{request.param}")
-    env = {"AIOHTTP_NO_EXTENSIONS": "1"} if request.param == "python" else {}
+    env = {"BASTION_INTERPRETED": "1"} if request.param == "interpreted" else {}
     bastion = BastionProcess(tmp, _config(tmp), env=env)
     bastion.start()
     try:

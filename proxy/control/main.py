@@ -75,6 +75,7 @@ from ..config.model import Config
 from ..edge.endpoints import queue_limits
 from ..edge.listeners import bind_socket
 from ..edge.metrics import merge, retired
+from ..edge.native import warn_if_interpreted
 from ..edge.tls import PemFiles, TLSConfigError, tls_files
 from . import channel
 from .admin import AdminServer
@@ -98,14 +99,6 @@ WORKER_HEALTHY = 10.0  # a worker up this long died of something other than its 
 CERT_POLL = 2.0
 SLOW_STOP = 8.0  # a stop still running after this long logs what it waits on
 STOP_MARGIN = 10.0  # beyond the drain grace and the apps' shutdown_time_limit
-
-
-def compiled_parser_in_use() -> bool:
-    """True when aiohttp parses HTTP with its compiled (llhttp) parser."""
-    from aiohttp import http_parser
-
-    compiled = getattr(http_parser, "HttpRequestParserC", None)
-    return compiled is not None and http_parser.HttpRequestParser is compiled
 
 
 def worker_count(config: Config) -> int:
@@ -824,11 +817,7 @@ def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int
         for problem in problems:
             print(f"bastion: {problem}", file=sys.stderr)
         return 1
-    if os.environ.get("AIOHTTP_NO_EXTENSIONS") or not compiled_parser_in_use():
-        log.warning(
-            "aiohttp's compiled HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set or no "
-            "C extension): parsing is slower; Bastion's own checks still apply"
-        )
+    warn_if_interpreted(log)
     uvloop = install_uvloop()
     try:
         asyncio.run(_run(config, ready))

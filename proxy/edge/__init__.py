@@ -9,3 +9,10 @@ and talks to the app through ``upstream``; ``websocket`` pipes upgraded connecti
 ``error_pages`` turn every failure into one status; ``accesslog``, ``metrics`` and
 ``tls`` complete it. Nothing here spawns a process: the module does.
 """
+
+import os as _os
+
+if _os.environ.get("BASTION_INTERPRETED"):
+    from .native import prefer_sources
+
+    prefer_sources()

@@ -169,7 +169,8 @@ class H1Connection(asyncio.Protocol):
             offset = exc.args[0] if exc.args else len(data)
             self._upgraded(data[offset:])
         except httptools.HttpParserCallbackError:
-            if self._refusal is not None:
+            # (read through a call: the callbacks set it, and the check above narrowed it)
+            if self._pending_refusal() is not None:
                 self._refused_while_parsing()
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
@@ -517,6 +518,9 @@ class H1Connection(asyncio.Protocol):
         if entry is None:
             entry = LogEntry(self.client_ip, "-", "-", "-")
         self.site.finished(entry, status, sent, "-", 0, 0.0)
+
+    def _pending_refusal(self) -> RequestRejected | None:
+        return self._refusal
 
     def _refused_while_parsing(self) -> None:
         refusal = self._refusal

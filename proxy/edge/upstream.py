@@ -32,6 +32,7 @@ import asyncio
 from typing import Protocol, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 IDLE_TIMEOUT = 30.0
 MAX_HEAD = 64 * 1024  # bytes of a response head
@@ -413,6 +414,7 @@ class UpstreamConnection(asyncio.Protocol):
         return True
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UpstreamPool:
     """Idle kept-alive connections per app endpoint (a TCP port or a unix socket path)."""
 
