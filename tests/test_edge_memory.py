@@ -749,6 +749,7 @@ async def test_status_999_from_the_app_is_502(tmp_path: Path) -> None:
     assert await until(lambda: bool(transport.written))
     [response] = responses(transport.written)
     assert response.status == 502 and response.complete
+    assert response.header(b"cache-control") == b"no-store"  # never kept by a cache
     assert b"ok" != response.body and b"999" not in transport.written
     assert len(edge.app.requests) == 1
     assert edge.app.connections[0].closed_by == "abort"

@@ -257,6 +257,8 @@ def test_get(h2c: H2Client, bastion: BastionProcess) -> None:
     assert resp["status"] == 200
     heads = dict(resp["headers"])
     assert heads[b"strict-transport-security"] == b"max-age=600"
+    # The app's own Server (uvicorn sends one) is replaced, as over HTTP/1.1.
+    assert [v for n, v in resp["headers"] if n == b"server"] == [b"bastion"]
     seen = json.loads(resp["body"])
     got = {k: v for k, v in seen["headers"]}
     assert seen["query"] == "x=1"
@@ -326,6 +328,7 @@ def test_error_page_over_h2(h2c: H2Client) -> None:
     assert resp["status"] == 404
     assert b"404" in resp["body"]
     assert dict(resp["headers"])[b"strict-transport-security"] == b"max-age=600"
+    assert dict(resp["headers"])[b"cache-control"] == b"no-store"
 
 
 def test_body_too_large(h2c: H2Client) -> None:

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from harness import BastionProcess, app_command, simple_config, wait_until
@@ -215,3 +216,38 @@ def test_access_log_json(small: BastionProcess) -> None:
     assert entry["method"] == "GET" and entry["status"] == 200 and entry["app"] == "raw"
     assert entry["client"] == "127.0.0.1" and entry["pid"] > 0 and entry["bytes"] > 0
     assert entry["duration"] >= 0
+
+
+def test_lost_access_log_lines_are_reported_once_and_counted(tmp_path: Path) -> None:
+    """A log that cannot be written (here /dev/full: ENOSPC) loses its lines: said once
+    in Bastion's log, not once per line, and counted in /metrics; requests go on."""
+    config = simple_config(
+        {"raw": {"command": app_command("python", "raw_upstream.py"), "start_mode": "always"}},
+        access_log="/dev/full",
+    )
+    bastion = BastionProcess(tmp_path, config)
+    bastion.start()
+    try:
+        for _ in range(20):
+            assert bastion.get("/ok", host="h").status == 200
+
+        def lost() -> float:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(bastion.config["admin_socket"])
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            sock.close()
+            for line in data.decode().splitlines():
+                if line.startswith("bastion_access_log_lost_lines_total"):
+                    return float(line.split()[-1])
+            raise AssertionError("no bastion_access_log_lost_lines_total")
+
+        assert wait_until(lambda: lost() >= 20, 10)
+        reports = [line for line in bastion.log().splitlines() if "line(s) lost" in line]
+        assert len(reports) == 1, reports
+        assert "/dev/full" in reports[0]
+    finally:
+        bastion.stop()

@@ -17,10 +17,10 @@ from bastion.proxy.edge import native
 REPO = Path(__file__).resolve().parent.parent
 
 
-def interpreted_in_child(**env: str) -> list[str]:
+def interpreted_in_child(cwd: Path = REPO, **env: str) -> list[str]:
     code = "import bastion.proxy.edge.native as n; print(','.join(n.interpreted()))"
     full = {k: v for k, v in os.environ.items() if k != "BASTION_INTERPRETED"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env={**full, **env},
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(cwd), env={**full, **env},
                           capture_output=True, text=True, timeout=60, check=True)
     return [n for n in done.stdout.strip().split(",") if n]
 
@@ -29,10 +29,12 @@ def test_interpreted_flag_loads_every_module_from_its_source() -> None:
     assert interpreted_in_child(BASTION_INTERPRETED="1") == list(native.MODULES)
 
 
-def test_built_modules_load_as_extensions() -> None:
+def test_built_modules_load_as_extensions(tmp_path: Path) -> None:
     if native.stale():
         pytest.skip("the data plane is not compiled here (no compiler at set-up)")
     assert interpreted_in_child() == []
+    # From anywhere, not only the checkout's root (their shared runtime is in the package).
+    assert interpreted_in_child(cwd=tmp_path) == []
 
 
 def test_serve_warns_only_when_the_data_plane_is_not_compiled(tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ class ProxyWorker:
     def metrics_snapshot(self) -> dict[str, object]:
         """This worker's metrics, with the connections open now."""
         self.metrics.open_connections = self.listeners.open_connections()
+        self.metrics.access_log_lost = self.access_log.lost_lines
         for spec in self.config.apps:
             in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
             self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))

@@ -30,6 +30,7 @@ class Metrics:
         self.latency_sum: dict[str, float] = {}
         self.upstream_errors: dict[str, int] = {}
         self.tls_handshake_errors = 0
+        self.access_log_lost = 0  # access log lines a failed write lost
         self.open_connections = 0
         self.in_flight: dict[str, int] = {}  # app -> requests being served now
         self.queued: dict[str, int] = {}  # app -> requests waiting for it now
@@ -63,6 +64,7 @@ class Metrics:
             "latency_sum": dict(self.latency_sum),
             "upstream_errors": dict(self.upstream_errors),
             "tls_handshake_errors": self.tls_handshake_errors,
+            "access_log_lost": self.access_log_lost,
             "open_connections": self.open_connections,
             "in_flight": dict(self.in_flight),
             "queued": dict(self.queued),
@@ -83,6 +85,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     in_flight: dict[str, int] = {}
     queued: dict[str, int] = {}
     handshakes = 0
+    lost = 0
     connections = 0
     for snap in snapshots:
         for app, status, n in snap.get("requests", []):
@@ -100,6 +103,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         for app, n in snap.get("queued", {}).items():
             queued[app] = queued.get(app, 0) + n
         handshakes += snap.get("tls_handshake_errors", 0)
+        lost += snap.get("access_log_lost", 0)
         connections += snap.get("open_connections", 0)
     return {
         "requests": [[a, s, n] for (a, s), n in requests.items()],
@@ -107,6 +111,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "latency_sum": latency_sum,
         "upstream_errors": errors,
         "tls_handshake_errors": handshakes,
+        "access_log_lost": lost,
         "open_connections": connections,
         "in_flight": in_flight,
         "queued": queued,
@@ -209,6 +214,9 @@ def render(merged: dict[str, Any], status: dict[str, Any], workers: int,
     out += ["# HELP bastion_tls_handshake_errors_total TLS handshakes that failed.",
             "# TYPE bastion_tls_handshake_errors_total counter",
             f"bastion_tls_handshake_errors_total {merged.get('tls_handshake_errors', 0)}"]
+    out += ["# HELP bastion_access_log_lost_lines_total Access log lines lost to failed writes.",
+            "# TYPE bastion_access_log_lost_lines_total counter",
+            f"bastion_access_log_lost_lines_total {merged.get('access_log_lost', 0)}"]
     out += ["# HELP bastion_open_connections Client connections open now.",
             "# TYPE bastion_open_connections gauge",
             f"bastion_open_connections {merged['open_connections']}",

@@ -23,7 +23,6 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,11 +91,18 @@ def build() -> int:
     for name in MODULES:
         for old in _extensions(name):
             old.unlink()
-    for old in root.glob("*__mypyc.*.so"):  # the runtime shared by the modules
-        old.unlink()
+    for old in [*root.glob("*__mypyc.*.so"), *HERE.glob("native_rt__mypyc.*.so")]:
+        old.unlink()  # the runtime the modules share (older builds left it at the root)
     sources = [f"bastion/proxy/edge/{name}.py" for name in MODULES]
-    done = subprocess.run([sys.executable, "-m", "mypyc", *sources], cwd=root,
-                          stdout=subprocess.DEVNULL, env={**os.environ, "MYPYC_OPT_LEVEL": "3"})
+    # One extension per module, and their shared runtime inside this package (the group
+    # name), so that they import from anywhere, not only from the checkout's root.
+    script = (
+        "import sys; from setuptools import setup; from mypyc.build import mypycify; "
+        f"setup(name='bastion-native', ext_modules=mypycify({sources!r}, opt_level='3', "
+        f"group_name='{PACKAGE}.native_rt'), "
+        "script_args=['build_ext', '--inplace'])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, stdout=subprocess.DEVNULL)
     if done.returncode != 0:
         for name in MODULES:  # never leave a half-built set behind
             for old in _extensions(name):
