@@ -599,8 +599,11 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         if prof.get("groups"):
             where += ["", "Self time by package: " + ", ".join(
                 f"{name} {share * 100:.0f}%" for name, share in prof["groups"]) + ". "
-                "Self time of a function includes the C code it calls (a socket write in "
-                "`StreamWriter._write*`, the uvloop loop itself under `Runner.run`)."]
+                "Self time of a function includes the C code it calls (a socket write, the "
+                "uvloop loop itself under `Runner.run`). The data plane's compiled modules "
+                "(`proxy/edge/native.py`: h1, flow, upstream, strict, codec, headers) are C "
+                "called from the loop: py-spy counts their time under `Runner.run` too, so "
+                "what is listed by name is what still runs as Python."]
         where += ["", "Self time by area:", "", "| self % | area |", "|---:|---|"]
         where += [f"| {share * 100:.1f} | {area} |" for area, share in prof["areas"]]
     else:

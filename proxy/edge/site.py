@@ -60,6 +60,8 @@ class Site:
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        self._redirects = listener.redirect_https
+        self._https_port = config.https_port if listener.redirect_https else None
         # Like nginx, every answer names the edge, not the app's server software.
         extra: list[tuple[bytes, bytes]] = [(b"Server", b"bastion")]
         if listener.tls is not None and listener.tls.hsts:
@@ -79,8 +81,8 @@ class Site:
 
     def redirect_location(self, host: str, target: str) -> bytes | None:
         """Where ``redirect_https`` sends a request, or None when it does not apply."""
-        https_port = self.config.https_port
-        if not self.listener.redirect_https or https_port is None:
+        https_port = self._https_port
+        if not self._redirects or https_port is None:
             return None
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if https_port != 443:
