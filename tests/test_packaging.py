@@ -6,6 +6,7 @@ environments."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -57,7 +58,11 @@ def test_bastion_wheel_adds_only_bastion_and_the_middleware(tmp_path: Path) -> N
 
 
 def test_middleware_wheel_installs_and_imports_alone(tmp_path: Path) -> None:
-    wheel = build_wheel(REPO / "integration_middleware", tmp_path / "dist")
+    # Built from a copy: the build leaves its scratch folders next to the sources.
+    source = tmp_path / "src" / "integration_middleware"
+    shutil.copytree(REPO / "integration_middleware", source,
+                    ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    wheel = build_wheel(source, tmp_path / "dist")
     python = fresh_venv(tmp_path / "venv")
     before = top_level(python)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], check=True,
