@@ -72,6 +72,18 @@ class Targets:
             return next(self._cycle)
 
 
+def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the server sends until it closes (or resets, or goes quiet)."""
+    sock.settimeout(timeout)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return answer
+
+
 @pytest.fixture
 def running(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BastionProcess]:
     bastion = BastionProcess(tmp_path, first_config(request.param)).start()
@@ -231,13 +243,7 @@ def test_request_head_arriving_during_reload_is_served(running: BastionProcess) 
         os.kill(bastion.pid, signal.SIGHUP)
         assert wait_until(lambda: bastion.status()["generation"] == 1, 15), bastion.log()
         sock.sendall(b"Connection: close\r\n\r\n")
-        sock.settimeout(5)
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
 
@@ -255,12 +261,6 @@ def test_connection_accepted_before_a_reload_is_served_after_it(
         os.kill(bastion.pid, signal.SIGHUP)
         assert wait_until(lambda: bastion.status()["generation"] == 1, 15), bastion.log()
         sock.sendall(b"GET /info HTTP/1.1\r\nHost: example.com\r\n\r\n")
-        sock.settimeout(5)
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b"connection: close" in answer.split(b"\r\n\r\n")[0].lower()

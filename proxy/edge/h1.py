@@ -112,7 +112,6 @@ class H1Connection(asyncio.Protocol):
         self._chunked_out = False
         self._keep_alive = True
         self._tunnel: Tunnel | None = None
-        self._served = 0
         self._in_message = False  # llhttp is inside a message (head or body)
         self._in_head = False  # a head is arriving
         self._trailers = False  # llhttp's fields now are chunked trailers
@@ -349,7 +348,6 @@ class H1Connection(asyncio.Protocol):
         self._deadline = None
         self._chunked_out = False
         self._keep_alive = incoming.keep_alive and not self.draining
-        self._served += 1
         flow = Flow(self.site, incoming.request, self)
         incoming.flow = flow
         flow.start()

@@ -253,8 +253,3 @@ def strip_h2c(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
             value = b", ".join(kept)
         out.append((name, value))
     return out
-
-
-def replace_host(headers: list[tuple[str, str]], host: str) -> list[tuple[str, str]]:
-    """Headers with the single Host set to ``host`` (absolute-form requests)."""
-    return [(n, host if n.lower() == "host" else v) for n, v in headers]
