@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from ..config.model import Route
 
@@ -60,40 +59,44 @@ def path_matches(base: str, path: str) -> bool:
     return path == base or path.startswith(base + "/")
 
 
-@dataclass(frozen=True)
-class Match:
-    """The route chosen for a request."""
-
-    route: Route
-    host_rank: int
-
-
 class Router:
-    """Chooses the app for a host and path."""
+    """Chooses the app for a host and path.
+
+    For each host seen, the routes it may reach are put in the order the rules above
+    give (host rank, then path length, best first) once, and kept (up to ``MEMO`` hosts);
+    a request then takes the first of them whose path base matches."""
+
+    MEMO = 1024
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self.routes = tuple(routes)
-        self._hosts: dict[str, str] = {}  # raw Host -> normalised (bounded memo)
+        self._by_host: dict[str, tuple[Route, ...]] = {}  # raw Host -> candidates
 
-    def match(self, host: str, path: str) -> Route | None:
-        """The best route for ``host`` (raw Host header) and ``path``, or None (404)."""
-        name = self._hosts.get(host)
-        if name is None:
-            name = normalise_host(host)
-            if len(self._hosts) < 1024:
-                self._hosts[host] = name
-        best: tuple[int, int] | None = None
-        chosen: Route | None = None
-        for route in self.routes:
-            if not path_matches(route.path, path):
-                continue
+    def candidates(self, host: str) -> tuple[Route, ...]:
+        """The routes ``host`` (raw Host header) may reach, best first."""
+        found = self._by_host.get(host)
+        if found is not None:
+            return found
+        name = normalise_host(host)
+        ranked: list[tuple[int, int, int, Route]] = []
+        for index, route in enumerate(self.routes):
             if route.hosts:
                 rank = max(host_rank(normalise_host(p), name) for p in route.hosts)
                 if rank < 0:
                     continue
             else:
                 rank = 0
-            key = (rank, len(route.path))
-            if best is None or key > best:
-                best, chosen = key, route
-        return chosen
+            # Ties keep the configured order (the first route wins, as before).
+            ranked.append((-rank, -len(route.path), index, route))
+        ranked.sort(key=lambda item: item[:3])
+        found = tuple(item[3] for item in ranked)
+        if len(self._by_host) < self.MEMO:
+            self._by_host[host] = found
+        return found
+
+    def match(self, host: str, path: str) -> Route | None:
+        """The best route for ``host`` (raw Host header) and ``path``, or None (404)."""
+        for route in self.candidates(host):
+            if path_matches(route.path, path):
+                return route
+        return None
