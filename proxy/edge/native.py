@@ -10,8 +10,9 @@ benchmark machine (``bench/``; ``workers: 1``, ``wrk -c32``): 59 us of CPU per r
 as Python, 34 us compiled.
 
 ``./run`` builds them (``python -m bastion.proxy.edge.native``) whenever a source is
-newer than its extension; without a compiler, or when Bastion is installed from a wheel,
-the same modules run as Python and ``serve`` logs a warning (``warn_if_interpreted``).
+newer than its extension; the same command builds them in an installed Bastion (with
+mypy, gcc and the Python headers there). Without them the same modules run as Python
+and ``serve`` logs a warning (``warn_if_interpreted``).
 ``BASTION_INTERPRETED=1`` in the environment makes a process load the sources even when
 the extensions are built (``prefer_sources``): the tests run both ways.
 """
@@ -47,8 +48,8 @@ def warn_if_interpreted(log: logging.Logger) -> None:
     slow = interpreted()
     if slow:
         log.warning("the data plane runs as plain Python (%s not compiled): it works, at about "
-                    "twice the CPU per request; in a checkout, `python -m bastion.proxy.edge."
-                    "native` builds it (needs gcc and the Python headers)", ", ".join(slow))
+                    "twice the CPU per request; `python -m bastion.proxy.edge.native` builds "
+                    "it (needs mypy, gcc and the Python headers)", ", ".join(slow))
 
 
 class _SourcesFirst(importlib.abc.MetaPathFinder):
@@ -81,12 +82,20 @@ def stale() -> bool:
     return False
 
 
+def _root() -> Path | None:
+    """The folder that holds ``bastion/proxy/edge``: a checkout (whose ``bastion/`` links
+    to ``proxy/``) or the site-packages Bastion is installed in."""
+    for root in (HERE.parent.parent, HERE.parents[2]):
+        if (root / "bastion" / "proxy" / "edge" / "native.py").is_file():
+            return root
+    return None
+
+
 def build() -> int:
-    """Compile ``MODULES`` in place (the checkout's ``bastion/`` names them); 0 on success."""
-    root = HERE.parent.parent
-    if not (root / "bastion" / "proxy" / "edge").is_dir():
-        print("native: build from a checkout of Bastion (bastion/proxy/edge not found)",
-              file=sys.stderr)
+    """Compile ``MODULES`` in place, next to their sources; 0 on success."""
+    root = _root()
+    if root is None:
+        print("native: bastion/proxy/edge not found beside this file", file=sys.stderr)
         return 1
     for name in MODULES:
         for old in _extensions(name):
