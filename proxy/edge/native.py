@@ -24,8 +24,10 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1")
@@ -92,30 +94,38 @@ def _root() -> Path | None:
 
 
 def build() -> int:
-    """Compile ``MODULES`` in place, next to their sources; 0 on success."""
+    """Compile ``MODULES`` next to their sources; 0 on success.
+
+    The compiler works on a copy of the ``bastion`` package in a scratch folder (in an
+    installed Bastion, site-packages must not be mypy's own tree: every module there
+    would pass for the project's), and the extensions are then moved next to the
+    sources."""
     root = _root()
     if root is None:
         print("native: bastion/proxy/edge not found beside this file", file=sys.stderr)
         return 1
-    for name in MODULES:
-        for old in _extensions(name):
-            old.unlink()
-    for old in [*root.glob("*__mypyc.*.so"), *HERE.glob("native_rt__mypyc.*.so")]:
-        old.unlink()  # the runtime the modules share (older builds left it at the root)
-    sources = [f"bastion/proxy/edge/{name}.py" for name in MODULES]
-    # One extension per module, and their shared runtime inside this package (the group
-    # name), so that they import from anywhere, not only from the checkout's root.
-    script = (
-        "import sys; from setuptools import setup; from mypyc.build import mypycify; "
-        f"setup(name='bastion-native', ext_modules=mypycify({sources!r}, opt_level='3', "
-        f"group_name='{PACKAGE}.native_rt'), "
-        "script_args=['build_ext', '--inplace'])"
-    )
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, stdout=subprocess.DEVNULL)
-    if done.returncode != 0:
-        for name in MODULES:  # never leave a half-built set behind
-            for old in _extensions(name):
-                old.unlink()
+    for old in [*(so for name in MODULES for so in _extensions(name)),
+                *HERE.glob("native_rt__mypyc.*.so")]:
+        old.unlink()  # ours only: never another package's runtime
+    with tempfile.TemporaryDirectory(prefix="bastion-native-") as scratch:
+        shutil.copytree(root / "bastion", Path(scratch, "bastion"),
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        # Stub packages are test dependencies: what they type is never compiled here.
+        Path(scratch, "mypy.ini").write_text("[mypy]\nignore_missing_imports = True\n")
+        sources = [f"bastion/proxy/edge/{name}.py" for name in MODULES]
+        # One extension per module, and their shared runtime inside this package (the
+        # group name), so that they import from anywhere.
+        script = (
+            "from setuptools import setup; from mypyc.build import mypycify; "
+            f"setup(name='bastion-native', ext_modules=mypycify({sources!r}, opt_level='3', "
+            f"group_name='{PACKAGE}.native_rt'), "
+            "script_args=['build_ext', '--inplace'])"
+        )
+        done = subprocess.run([sys.executable, "-c", script], cwd=scratch,
+                              stdout=subprocess.DEVNULL)
+        if done.returncode == 0:
+            for so in Path(scratch, *PACKAGE.split(".")).glob("*.so"):
+                shutil.move(str(so), HERE / so.name)
     return done.returncode
 
 
