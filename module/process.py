@@ -216,7 +216,7 @@ class AppProcess:
         """Return once the app accepts connections; raise ``StartFailed`` otherwise."""
         limit = self.spec.settings.startup_time_limit
         deadline = time.monotonic() + limit
-        delay = 0.005
+        delay = 0.002
         while True:
             if self.returncode is not None:
                 await self.wait()
@@ -239,8 +239,8 @@ class AppProcess:
                 raise StartFailed(reason, output.tail())
             await asyncio.sleep(delay)
             # A refused connect on loopback costs microseconds: poll often, so a request
-            # waiting for a start is served within ~20 ms of the app's listen().
-            delay = min(delay * 2, 0.02)
+            # waiting for a start is served within ~5 ms of the app's listen().
+            delay = min(delay * 2, 0.005)
 
     def _foreign_listener(self) -> str:
         """Why a port that accepts is not the app's, naming its holder when visible."""
