@@ -10,6 +10,7 @@ built in one join: a request head for the app, a response head for the client.
 from __future__ import annotations
 
 import http
+from urllib.parse import unquote
 
 from . import strict
 
@@ -54,6 +55,14 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     parts.append(framing)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def decoded_path(target: str) -> str:
+    """The path of an origin-form ``target``, percent-decoded, for routing (``*`` stays)."""
+    path = target.split("?", 1)[0]
+    if "%" not in path:
+        return path
+    return unquote(path, errors="surrogateescape")
 
 
 def check_request_line(first: bytes) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+from .upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
+
 
 class ProxyError(Exception):
     """A request that ends with an error page."""
@@ -74,8 +76,6 @@ class UpstreamGone(BadGateway):
 
 def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     """Map a failure talking to the app to the status the client gets."""
-    from .upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
-
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ProxyError):

@@ -43,7 +43,7 @@ import httptools
 from . import h1state as st
 from . import strict
 from .accesslog import LogEntry
-from .codec import response_head, status_line
+from .codec import decoded_path, response_head, status_line
 from .errors import RequestRejected
 from .flow import BodyTooLarge, Flow, Request
 from .upstream import UpstreamConnection
@@ -131,7 +131,7 @@ class H1Connection(asyncio.Protocol):
                 if der:
                     self._client_cert = base64.b64encode(der).decode("ascii")
         self.connections.opened(self)
-        self._set_deadline(self.site.limits.header_timeout)
+        self._state_deadline()
         if self.connections.draining:
             self.drain()
 
@@ -215,7 +215,7 @@ class H1Connection(asyncio.Protocol):
             self._head_size = 0
             if self.state != st.ACTIVE:  # (ACTIVE: a pipelined head)
                 self.state = st.next_state(self.state, st.BYTES)
-                self._set_deadline(self.site.limits.header_timeout)
+                self._state_deadline()
         self._head_size += len(data)
         first = self._first
         if first is not None:
@@ -247,7 +247,7 @@ class H1Connection(asyncio.Protocol):
             self._head_size = 0
             if self.state == st.IDLE:
                 self.state = st.next_state(self.state, st.BYTES)
-                self._set_deadline(self.site.limits.header_timeout)
+                self._state_deadline()
         self._in_message = True
         self._trailers = False
         self._url = b""
@@ -301,9 +301,8 @@ class H1Connection(asyncio.Protocol):
         if location is not None:
             self._refusal = _Redirect(location)
             raise _Stop()
-        path = verdict.target.split("?", 1)[0]
         has_body = verdict.chunked or bool(verdict.content_length)
-        request = Request(method, verdict.target, host, _unquote(path), headers,
+        request = Request(method, verdict.target, host, decoded_path(verdict.target), headers,
                           self.client_ip, self._client_cert, verdict.content_length,
                           has_body, f"HTTP/{version_text}",
                           upgrade=is_upgrade(method, headers), trusted=self._trusted)
@@ -482,9 +481,7 @@ class H1Connection(asyncio.Protocol):
         self.state = st.next_state(self.state, st.KEEP)
         if self._in_head:  # a pipelined head is on its way
             self.state = st.next_state(self.state, st.BYTES)
-            self._set_deadline(self.site.limits.header_timeout)
-        else:
-            self._set_deadline(self.site.limits.keepalive_timeout)
+        self._state_deadline()
         if self._read_paused:
             self._read_paused = 0
             transport.resume_reading()
@@ -554,6 +551,12 @@ class H1Connection(asyncio.Protocol):
         self._refuse(RequestRejected(status, "malformed request"))
 
     # -- timer ----------------------------------------------------------------------------------
+    def _state_deadline(self) -> None:
+        """The deadline the state table gives the state the connection is in now."""
+        limit = st.DEADLINES.get(self.state)
+        if limit is not None and limit != "flow":
+            self._set_deadline(getattr(self.site.limits, limit))
+
     def _set_deadline(self, delay: float) -> None:
         if delay <= 0:
             self._deadline = None
@@ -638,12 +641,4 @@ class _Redirect(RequestRejected):
     def __init__(self, location: bytes) -> None:
         super().__init__(308, "redirect")
         self.location = location
-
-
-def _unquote(path: str) -> str:
-    if "%" not in path:
-        return path
-    from urllib.parse import unquote
-
-    return unquote(path, errors="surrogateescape")
 

@@ -64,7 +64,10 @@ def next_state(state: str, event: str) -> str:
         raise StateError(f"{event} is not allowed in {state}") from None
 
 
+DEADLINES: dict[str, str] = {FRESH: "header_timeout", HEAD: "header_timeout",
+                             ACTIVE: "flow", IDLE: "keepalive_timeout"}
+
+
 def deadline_of(state: str) -> str | None:
     """Which limit bounds ``state``: a ``Limits`` field name, "flow", or None."""
-    return {FRESH: "header_timeout", HEAD: "header_timeout", ACTIVE: "flow",
-            IDLE: "keepalive_timeout"}.get(state)
+    return DEADLINES.get(state)

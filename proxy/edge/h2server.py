@@ -58,6 +58,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from .codec import decoded_path
 from .flow import Flow, Request
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
 from .upstream import UpstreamConnection
@@ -444,7 +445,7 @@ class H2Protocol(asyncio.Protocol):
         self.streams[stream_id] = stream
         self._disarm_idle()
         target = h1.target
-        path = "*" if target == "*" else _unquote(target.split("?", 1)[0])
+        path = decoded_path(target)
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in h1.headers]
         has_body = not ended and h1.content_length != 0
         request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
@@ -634,10 +635,3 @@ class H2Server:
         for conn in list(self.open):
             conn.goaway()
 
-
-def _unquote(path: str) -> str:
-    if "%" not in path:
-        return path
-    from urllib.parse import unquote
-
-    return unquote(path, errors="surrogateescape")

@@ -319,8 +319,6 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_switched(head, rest)
 
     def _fail(self, exc: UpstreamError) -> None:
-        if self._state == _DONE and self._head_only:
-            return  # the HEAD answer was complete; what followed is ignored
         self._state = _BROKEN
         self.reusable = False
         self.abort()
