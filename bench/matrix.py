@@ -345,7 +345,7 @@ def cmd_run(setup_file: str, out: str) -> None:
     runs, seconds, warmup = int(setup["runs"]), float(setup["duration"]), float(setup["warmup"])
     size = int(setup["stream_size"])
     targets = setup["targets"]
-    only = set(setup.get("cells") or CELLS)
+    only = set(str(setup.get("cells") or "").split()) or set(CELLS)
     results: dict[str, Any] = {"setup": setup, "cells": {}, "started": time.time()}
     results["load_before"] = os.getloadavg()
 
