@@ -20,7 +20,8 @@ connection ends, accepting resumes on fresh duplicates.
 A graceful stop (``ListenerSet.stop``) stops accepting, then drains: idle keep-alive
 connections close at once (a client retries on a new connection, which another worker
 generation accepts), a connection accepted just before the stop may still send its
-first request, busy ones close after their answer (``Connection: close``), HTTP/2 ones
+first request (also one the event loop accepted but has not reported yet: see
+``connections``), busy ones close after their answer (``Connection: close``), HTTP/2 ones
 get GOAWAY; whatever is left at the grace time's end is closed.
 """
 
@@ -155,14 +156,23 @@ class ListenerSet:
         self.connections.limit = config.limits.max_connections
         connections = self.connections
         metrics = next((site.metrics for site in sites.values()), None)
-        failed = metrics.tls_handshake_failed if metrics is not None else _nothing
+        counted = metrics.tls_handshake_failed if metrics is not None else _nothing
+
+        def failed() -> None:
+            connections.gone()
+            counted()
+
         for listener, sock, context in sockets:
             site = sites[listener.address]
 
             def http1(client: str | None = None, site: Site = site) -> asyncio.Protocol:
                 return H1Connection(site, connections, client)
 
-            factory: MakeProtocol = http1
+            def accepted(client: str | None = None, site: Site = site) -> asyncio.Protocol:
+                connections.arrive()
+                return H1Connection(site, connections, client)
+
+            factory: MakeProtocol = accepted
             if context is not None:
                 h2: MakeProtocol | None = None
                 if listener.http2:
@@ -172,6 +182,7 @@ class ListenerSet:
 
                 def selector(client: str | None = None, h1: MakeProtocol = http1,
                              h2: MakeProtocol | None = h2) -> asyncio.Protocol:
+                    connections.arrive()
                     return AlpnSelector(h1, h2, failed, client)
 
                 factory = selector
@@ -218,7 +229,7 @@ class ListenerSet:
         drained: set[Drainable] = set()
         while True:
             open_now = list(self.connections.open)
-            if not open_now or time.monotonic() >= deadline:
+            if self.connections.settled or time.monotonic() >= deadline:
                 break
             for conn in open_now:
                 if conn not in drained:

@@ -160,7 +160,10 @@ class ProxyAcceptor:
             else:
                 await loop.connect_accepted_socket(lambda: make(client), conn)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            # A failed handshake is counted by the TLS protocol selector.
+            # A failed handshake is counted (and no longer arriving) by the TLS
+            # protocol selector; a plain connection never got that far.
+            if self.context is None:
+                self.connections.gone()
             log.debug("PROXY protocol connection from %s ended before serving: %s",
                       client, exc)
             with contextlib.suppress(OSError):
