@@ -105,12 +105,13 @@ class Request:
     """A client's request head as the flow needs it, whatever the protocol."""
 
     __slots__ = ("method", "target", "host", "path", "headers", "client_ip", "client_cert",
-                 "content_length", "has_body", "upgrade", "version", "trusted")
+                 "content_length", "has_body", "upgrade", "version", "trusted", "client_port")
 
     def __init__(self, method: str, target: str, host: str, path: str,
                  headers: list[tuple[bytes, bytes]], client_ip: str,
                  client_cert: str | None, content_length: int | None, has_body: bool,
-                 version: str, *, upgrade: bool = False, trusted: bool = False) -> None:
+                 version: str, *, upgrade: bool = False, trusted: bool = False,
+                 client_port: int = 0) -> None:
         self.method = method
         self.target = target  # origin-form, sent to the app as is
         self.host = host
@@ -123,6 +124,7 @@ class Request:
         self.version = version  # for the access log: "HTTP/1.1", "HTTP/2.0"
         self.upgrade = upgrade  # a WebSocket upgrade to tunnel
         self.trusted = trusted  # the client is a trusted proxy
+        self.client_port = client_port  # for an in-process app's scope (0: unknown)
 
     def log_entry(self) -> LogEntry:
         """The access log's view of this request."""
@@ -135,6 +137,25 @@ class Request:
                 agent = value.decode("latin-1")
         return LogEntry(self.client_ip, self.method, self.target, self.version, referer,
                         agent)
+
+
+class HostedCall(Protocol):
+    """A request being served by an in-process app (``proxy.edge.hosting``)."""
+
+    def feed(self, data: bytes) -> None:
+        """More of the request body."""
+
+    def feed_end(self) -> None:
+        """The request body is complete."""
+
+    def pause(self) -> None:
+        """The client cannot take more of the answer."""
+
+    def resume(self) -> None:
+        """The client can take more again."""
+
+    def close(self, abort: bool) -> None:
+        """The exchange is over (``abort``: cancel what the app still does for it)."""
 
 
 class Downstream(Protocol):
@@ -179,7 +200,7 @@ class Flow:
                  "_received", "_body_end", "_body_failed", "_body_at", "_sent_at",
                  "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
-                 "refused", "_retry")
+                 "refused", "_retry", "hosted")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -214,6 +235,7 @@ class Flow:
         self._endpoint: Endpoint | None = None
         self._paused_down = False  # reading the request body is paused by us
         self.refused = False  # ended by a refusal at the edge (the connection closes)
+        self.hosted: HostedCall | None = None  # served by an in-process app
 
     @property
     def done(self) -> bool:
@@ -242,6 +264,10 @@ class Flow:
         if limit and self._received > limit:
             self.feed_failed(BodyTooLarge())
             return
+        hosted = self.hosted
+        if hosted is not None:
+            hosted.feed(data)
+            return
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             if self._chunked:
@@ -261,6 +287,8 @@ class Flow:
         if self._body_end:
             return
         self._body_end = True
+        if self.hosted is not None:
+            self.hosted.feed_end()
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             conn.request_done(self._chunked)
@@ -291,6 +319,8 @@ class Flow:
             self._paused_up = True
             if self.conn is not None:
                 self.conn.pause_reading()
+            elif self.hosted is not None:
+                self.hosted.pause()
 
     def resume_response(self) -> None:
         """The client can take more again."""
@@ -298,6 +328,8 @@ class Flow:
             self._paused_up = False
             if self.conn is not None:
                 self.conn.resume_reading()
+            elif self.hosted is not None:
+                self.hosted.resume()
 
     def expire(self) -> None:
         """The client side's timer fired at or after ``deadline``."""
@@ -349,6 +381,9 @@ class Flow:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
         spec = site.apps[route.app]
         self._timeout = spec.settings.request_timeout
+        if spec.in_process:
+            self._route_hosted()
+            return
         lease = site.table.try_acquire(route.app)
         if lease is not None:
             self._leased(lease)
@@ -356,6 +391,54 @@ class Flow:
         self.state = _WAIT_LEASE
         self._task = asyncio.get_running_loop().create_task(
             self._acquire(spec.settings.startup_time_limit + WAIT_MARGIN))
+
+    # -- an in-process app (proxy.edge.hosting) --------------------------------------------
+    def _route_hosted(self) -> None:
+        host = self.site.host
+        assert host is not None
+        self.request.upgrade = False  # a WebSocket upgrade goes on as a plain request
+        error = host.refusal(self.app)
+        if error is not None:
+            raise error
+        loading = host.loading(self.app)
+        if loading is None:
+            self._call_hosted()
+            return
+        self.state = _WAIT_LEASE  # like waiting for an app process's start
+        self._task = asyncio.get_running_loop().create_task(self._await_load(loading))
+
+    async def _await_load(self, loading: asyncio.Future[bool]) -> None:
+        loaded = await asyncio.shield(loading)
+        self._task = None
+        if self.state == _DONE:
+            return
+        host = self.site.host
+        assert host is not None
+        error = host.refusal(self.app)
+        if error is None and not loaded:
+            error = host.failure(self.app)
+        if error is not None:
+            self.fail(error)
+            return
+        self._call_hosted()
+
+    def _call_hosted(self) -> None:
+        """Call the in-process app instead of connecting to an app process."""
+        host = self.site.host
+        assert host is not None
+        self.pid = host.pid
+        self.state = _SENT
+        self._sent_at = time.monotonic()
+        pending = self._pending
+        self._pending = []
+        self._pending_size = 0
+        self.hosted = host.call(self.app, self, pending, self._body_end)
+        self._resume_down()
+        self._set_deadline()
+
+    def hosted_failed(self, error: ProxyError) -> None:
+        """The in-process app failed: its error page before the head, a cut after it."""
+        self.fail(error)
 
     async def _acquire(self, wait_limit: float) -> None:
         try:
@@ -643,6 +726,10 @@ class Flow:
         if task is not None:
             self._task = None
             task.cancel()
+        hosted = self.hosted
+        if hosted is not None:
+            self.hosted = None
+            hosted.close(abort_upstream)
         conn = self.conn
         self.conn = None
         if conn is not None:
