@@ -439,7 +439,6 @@ static int Session_init(Session *self, PyObject *args, PyObject *kwds) {
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_outbound_ack(opt, (size_t)max_ack);
     nghttp2_option_set_max_continuations(opt, MAX_CONTINUATIONS);
-    nghttp2_option_set_no_closed_streams(opt, 1); /* kept only for RFC 7540 priorities */
     int rv = nghttp2_session_server_new2(&self->session, cb, self, opt);
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cb);
