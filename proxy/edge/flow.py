@@ -46,8 +46,9 @@ from typing import Protocol
 
 from bastion.module.messages import Endpoint
 
+from ..config.model import StaticLocation
 from .accesslog import LogEntry
-from .codec import request_head
+from .codec import decoded_path, request_head
 from .endpoints import Lease
 from .errors import (
     BadGateway,
@@ -61,6 +62,8 @@ from .errors import (
 )
 from .headers import ForwardInfo, downstream_headers, upstream_headers
 from .site import WAIT_MARGIN, Site
+from .static import ACCEL_KEPT, FileSender, accel_target
+from .static import answer as static_answer
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("bastion.proxy")
@@ -166,6 +169,9 @@ class Downstream(Protocol):
     def flow_done(self, flow: Flow) -> None:
         """The exchange is over (its log line is written)."""
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        """The client's plain (not TLS, not HTTP/2) transport, for ``os.sendfile``."""
+
 
 # Flow states
 _PREFETCH, _WAIT_LEASE, _CONNECTING, _SENT, _RESPONDING, _DONE = range(6)
@@ -179,7 +185,7 @@ class Flow:
                  "_received", "_body_end", "_body_failed", "_body_at", "_sent_at",
                  "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
-                 "refused", "_retry")
+                 "refused", "_retry", "_static")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -214,6 +220,7 @@ class Flow:
         self._endpoint: Endpoint | None = None
         self._paused_down = False  # reading the request body is paused by us
         self.refused = False  # ended by a refusal at the edge (the connection closes)
+        self._static: FileSender | None = None  # sending a static file's body
 
     @property
     def done(self) -> bool:
@@ -287,6 +294,9 @@ class Flow:
 
     def pause_response(self) -> None:
         """The client cannot take more of the answer: stop reading from the app."""
+        if self._static is not None:
+            self._static.pause()
+            return
         if not self._paused_up:
             self._paused_up = True
             if self.conn is not None:
@@ -294,6 +304,9 @@ class Flow:
 
     def resume_response(self) -> None:
         """The client can take more again."""
+        if self._static is not None:
+            self._static.resume()
+            return
         if self._paused_up:
             self._paused_up = False
             if self.conn is not None:
@@ -345,6 +358,12 @@ class Flow:
         if route is None:
             raise NotFound("no application is configured for this address")
         self.app = route.app
+        if route.static is not None:
+            if route.static.internal:
+                raise NotFound("no application is configured for this address")
+            self._static_answer(route.static, route.path, request.target, request.method,
+                                None)
+            return
         if request.upgrade and not route.websockets:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
         spec = site.apps[route.app]
@@ -465,6 +484,14 @@ class Flow:
         if self.state == _DONE:
             return
         self.state = _RESPONDING
+        if self.site.accel:
+            for name, value in head.headers:
+                if name.lower() == b"x-accel-redirect":
+                    # As nginx: the app's body is never read (django-sendfile2 announces
+                    # the file's length and sends nothing); the connection is dropped.
+                    self._accel_redirect(value, [(n, v) for n, v in head.headers
+                                                 if n.lower() in ACCEL_KEPT])
+                    return
         self.status = head.status
         self._response_bodyless = (self.request.method == "HEAD"
                                    or head.status in (204, 304))
@@ -576,6 +603,63 @@ class Flow:
         self._finish(abort_upstream=True)
 
     # -- failures and the end -------------------------------------------------------------
+    # -- static files (proxy.edge.static) ----------------------------------------------
+    def _static_answer(self, location: StaticLocation, base: str, target: str, method: str,
+                       kept: list[tuple[bytes, bytes]] | None) -> None:
+        try:
+            found = static_answer(location, method, target, base, self.request.headers, kept)
+        except ProxyError as error:
+            self.fail(error)
+            return
+        self.status = found.status
+        self.state = _RESPONDING
+        self._head_out = True
+        if found.fd < 0:
+            self.sent = sum(len(piece) for piece in found.body)
+            self.down.respond(found.status, b"", found.headers, found.length,
+                              found.bodyless, found.body, True)
+            self._finish()
+            return
+        sender = FileSender(self, self.down, found.fd, found.offset, found.remaining,
+                            self.down.sendfile_transport())
+        self._static = sender
+        self.down.respond(found.status, b"", found.headers, found.length, False, [], False)
+        if self.state != _DONE:
+            sender.start()
+
+    def static_end(self, sent: int) -> None:
+        """A static file's body went out whole."""
+        self._static = None
+        self.sent = sent
+        self._finish()
+
+    def static_abort(self, sent: int) -> None:
+        """A static file's body broke off after its head: the client is cut off."""
+        self._static = None
+        self.sent = sent
+        self.down.abort()
+        self._finish(abort_upstream=True)
+
+    def _accel_redirect(self, value: bytes, kept: list[tuple[bytes, bytes]]) -> None:
+        """The app answered with X-Accel-Redirect: the file it names, not its body."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+            self.site.pool.release(conn)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        target = accel_target(value)
+        route = None if target is None else self.site.router.match(
+            self.request.host, normalised_path(decoded_path(target)))
+        if target is None or route is None or route.static is None:
+            self.fail(NotFound("X-Accel-Redirect names no static location",
+                               detail=value.decode("latin-1")))
+            return
+        method = "HEAD" if self.request.method == "HEAD" else "GET"
+        self._static_answer(route.static, route.path, target, method, kept)
+
     def _upstream_error(self, error: ProxyError) -> None:
         if isinstance(error, ConnectRefused | UpstreamGone) and self._attempt == 1 \
                 and self._other_ready():
@@ -639,6 +723,9 @@ class Flow:
         incomplete = not self._body_end
         self.state = _DONE
         self.deadline = None
+        if self._static is not None:
+            self._static.close()
+            self._static = None
         task = self._task
         if task is not None:
             self._task = None

@@ -190,6 +190,9 @@ class _Stream:
             self.end_pending = True
         self.pump()
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        return None  # frames: never the raw socket
+
     def abort(self) -> None:
         self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
         self._lost()

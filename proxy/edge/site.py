@@ -60,6 +60,7 @@ class Site:
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        self.accel = bool(config.statics)  # apps' X-Accel-Redirect is looked for
         self._redirects = listener.redirect_https
         self._https_port = config.https_port if listener.redirect_https else None
         # Like nginx, every answer names the edge, not the app's server software.
@@ -77,6 +78,7 @@ class Site:
                    (b"Cache-Control", b"no-store")]
         if error.retry_after is not None:
             headers.append((b"Retry-After", b"%d" % error.retry_after))
+        headers.extend(error.extra_headers)
         return ErrorPage(error.status, headers, body)
 
     def redirect_location(self, host: str, target: str) -> bytes | None:
