@@ -24,7 +24,8 @@ def _settings(settings: PoolSettings) -> dict[str, Any]:
 
 
 def _listener(listener: Listener) -> dict[str, Any]:
-    entry: dict[str, Any] = {"address": listener.address}
+    entry: dict[str, Any] = {"address": listener.address,
+                             "proxy_protocol": listener.proxy_protocol}
     if listener.tls is None:
         entry["redirect_https"] = listener.redirect_https
         return entry
@@ -80,6 +81,8 @@ def effective(config: Config) -> dict[str, Any]:
         "detailed_errors": config.detailed_errors,
         "metrics_listen": config.metrics_listen,
         "limits": asdict(config.limits),
+        "health": {"path": config.health.path, "drain_delay": config.health.drain_delay,
+                   "require_apps": list(config.health.require_apps)},
         "pools": {name: _settings(pool) for name, pool in config.pools.items()},
         "apps": {spec.name: _app(config, spec) for spec in config.apps},
         "static": {location.name: _static(location) for location in config.statics},

@@ -57,7 +57,16 @@ from bastion.module.spec import (
     RecycleSettings,
 )
 
-from .model import CertificatePair, Config, Limits, Listener, Route, StaticLocation, TLSSettings
+from .model import (
+    CertificatePair,
+    Config,
+    HealthSettings,
+    Limits,
+    Listener,
+    Route,
+    StaticLocation,
+    TLSSettings,
+)
 from .units import _show, parse_duration, parse_size
 
 
@@ -517,6 +526,29 @@ def _health_check(checker: _Checker, node: _Node, path: str) -> Any:
     return _BAD
 
 
+def _node_health_path(value: object) -> str | None:
+    """``health.path``: an absolute path without a query, or null (not answered)."""
+    if value is None:
+        return None
+    path = _request_path(value)
+    if "?" in path:
+        raise ValueError(f"must be a path without a query, not {_show(value)}")
+    return path
+
+
+def _app_names(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, "[shop, api]")
+    if items is None:
+        return _BAD
+    names = []
+    for item in items:
+        if isinstance(item.value, str) and item.value:
+            names.append(item.value)
+        else:
+            checker.add(item.line, f"{path}: {_show(item.value)} is not an app name")
+    return tuple(names)
+
+
 def _hsts(value: object) -> int | None:
     return None if value is None else int(parse_duration(value))
 
@@ -639,6 +671,11 @@ _APP_RULES: Final[dict[str, Rule]] = {
     "transport": _scalar(_choice("tcp", "unix")),
     "websockets": _scalar(_boolean),
 }
+_NODE_HEALTH_RULES: Final[dict[str, Rule]] = {
+    "path": _scalar(_node_health_path),
+    "drain_delay": _scalar(parse_duration),
+    "require_apps": _app_names,
+}
 _TOP_RULES: Final[dict[str, Rule]] = {
     "user": _user_rule,
     "admin_socket": _path_rule(optional=False),
@@ -650,6 +687,7 @@ _TOP_RULES: Final[dict[str, Rule]] = {
     "detailed_errors": _scalar(_boolean),
     "limits": _section(_LIMIT_RULES),
     "metrics_listen": _scalar(_metrics_address),
+    "health": _section(_NODE_HEALTH_RULES),
 }
 _CERT_RULES: Final[dict[str, Rule]] = {
     "cert": _existing_file("certificate"),
@@ -666,6 +704,7 @@ _LISTEN_RULES: Final[dict[str, Rule]] = {
     "redirect_https": _scalar(_boolean),
     "tls": _tls,
     "http2": _scalar(_boolean),
+    "proxy_protocol": _scalar(_boolean),
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -907,6 +946,32 @@ def _statics(checker: _Checker, node: _Node, routes: list[Route]) -> list[Static
     return locations
 
 
+def _check_node_health(checker: _Checker, entries: dict[str, _Node], values: dict[str, Any],
+                       listeners: list[Listener], apps: list[AppSpec]) -> None:
+    """``health.require_apps`` names apps that are always started; ``proxy_protocol``
+    needs ``trusted_proxies`` (the balancers allowed to send the header)."""
+    health = entries.get("health")
+    required = values.get("health", {}).get("require_apps", ())
+    if health is not None and isinstance(health.value, dict) and required:
+        line = health.value["require_apps"].line
+        by_name = {spec.name: spec for spec in apps}
+        for name in required:
+            spec = by_name.get(name)
+            if spec is None and "apps" in entries:
+                close = difflib.get_close_matches(name, list(by_name), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                checker.add(line, f"health.require_apps names unknown app '{name}'{hint}")
+            elif spec is not None and spec.settings.start_mode != "always":
+                checker.add(line, f"health.require_apps: app '{name}' must have start_mode: "
+                            "always (an on_demand app is not started until a request comes, "
+                            "and no request would come to a node whose health is 503)")
+    if any(lis.proxy_protocol for lis in listeners) and not values.get("trusted_proxies"):
+        index = next(i for i, lis in enumerate(listeners) if lis.proxy_protocol)
+        checker.add(checker.lines.get(f"listen[{index}]", 0),
+                    f"listen[{index}].proxy_protocol needs trusted_proxies: the addresses of "
+                    "the load balancers allowed to send the PROXY header")
+
+
 def _build(checker: _Checker, root: _Node) -> Config:
     values = checker.fields(root, "", _TOP_RULES, also=("listen", "pools", "apps", "static"))
     entries: dict[str, _Node] = root.value if isinstance(root.value, dict) else {}
@@ -918,6 +983,7 @@ def _build(checker: _Checker, root: _Node) -> Config:
     pools = _pools(checker, entries.get("pools"))
     apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
     statics = _statics(checker, entries["static"], routes) if "static" in entries else []
+    _check_node_health(checker, entries, values, listeners, apps)
     if checker.start and checker.files:
         if "metrics_listen" in entries:
             checker.lines["metrics_listen"] = entries["metrics_listen"].line
@@ -927,6 +993,8 @@ def _build(checker: _Checker, root: _Node) -> Config:
         raise ConfigError(sorted(checker.problems, key=lambda problem: problem.line))
     if "limits" in values:
         values["limits"] = Limits(**values["limits"])
+    if "health" in values:
+        values["health"] = HealthSettings(**values["health"])
     return Config(listeners=tuple(listeners), apps=tuple(apps), routes=tuple(routes),
                   pools=pools, source=checker.file, statics=tuple(statics), **values)
 

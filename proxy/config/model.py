@@ -43,6 +43,7 @@ class Listener:
     tls: TLSSettings | None = None
     redirect_https: bool = False
     http2: bool = True  # only meaningful with TLS
+    proxy_protocol: bool = False  # a PROXY v1/v2 header starts every connection
 
     @property
     def address(self) -> str:
@@ -61,6 +62,15 @@ class Limits:
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     max_connections: int = 10000
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """The node's own health endpoint and drain (``health``, docs/scaling.md)."""
+
+    path: str | None = "/.well-known/bastion/health"  # None: not answered
+    drain_delay: float = 0.0  # at SIGTERM: seconds of health 503 before the stop
+    require_apps: tuple[str, ...] = ()  # health 503 while one of them is not ready
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class Config:
     detailed_errors: bool = False
     limits: Limits = field(default_factory=Limits)
     metrics_listen: str | None = None  # "127.0.0.1:9180": GET /metrics over plain HTTP
+    health: HealthSettings = field(default_factory=HealthSettings)
     statics: tuple[StaticLocation, ...] = ()
     source: str = "<built-in>"  # the file it came from
 

@@ -86,7 +86,7 @@ class _Incoming:
 class H1Connection(asyncio.Protocol):
     """One HTTP/1.1 client connection."""
 
-    def __init__(self, site: Site, connections: Connections) -> None:
+    def __init__(self, site: Site, connections: Connections, client: str | None = None) -> None:
         self.site = site
         self.connections = connections
         self.loop = asyncio.get_running_loop()
@@ -94,6 +94,7 @@ class H1Connection(asyncio.Protocol):
         self.state = st.FRESH
         self.draining = False
         self.client_ip = "127.0.0.1"
+        self._client = client  # from a PROXY header: the client behind the balancer
         self._trusted = False
         self._client_cert: str | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -120,9 +121,12 @@ class H1Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0])
+        if self._client is not None:
+            self.client_ip = self._client
+        else:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.client_ip = str(peer[0])
         self._trusted = self.site.trusted.contains(self.client_ip)
         if self.site.listener.tls is not None:
             ssl_object = transport.get_extra_info("ssl_object")

@@ -292,7 +292,7 @@ class _Stream:
 class H2Protocol(asyncio.Protocol):
     """One HTTP/2 connection from a client."""
 
-    def __init__(self, server: H2Server) -> None:
+    def __init__(self, server: H2Server, client: str | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -313,6 +313,7 @@ class H2Protocol(asyncio.Protocol):
         self.control = _Budget(CONTROL_BUDGET)
         self.empty_data = _Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
+        self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
         self.write_paused = False
@@ -326,7 +327,9 @@ class H2Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
+        if self._client is not None:
+            self.client_ip = self._client
+        elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
@@ -629,8 +632,8 @@ class H2Server:
         self.connections = connections
         self.open: set[H2Protocol] = set()
 
-    def __call__(self) -> H2Protocol:
-        return H2Protocol(self)
+    def __call__(self, client: str | None = None) -> H2Protocol:
+        return H2Protocol(self, client)
 
     def goaway_all(self) -> None:
         """GOAWAY to every connection (a graceful stop); each closes when its streams

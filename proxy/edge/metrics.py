@@ -32,12 +32,18 @@ class Metrics:
         self.tls_handshake_errors = 0
         self.access_log_lost = 0  # access log lines a failed write lost
         self.open_connections = 0
+        self.proxy_refused: dict[str, int] = {}  # PROXY protocol refusals by reason
+        self.draining = 0  # 1 while this node drains (``bastion drain``, SIGTERM)
         self.in_flight: dict[str, int] = {}  # app -> requests being served now
         self.queued: dict[str, int] = {}  # app -> requests waiting for it now
 
     def tls_handshake_failed(self) -> None:
         """Count one TLS handshake that failed (the data plane calls this)."""
         self.tls_handshake_errors += 1
+
+    def proxy_protocol_refused(self, reason: str) -> None:
+        """Count one connection refused on a ``proxy_protocol`` listener."""
+        self.proxy_refused[reason] = self.proxy_refused.get(reason, 0) + 1
 
     def set_load(self, app: str, in_flight: int, queued: int) -> None:
         """The requests ``app`` serves and has waiting, as this worker sees them now."""
@@ -66,6 +72,8 @@ class Metrics:
             "tls_handshake_errors": self.tls_handshake_errors,
             "access_log_lost": self.access_log_lost,
             "open_connections": self.open_connections,
+            "proxy_refused": dict(self.proxy_refused),
+            "draining": self.draining,
             "in_flight": dict(self.in_flight),
             "queued": dict(self.queued),
         }
@@ -73,7 +81,7 @@ class Metrics:
 
 def retired(snapshot: dict[str, Any]) -> dict[str, Any]:
     """The snapshot of a worker that is gone: its counters stay, its gauges are 0."""
-    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}}
+    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}, "draining": 0}
 
 
 def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -84,6 +92,8 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     errors: dict[str, int] = {}
     in_flight: dict[str, int] = {}
     queued: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    draining = 0
     handshakes = 0
     lost = 0
     connections = 0
@@ -102,6 +112,9 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             in_flight[app] = in_flight.get(app, 0) + n
         for app, n in snap.get("queued", {}).items():
             queued[app] = queued.get(app, 0) + n
+        for reason, n in snap.get("proxy_refused", {}).items():
+            refused[reason] = refused.get(reason, 0) + n
+        draining = max(draining, snap.get("draining", 0))
         handshakes += snap.get("tls_handshake_errors", 0)
         lost += snap.get("access_log_lost", 0)
         connections += snap.get("open_connections", 0)
@@ -113,6 +126,8 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "tls_handshake_errors": handshakes,
         "access_log_lost": lost,
         "open_connections": connections,
+        "proxy_refused": refused,
+        "draining": draining,
         "in_flight": in_flight,
         "queued": queued,
     }
@@ -217,6 +232,14 @@ def render(merged: dict[str, Any], status: dict[str, Any], workers: int,
     out += ["# HELP bastion_access_log_lost_lines_total Access log lines lost to failed writes.",
             "# TYPE bastion_access_log_lost_lines_total counter",
             f"bastion_access_log_lost_lines_total {merged.get('access_log_lost', 0)}"]
+    out += ["# HELP bastion_proxy_protocol_refused_total Connections refused on "
+            "proxy_protocol listeners, by reason.",
+            "# TYPE bastion_proxy_protocol_refused_total counter"]
+    for reason, n in sorted(merged.get("proxy_refused", {}).items()):
+        out.append(f'bastion_proxy_protocol_refused_total{{reason="{_label(reason)}"}} {n}')
+    out += ["# HELP bastion_draining 1 while the node drains (health answers 503).",
+            "# TYPE bastion_draining gauge",
+            f"bastion_draining {merged.get('draining', 0)}"]
     out += ["# HELP bastion_open_connections Client connections open now.",
             "# TYPE bastion_open_connections gauge",
             f"bastion_open_connections {merged['open_connections']}",
