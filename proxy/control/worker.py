@@ -49,6 +49,7 @@ from bastion.module.periodic import every
 
 from ..config.model import Config, Listener
 from ..edge.accesslog import AccessLog
+from ..edge.buffers import BufferBudget
 from ..edge.endpoints import EndpointTable, queue_limits
 from ..edge.hosting.host import Host
 from ..edge.listeners import ListenerSet
@@ -112,6 +113,7 @@ class ProxyWorker:
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.metrics = Metrics()
+        self.buffers = BufferBudget(config.limits.buffer_memory)  # shared by all listeners
         self.listeners = ListenerSet()
         self.tls: dict[str, TLSContextSet] = {}  # listener address -> its contexts
 
@@ -147,11 +149,11 @@ class ProxyWorker:
     async def start(self, sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]]
                     ) -> None:
         """Serve ``sockets`` (already bound and listening)."""
-        router = Router(self.config.routes)
+        router = Router(self.config.all_routes)
         sites = {
             listener.address: Site(
                 listener, self.config, router, self.table, self.pool, self.access_log,
-                self.metrics, self.host if self.host else None,
+                self.metrics, buffers=self.buffers, host=self.host if self.host else None,
             )
             for listener in self.config.listeners
         }
@@ -180,6 +182,8 @@ class ProxyWorker:
                 continue
             in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
             self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))
+        self.metrics.set_buffers(self.buffers.used, self.buffers.peak, self.buffers.cap,
+                                 self.buffers.refusals)
         return self.metrics.snapshot()
 
     def reopen_logs(self) -> None:

@@ -58,6 +58,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from .buffers import Held
 from .codec import decoded_path
 from .flow import Flow, Request
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
@@ -79,7 +80,7 @@ CONTROL_BUDGET = 1000  # PING, SETTINGS, PRIORITY, unknown frames per window
 EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
 
 
-class _Budget:
+class Budget:
     """Counts events per fixed window; ``spend`` is False once over the limit."""
 
     def __init__(self, limit: int, window: float = BUDGET_WINDOW) -> None:
@@ -156,6 +157,7 @@ class _Stream:
         self.blocked = False  # the outbox waits for the window (the app's reading paused)
         self.finished = False  # the flow is done
         self.timer: asyncio.TimerHandle | None = None
+        self.holding: list[Held] = []  # buffered bytes of a finished flow in the outbox
 
     # -- Downstream -------------------------------------------------------------------
     def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -190,6 +192,9 @@ class _Stream:
             self.end_pending = True
         self.pump()
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        return None  # frames: never the raw socket
+
     def abort(self) -> None:
         self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
         self._lost()
@@ -212,6 +217,18 @@ class _Stream:
         if flow is not None and flow.deadline is not None:
             self.timer = self.proto.loop.call_later(
                 max(0.0, flow.deadline - time.monotonic()), flow.expire)
+
+    def hold(self, held: Held) -> None:
+        if self.gone or not self.outbox:
+            held.release()
+        else:
+            self.holding.append(held)
+
+    def _let_go(self) -> None:
+        holding = self.holding
+        self.holding = []
+        for held in holding:
+            held.release()
 
     def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
         conn.abort()  # never asked for over HTTP/2
@@ -260,6 +277,8 @@ class _Stream:
                 self.blocked = True
                 self.flow.pause_response()
         else:
+            if self.holding:
+                self._let_go()
             if self.blocked and self.flow is not None:
                 self.blocked = False
                 self.flow.resume_response()
@@ -282,6 +301,8 @@ class _Stream:
         self._maybe_close()
 
     def _maybe_close(self) -> None:
+        if self.holding and (self.gone or not self.outbox):
+            self._let_go()
         if self.finished and (self.gone or not self.outbox and not self.end_pending):
             self.proto.forget(self)
 
@@ -289,7 +310,7 @@ class _Stream:
 class H2Protocol(asyncio.Protocol):
     """One HTTP/2 connection from a client."""
 
-    def __init__(self, server: H2Server) -> None:
+    def __init__(self, server: H2Server, client: str | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -299,18 +320,22 @@ class H2Protocol(asyncio.Protocol):
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,
-                validate_inbound_headers=True,
+                # Bastion checks every request head itself (h2translate), and builds
+                # response heads lower-case and clean (response_to_h2): h2's own
+                # validation would only repeat that, at a cost per request.
+                validate_inbound_headers=False,
                 normalize_inbound_headers=False,
-                validate_outbound_headers=True,
-                normalize_outbound_headers=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self.streams: dict[int, _Stream] = {}
-        self.resets = _Budget(RESET_BUDGET)
-        self.control = _Budget(CONTROL_BUDGET)
-        self.empty_data = _Budget(EMPTY_DATA_BUDGET)
+        self.resets = Budget(RESET_BUDGET)
+        self.control = Budget(CONTROL_BUDGET)
+        self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
         self.client_port = 0
+        self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
         self.write_paused = False
@@ -324,7 +349,9 @@ class H2Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
+        if self._client is not None:
+            self.client_ip = self._client
+        elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
             self.client_port = int(peer[1]) if len(peer) > 1 else 0
         ssl_object = transport.get_extra_info("ssl_object")
@@ -629,8 +656,8 @@ class H2Server:
         self.connections = connections
         self.open: set[H2Protocol] = set()
 
-    def __call__(self) -> H2Protocol:
-        return H2Protocol(self)
+    def __call__(self, client: str | None = None) -> H2Protocol:
+        return H2Protocol(self, client)
 
     def goaway_all(self) -> None:
         """GOAWAY to every connection (a graceful stop); each closes when its streams

@@ -6,6 +6,12 @@ Each bound socket is served by the event loop's own accept loop
 (``loop.create_server``: uvloop accepts and runs TLS handshakes in C, with no task per
 connection), making an ``H1Connection`` per client, or on a TLS listener with
 ``http2`` an ``AlpnSelector`` that picks HTTP/2 or HTTP/1.1 once the handshake chose.
+HTTP/2 is served by the engine ``native.h2_engine`` names (``h2_server``): libnghttp2
+(``h2native``) when built, else the ``h2`` library (``h2server``).
+
+A listener with ``proxy_protocol`` is served by ``proxyaccept.ProxyAcceptor`` instead
+(its connections start with a PROXY header, read before TLS); it stops and resumes
+accepting the same way, and the protocols it makes take the header's client address.
 
 ``Connections`` counts this worker's open client connections against
 ``max_connections``. At the limit every server stops accepting (``Server.close``
@@ -16,7 +22,8 @@ connection ends, accepting resumes on fresh duplicates.
 A graceful stop (``ListenerSet.stop``) stops accepting, then drains: idle keep-alive
 connections close at once (a client retries on a new connection, which another worker
 generation accepts), a connection accepted just before the stop may still send its
-first request, busy ones close after their answer (``Connection: close``), HTTP/2 ones
+first request (also one the event loop accepted but has not reported yet: see
+``connections``), busy ones close after their answer (``Connection: close``), HTTP/2 ones
 get GOAWAY; whatever is left at the grace time's end is closed.
 """
 
@@ -29,13 +36,18 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..config.model import Config, Listener
 from .connections import Connections, Drainable
 from .h1 import H1Connection
 from .h2server import H2Server
+from .native import h2_engine
+from .proxyaccept import MakeProtocol, ProxyAcceptor
 from .site import Site
+
+if TYPE_CHECKING:
+    from .h2native import H2NativeServer
 
 log = logging.getLogger("bastion.proxy")
 
@@ -66,15 +78,15 @@ class AlpnSelector(asyncio.Protocol):
     connection was a failed handshake (the event loop reports those to nobody): it is
     counted then (``failed``)."""
 
-    __slots__ = ("_http1", "_http2", "_failed", "_made")
+    __slots__ = ("_http1", "_http2", "_failed", "_made", "_client")
 
-    def __init__(self, http1: Callable[[], asyncio.Protocol],
-                 http2: Callable[[], asyncio.Protocol] | None,
-                 failed: Callable[[], None] | None = None) -> None:
+    def __init__(self, http1: MakeProtocol, http2: MakeProtocol | None,
+                 failed: Callable[[], None] | None = None, client: str | None = None) -> None:
         self._http1 = http1
         self._http2 = http2
         self._failed = failed
         self._made = False
+        self._client = client  # from a PROXY header
 
     def __del__(self) -> None:
         if not self._made and self._failed is not None:
@@ -84,7 +96,8 @@ class AlpnSelector(asyncio.Protocol):
         self._made = True
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        inner = self._http2() if alpn == "h2" and self._http2 is not None else self._http1()
+        inner = self._http2(self._client) if alpn == "h2" and self._http2 is not None \
+            else self._http1(self._client)
         transport.set_protocol(inner)
         inner.connection_made(transport)
 
@@ -95,10 +108,14 @@ class AlpnSelector(asyncio.Protocol):
 class _Served:
     """One listening socket and the server accepting on (a duplicate of) it."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
+    def __init__(self, sock: socket.socket, factory: MakeProtocol,
                  context: ssl.SSLContext | None) -> None:
         self.sock = sock
-        self.factory = factory
+
+        def direct() -> asyncio.Protocol:  # the peer is the client
+            return factory(None)
+
+        self.factory = direct
         self.context = context
         self.server: asyncio.AbstractServer | None = None
         self.stopped = False
@@ -126,12 +143,20 @@ def _nothing() -> None:
     return None
 
 
+def h2_server(site: Site, connections: Connections) -> H2Server | H2NativeServer:
+    """The HTTP/2 side of a TLS listener, on this process's engine."""
+    if h2_engine() == "ng2":
+        from .h2native import H2NativeServer
+        return H2NativeServer(site, connections)
+    return H2Server(site, connections)
+
+
 class ListenerSet:
     """The running listeners of one worker."""
 
     def __init__(self) -> None:
-        self._served: list[_Served] = []
-        self._h2: list[H2Server] = []
+        self._served: list[_Served | ProxyAcceptor] = []
+        self._h2: list[H2Server | H2NativeServer] = []
         self.connections = Connections(0, self._full)
         self._resume: asyncio.Task[None] | None = None
 
@@ -145,28 +170,42 @@ class ListenerSet:
         self.connections.limit = config.limits.max_connections
         connections = self.connections
         metrics = next((site.metrics for site in sites.values()), None)
-        failed = metrics.tls_handshake_failed if metrics is not None else _nothing
+        counted = metrics.tls_handshake_failed if metrics is not None else _nothing
+
+        def failed() -> None:
+            connections.gone()
+            counted()
+
         for listener, sock, context in sockets:
             site = sites[listener.address]
 
-            def http1(site: Site = site) -> asyncio.Protocol:
-                return H1Connection(site, connections)
+            def http1(client: str | None = None, site: Site = site) -> asyncio.Protocol:
+                return H1Connection(site, connections, client)
 
-            factory: Callable[[], asyncio.Protocol] = http1
+            def accepted(client: str | None = None, site: Site = site) -> asyncio.Protocol:
+                connections.arrive()
+                return H1Connection(site, connections, client)
+
+            factory: MakeProtocol = accepted
             if context is not None:
-                h2: Callable[[], asyncio.Protocol] | None = None
+                h2: MakeProtocol | None = None
                 if listener.http2:
-                    h2_server = H2Server(site, connections)
-                    self._h2.append(h2_server)
-                    h2 = h2_server
+                    server = h2_server(site, connections)
+                    self._h2.append(server)
+                    h2 = server
 
-                def selector(h1: Callable[[], asyncio.Protocol] = http1,
-                             h2: Callable[[], asyncio.Protocol] | None = h2
-                             ) -> asyncio.Protocol:
-                    return AlpnSelector(h1, h2, failed)
+                def selector(client: str | None = None, h1: MakeProtocol = http1,
+                             h2: MakeProtocol | None = h2) -> asyncio.Protocol:
+                    connections.arrive()
+                    return AlpnSelector(h1, h2, failed, client)
 
                 factory = selector
-            served = _Served(sock, factory, context)
+            served: _Served | ProxyAcceptor
+            if listener.proxy_protocol:
+                served = ProxyAcceptor(sock, factory, context, site.trusted, connections,
+                                       site.metrics, config.limits.header_timeout)
+            else:
+                served = _Served(sock, factory, context)
             self._served.append(served)
             await served.start()
 
@@ -204,7 +243,7 @@ class ListenerSet:
         drained: set[Drainable] = set()
         while True:
             open_now = list(self.connections.open)
-            if not open_now or time.monotonic() >= deadline:
+            if self.connections.settled or time.monotonic() >= deadline:
                 break
             for conn in open_now:
                 if conn not in drained:
@@ -215,6 +254,10 @@ class ListenerSet:
             log.warning("stop: %d connection(s) still open after %gs; closing them",
                         len(open_now), grace)
             for conn in open_now:
+                close_now = getattr(conn, "close_now", None)
+                if close_now is not None:  # a PROXY header still on its way
+                    close_now()
+                    continue
                 transport = getattr(conn, "transport", None)
                 if transport is not None:
                     cast(asyncio.BaseTransport, transport).close()

@@ -3,8 +3,10 @@
 A ``Site`` is made once per listener and worker generation. It holds nothing per
 request; the protocols (``proxy.edge.h1``, ``proxy.edge.h2server``) and the flows
 (``proxy.edge.flow``) read from it: the routes, the app specs by name, the endpoint
-table, the upstream pool, the in-process apps (``host``), the headers every answer carries (``Server``, HSTS), the
-error pages, and the access log and metrics a finished request goes to.
+table, the upstream pool, the in-process apps (``host``), the headers every answer
+carries (``Server``, HSTS), the error pages, the access log and metrics a finished
+request goes to, each app's buffering and compression settings and the worker's buffer
+budget.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from bastion.module.spec import AppSpec
 
-from ..config.model import Config, Listener
+from ..config.model import Config, Listener, Offload
 from .accesslog import AccessLog, LogEntry
+from .buffers import BufferBudget
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import ProxyError
@@ -50,7 +53,8 @@ class Site:
 
     def __init__(self, listener: Listener, config: Config, router: Router,
                  table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
-                 metrics: Metrics | None = None, host: Host | None = None) -> None:
+                 metrics: Metrics | None = None, buffers: BufferBudget | None = None,
+                 host: Host | None = None) -> None:
         self.listener = listener
         self.config = config
         self.limits = config.limits
@@ -64,6 +68,12 @@ class Site:
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        self.accel = bool(config.statics)  # apps' X-Accel-Redirect is looked for
+        # Buffering and compression by app (its pool's); the worker's buffer budget.
+        self.offload: dict[str, Offload] = {spec.name: config.offload_of(spec.name)
+                                            for spec in config.apps}
+        self.buffers = buffers if buffers is not None \
+            else BufferBudget(config.limits.buffer_memory)
         self._redirects = listener.redirect_https
         self._https_port = config.https_port if listener.redirect_https else None
         # Like nginx, every answer names the edge, not the app's server software.
@@ -81,6 +91,7 @@ class Site:
                    (b"Cache-Control", b"no-store")]
         if error.retry_after is not None:
             headers.append((b"Retry-After", b"%d" % error.retry_after))
+        headers.extend(error.extra_headers)
         return ErrorPage(error.status, headers, body)
 
     def redirect_location(self, host: str, target: str) -> bytes | None:
