@@ -115,6 +115,7 @@ def test_http2(served: BastionProcess, ca: trustme.CA) -> None:
             assert info["scheme"] == "https"
         star = json.loads(bytes(client.get("/star/info")["body"]))
         assert star["http_version"] == "2"
+        assert star["client"][0] == "127.0.0.1" and star["client"][1] > 0
         body = b"z" * (3 * MB + 17)
         sid = client.start("POST", "/star/upload", end=False)
         client.send_body(sid, body)
@@ -326,8 +327,11 @@ def test_lifespan_recycle_under_load_and_reload(tmp_path: Path) -> None:
             for thread in threads:
                 thread.join(20)
         assert failures == []
+        # the old workers ran their shutdown once each (while draining)
+        assert wait_until(lambda: all(f"shutdown {pid}" in log.read_text() for pid in first),
+                          15), log.read_text()
         lines = log.read_text().split("\n")
-        for pid in first:  # the old workers ran their shutdown once each
+        for pid in first:
             assert lines.count(f"shutdown {pid}") == 1
             assert lines.count(f"startup {pid}") == 1
         # reload with a changed app: the new generation serves it
