@@ -41,6 +41,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from . import _ng2
+from .buffers import Held
 from .codec import decoded_path
 from .flow import Flow, Request
 from .h2server import (
@@ -87,7 +88,7 @@ class _Stream:
     """One request stream: the flow's ``Downstream`` on a native HTTP/2 connection."""
 
     __slots__ = ("proto", "id", "content_length", "ended", "gone", "received", "flow",
-                 "paused", "unacked", "has_body", "blocked", "timer")
+                 "paused", "unacked", "has_body", "blocked", "timer", "holding")
 
     def __init__(self, proto: H2NativeProtocol, stream_id: int, content_length: int | None,
                  ended: bool) -> None:
@@ -103,6 +104,7 @@ class _Stream:
         self.has_body = False  # the response head was submitted with a body to follow
         self.blocked = False  # the app's side is paused until the queue drains
         self.timer: asyncio.TimerHandle | None = None
+        self.holding: list[Held] = []  # buffered bytes of a finished flow still queued
 
     # -- Downstream -------------------------------------------------------------------
     def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -138,6 +140,16 @@ class _Stream:
             proto.blocked.add(self)
             self.flow.pause_response()
         proto.want_flush()
+
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        return None  # frames: never the raw socket
+
+    def hold(self, held: Held) -> None:
+        # Released when the stream closes: its last bytes have left the session.
+        if self.gone or self.proto.session.pending(self.id) <= 0:
+            held.release()
+        else:
+            self.holding.append(held)
 
     def abort(self) -> None:
         self.proto.reset(self.id, INTERNAL_ERROR)
@@ -186,6 +198,10 @@ class _Stream:
             self.timer.cancel()
             self.timer = None
         self.proto.blocked.discard(self)
+        if self.holding:
+            holding, self.holding = self.holding, []
+            for held in holding:
+                held.release()
         flow = self.flow
         if flow is not None and not flow.done:
             flow.client_gone()
