@@ -14,7 +14,7 @@ import yaml
 
 from bastion.module.spec import AppSpec, PoolSettings
 
-from .model import Config, Listener, Offload
+from .model import Config, Listener, Offload, StaticLocation
 
 
 def _settings(settings: PoolSettings) -> dict[str, Any]:
@@ -50,16 +50,44 @@ def _listener(listener: Listener) -> dict[str, Any]:
 
 def _app(config: Config, spec: AppSpec) -> dict[str, Any]:
     route = next(r for r in config.routes if r.app == spec.name)
+    if spec.in_process:  # no process of its own: only the keys that mean something
+        settings = _settings(spec.settings)
+        del settings["processes_per_app"]
+        return {
+            "pool": spec.pool,
+            "hosts": list(route.hosts),
+            "path": route.path,
+            "hosting_model": spec.hosting_model,
+            "app": spec.app,
+            "interface": spec.interface,
+            "threads": spec.threads,
+            "cwd": spec.cwd,
+            "websockets": route.websockets,
+            **settings,
+        }
     return {
         "pool": spec.pool,
         "hosts": list(route.hosts),
         "path": route.path,
+        "hosting_model": spec.hosting_model,
         "command": list(spec.command),
         "cwd": spec.cwd,
         "stdout_log": spec.stdout_log,
         "transport": spec.transport,
         "websockets": route.websockets,
         **_settings(spec.settings),
+    }
+
+
+def _static(location: StaticLocation) -> dict[str, Any]:
+    return {
+        "hosts": list(location.hosts),
+        "path": location.path,
+        "root": location.root,
+        "index": location.index,
+        "precompressed": location.precompressed,
+        "cache_control": location.cache_control,
+        "internal": location.internal,
     }
 
 
@@ -81,6 +109,7 @@ def effective(config: Config) -> dict[str, Any]:
         "pools": {name: {**_settings(pool), **_offload(config, name)}
                   for name, pool in config.pools.items()},
         "apps": {spec.name: _app(config, spec) for spec in config.apps},
+        "static": {location.name: _static(location) for location in config.statics},
     }
 
 

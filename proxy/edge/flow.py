@@ -58,11 +58,11 @@ from typing import Protocol
 
 from bastion.module.messages import Endpoint
 
-from ..config.model import Offload
+from ..config.model import Offload, StaticLocation
 from . import compress
 from .accesslog import LogEntry
 from .buffers import Held
-from .codec import request_head
+from .codec import decoded_path, request_head
 from .endpoints import Lease
 from .errors import (
     BadGateway,
@@ -76,6 +76,8 @@ from .errors import (
 )
 from .headers import ForwardInfo, downstream_headers, upstream_headers
 from .site import WAIT_MARGIN, Site
+from .static import ACCEL_KEPT, FileSender, accel_target
+from .static import answer as static_answer
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("bastion.proxy")
@@ -120,12 +122,13 @@ class Request:
     """A client's request head as the flow needs it, whatever the protocol."""
 
     __slots__ = ("method", "target", "host", "path", "headers", "client_ip", "client_cert",
-                 "content_length", "has_body", "upgrade", "version", "trusted")
+                 "content_length", "has_body", "upgrade", "version", "trusted", "client_port")
 
     def __init__(self, method: str, target: str, host: str, path: str,
                  headers: list[tuple[bytes, bytes]], client_ip: str,
                  client_cert: str | None, content_length: int | None, has_body: bool,
-                 version: str, *, upgrade: bool = False, trusted: bool = False) -> None:
+                 version: str, *, upgrade: bool = False, trusted: bool = False,
+                 client_port: int = 0) -> None:
         self.method = method
         self.target = target  # origin-form, sent to the app as is
         self.host = host
@@ -138,6 +141,7 @@ class Request:
         self.version = version  # for the access log: "HTTP/1.1", "HTTP/2.0"
         self.upgrade = upgrade  # a WebSocket upgrade to tunnel
         self.trusted = trusted  # the client is a trusted proxy
+        self.client_port = client_port  # for an in-process app's scope (0: unknown)
 
     def log_entry(self) -> LogEntry:
         """The access log's view of this request."""
@@ -150,6 +154,25 @@ class Request:
                 agent = value.decode("latin-1")
         return LogEntry(self.client_ip, self.method, self.target, self.version, referer,
                         agent)
+
+
+class HostedCall(Protocol):
+    """A request being served by an in-process app (``proxy.edge.hosting``)."""
+
+    def feed(self, data: bytes) -> None:
+        """More of the request body."""
+
+    def feed_end(self) -> None:
+        """The request body is complete."""
+
+    def pause(self) -> None:
+        """The client cannot take more of the answer."""
+
+    def resume(self) -> None:
+        """The client can take more again."""
+
+    def close(self, abort: bool) -> None:
+        """The exchange is over (``abort``: cancel what the app still does for it)."""
 
 
 class Downstream(Protocol):
@@ -181,6 +204,9 @@ class Downstream(Protocol):
     def flow_done(self, flow: Flow) -> None:
         """The exchange is over (its log line is written)."""
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        """The client's plain (not TLS, not HTTP/2) transport, for ``os.sendfile``."""
+
     def hold(self, held: Held) -> None:
         """Response bytes of a finished flow are still in this client's buffer: call
         ``held.release()`` once they have drained (or the client is gone)."""
@@ -199,7 +225,8 @@ class Flow:
                  "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
                  "refused", "_retry", "_offload", "_encoder", "_held_headers", "_prefetch",
-                 "_buffering_request", "_request_charged", "_down_full", "_response_charged")
+                 "_buffering_request", "_request_charged", "_down_full", "_response_charged",
+                 "_static", "hosted")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -242,6 +269,8 @@ class Flow:
         self._request_charged = 0  # pending body bytes taken from the buffer budget
         self._down_full = False  # the client cannot take more now
         self._response_charged = 0  # bytes written to a full client, from the budget
+        self._static: FileSender | None = None  # sending a static file's body
+        self.hosted: HostedCall | None = None  # served by an in-process app
 
     @property
     def done(self) -> bool:
@@ -270,6 +299,10 @@ class Flow:
         if limit and self._received > limit:
             self.feed_failed(BodyTooLarge())
             return
+        hosted = self.hosted
+        if hosted is not None:
+            hosted.feed(data)
+            return
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             if self._chunked:
@@ -294,6 +327,8 @@ class Flow:
         if self._body_end:
             return
         self._body_end = True
+        if self.hosted is not None:
+            self.hosted.feed_end()
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             conn.request_done(self._chunked)
@@ -321,6 +356,9 @@ class Flow:
     def pause_response(self) -> None:
         """The client cannot take more of the answer: stop reading from the app, unless
         the app's buffering allows holding more of it (``_hold_response``)."""
+        if self._static is not None:
+            self._static.pause()
+            return
         if self._down_full:
             return
         self._down_full = True
@@ -333,6 +371,8 @@ class Flow:
             self._paused_up = True
             if self.conn is not None:
                 self.conn.pause_reading()
+            elif self.hosted is not None:
+                self.hosted.pause()
 
     def _hold_response(self, size: int) -> None:
         """``size`` bytes went to a client that cannot take them now: held within the
@@ -346,6 +386,9 @@ class Flow:
 
     def resume_response(self) -> None:
         """The client can take more again (what it was sent has drained)."""
+        if self._static is not None:
+            self._static.resume()
+            return
         self._down_full = False
         if self._response_charged:
             self.site.buffers.release(self._response_charged)
@@ -354,6 +397,8 @@ class Flow:
             self._paused_up = False
             if self.conn is not None:
                 self.conn.resume_reading()
+            elif self.hosted is not None:
+                self.hosted.resume()
 
     def expire(self) -> None:
         """The client side's timer fired at or after ``deadline``."""
@@ -401,6 +446,12 @@ class Flow:
         if route is None:
             raise NotFound("no application is configured for this address")
         self.app = route.app
+        if route.static is not None:
+            if route.static.internal:
+                raise NotFound("no application is configured for this address")
+            self._static_answer(route.static, route.path, request.target, request.method,
+                                None)
+            return
         if request.upgrade and not route.websockets:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
         spec = site.apps[route.app]
@@ -412,6 +463,9 @@ class Flow:
             self._buffering_request = True
             self._prefetch = offload.buffering.request
             return
+        if spec.in_process:
+            self._route_hosted()
+            return
         lease = site.table.try_acquire(route.app)
         if lease is not None:
             self._leased(lease)
@@ -419,6 +473,55 @@ class Flow:
         self.state = _WAIT_LEASE
         self._task = asyncio.get_running_loop().create_task(
             self._acquire(spec.settings.startup_time_limit + WAIT_MARGIN))
+
+    # -- an in-process app (proxy.edge.hosting) --------------------------------------------
+    def _route_hosted(self) -> None:
+        host = self.site.host
+        assert host is not None
+        self.request.upgrade = False  # a WebSocket upgrade goes on as a plain request
+        error = host.refusal(self.app)
+        if error is not None:
+            raise error
+        loading = host.loading(self.app)
+        if loading is None:
+            self._call_hosted()
+            return
+        self.state = _WAIT_LEASE  # like waiting for an app process's start
+        self._task = asyncio.get_running_loop().create_task(self._await_load(loading))
+
+    async def _await_load(self, loading: asyncio.Future[bool]) -> None:
+        loaded = await asyncio.shield(loading)
+        self._task = None
+        if self.state == _DONE:
+            return
+        host = self.site.host
+        assert host is not None
+        error = host.refusal(self.app)
+        if error is None and not loaded:
+            error = host.failure(self.app)
+        if error is not None:
+            self.fail(error)
+            return
+        self._call_hosted()
+
+    def _call_hosted(self) -> None:
+        """Call the in-process app instead of connecting to an app process."""
+        host = self.site.host
+        assert host is not None
+        self.pid = host.pid
+        self.state = _SENT
+        self._sent_at = time.monotonic()
+        pending = self._pending
+        self._pending = []
+        self._pending_size = 0
+        self._release_request()  # the app holds the body now (bounded by BODY_HIGH)
+        self.hosted = host.call(self.app, self, pending, self._body_end)
+        self._resume_down()
+        self._set_deadline()
+
+    def hosted_failed(self, error: ProxyError) -> None:
+        """The in-process app failed: its error page before the head, a cut after it."""
+        self.fail(error)
 
     async def _acquire(self, wait_limit: float) -> None:
         try:
@@ -529,6 +632,14 @@ class Flow:
         if self.state == _DONE:
             return
         self.state = _RESPONDING
+        if self.site.accel:
+            for name, value in head.headers:
+                if name.lower() == b"x-accel-redirect":
+                    # As nginx: the app's body is never read (django-sendfile2 announces
+                    # the file's length and sends nothing); the connection is dropped.
+                    self._accel_redirect(value, [(n, v) for n, v in head.headers
+                                                 if n.lower() in ACCEL_KEPT])
+                    return
         self.status = head.status
         self._response_bodyless = (self.request.method == "HEAD"
                                    or head.status in (204, 304))
@@ -679,6 +790,63 @@ class Flow:
         self._finish(abort_upstream=True)
 
     # -- failures and the end -------------------------------------------------------------
+    # -- static files (proxy.edge.static) ----------------------------------------------
+    def _static_answer(self, location: StaticLocation, base: str, target: str, method: str,
+                       kept: list[tuple[bytes, bytes]] | None) -> None:
+        try:
+            found = static_answer(location, method, target, base, self.request.headers, kept)
+        except ProxyError as error:
+            self.fail(error)
+            return
+        self.status = found.status
+        self.state = _RESPONDING
+        self._head_out = True
+        if found.fd < 0:
+            self.sent = sum(len(piece) for piece in found.body)
+            self.down.respond(found.status, b"", found.headers, found.length,
+                              found.bodyless, found.body, True)
+            self._finish()
+            return
+        sender = FileSender(self, self.down, found.fd, found.offset, found.remaining,
+                            self.down.sendfile_transport())
+        self._static = sender
+        self.down.respond(found.status, b"", found.headers, found.length, False, [], False)
+        if self.state != _DONE:
+            sender.start()
+
+    def static_end(self, sent: int) -> None:
+        """A static file's body went out whole."""
+        self._static = None
+        self.sent = sent
+        self._finish()
+
+    def static_abort(self, sent: int) -> None:
+        """A static file's body broke off after its head: the client is cut off."""
+        self._static = None
+        self.sent = sent
+        self.down.abort()
+        self._finish(abort_upstream=True)
+
+    def _accel_redirect(self, value: bytes, kept: list[tuple[bytes, bytes]]) -> None:
+        """The app answered with X-Accel-Redirect: the file it names, not its body."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+            self.site.pool.release(conn)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        target = accel_target(value)
+        route = None if target is None else self.site.router.match(
+            self.request.host, normalised_path(decoded_path(target)))
+        if target is None or route is None or route.static is None:
+            self.fail(NotFound("X-Accel-Redirect names no static location",
+                               detail=value.decode("latin-1")))
+            return
+        method = "HEAD" if self.request.method == "HEAD" else "GET"
+        self._static_answer(route.static, route.path, target, method, kept)
+
     def _upstream_error(self, error: ProxyError) -> None:
         if isinstance(error, ConnectRefused | UpstreamGone) and self._attempt == 1 \
                 and self._other_ready():
@@ -747,6 +915,9 @@ class Flow:
         incomplete = not self._body_end
         self.state = _DONE
         self.deadline = None
+        if self._static is not None:
+            self._static.close()
+            self._static = None
         self._release_request()
         if self._response_charged:
             # Still in the client's buffer: its connection gives it back once drained.
@@ -760,6 +931,10 @@ class Flow:
         if task is not None:
             self._task = None
             task.cancel()
+        hosted = self.hosted
+        if hosted is not None:
+            self.hosted = None
+            hosted.close(abort_upstream)
         conn = self.conn
         self.conn = None
         if conn is not None:

@@ -80,7 +80,7 @@ CONTROL_BUDGET = 1000  # PING, SETTINGS, PRIORITY, unknown frames per window
 EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
 
 
-class _Budget:
+class Budget:
     """Counts events per fixed window; ``spend`` is False once over the limit."""
 
     def __init__(self, limit: int, window: float = BUDGET_WINDOW) -> None:
@@ -191,6 +191,9 @@ class _Stream:
         if end:
             self.end_pending = True
         self.pump()
+
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        return None  # frames: never the raw socket
 
     def abort(self) -> None:
         self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
@@ -317,17 +320,21 @@ class H2Protocol(asyncio.Protocol):
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,
-                validate_inbound_headers=True,
+                # Bastion checks every request head itself (h2translate), and builds
+                # response heads lower-case and clean (response_to_h2): h2's own
+                # validation would only repeat that, at a cost per request.
+                validate_inbound_headers=False,
                 normalize_inbound_headers=False,
-                validate_outbound_headers=True,
-                normalize_outbound_headers=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self.streams: dict[int, _Stream] = {}
-        self.resets = _Budget(RESET_BUDGET)
-        self.control = _Budget(CONTROL_BUDGET)
-        self.empty_data = _Budget(EMPTY_DATA_BUDGET)
+        self.resets = Budget(RESET_BUDGET)
+        self.control = Budget(CONTROL_BUDGET)
+        self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
+        self.client_port = 0
         self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
@@ -346,6 +353,7 @@ class H2Protocol(asyncio.Protocol):
             self.client_ip = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
+            self.client_port = int(peer[1]) if len(peer) > 1 else 0
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             der = ssl_object.getpeercert(binary_form=True)
@@ -471,7 +479,8 @@ class H2Protocol(asyncio.Protocol):
         has_body = not ended and h1.content_length != 0
         request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
                           self.client_cert, h1.content_length if has_body else None,
-                          has_body, "HTTP/2.0", trusted=self._trusted)
+                          has_body, "HTTP/2.0", trusted=self._trusted,
+                          client_port=self.client_port)
         flow = Flow(self.site, request, stream)
         stream.flow = flow
         flow.start()
