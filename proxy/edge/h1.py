@@ -400,7 +400,8 @@ class H1Connection(asyncio.Protocol):
             self._keep_alive = False
         if end and not active.complete:
             self._keep_alive = False  # the rest of its body is never read
-        if self.draining:
+        if self.draining or self.site.node.draining:
+            # A stop, or the node drains (``bastion drain``): the client moves on.
             self._keep_alive = False
         if not self._keep_alive:
             framing += _CLOSE

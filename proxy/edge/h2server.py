@@ -226,6 +226,8 @@ class _Stream:
             # Answered before the client finished its body (RFC 9113 8.1).
             self.proto.reset(self.id, ErrorCodes.NO_ERROR)
             self.gone = True
+        if self.proto.site.node.draining:
+            self.proto.goaway()  # the node drains: the client moves to another one
         self._maybe_close()
 
     # -- sending ----------------------------------------------------------------------

@@ -209,6 +209,12 @@ class ListenerSet:
         finally:
             self._resume = None
 
+    def goaway_http2(self) -> None:
+        """GOAWAY to every HTTP/2 connection (the node drains): each closes once its
+        streams are done, and its client opens a new connection, through the balancer."""
+        for h2_server in self._h2:
+            h2_server.goaway_all()
+
     def open_connections(self) -> int:
         """Client connections open now on these listeners."""
         return len(self.connections.open)

@@ -19,6 +19,7 @@ from .accesslog import AccessLog, LogEntry
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import ProxyError
+from .health import HealthAnswer, NodeState, answer
 from .metrics import Metrics
 from .routing import Router
 from .trust import TrustedProxies
@@ -47,7 +48,7 @@ class Site:
 
     def __init__(self, listener: Listener, config: Config, router: Router,
                  table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, node: NodeState | None = None) -> None:
         self.listener = listener
         self.config = config
         self.limits = config.limits
@@ -60,6 +61,9 @@ class Site:
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        self.node = node if node is not None else NodeState()  # the drain, per worker
+        self.health_path = config.health.path  # answered here (None: not at all)
+        self._required = config.health.require_apps
         self._redirects = listener.redirect_https
         self._https_port = config.https_port if listener.redirect_https else None
         # Like nginx, every answer names the edge, not the app's server software.
@@ -68,6 +72,10 @@ class Site:
             extra.append((b"Strict-Transport-Security", b"max-age=%d" % listener.tls.hsts))
         self.response_headers = extra
         self.extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra)
+
+    def health(self) -> HealthAnswer:
+        """The node's health answer now (``proxy.edge.health``)."""
+        return answer(self.node, self._required, self.table.state)
 
     def error_page(self, error: ProxyError) -> ErrorPage:
         """The page for ``error`` (never cached by anyone in front of us); the protocol
