@@ -14,13 +14,20 @@ import yaml
 
 from bastion.module.spec import AppSpec, PoolSettings
 
-from .model import Config, Listener
+from .model import Config, Listener, Offload
 
 
 def _settings(settings: PoolSettings) -> dict[str, Any]:
     values = asdict(settings)
     values["environment"] = dict(settings.environment)
     return values
+
+
+def _offload(config: Config, pool: str) -> dict[str, Any]:
+    offload = config.offload.get(pool) or Offload()
+    compression = asdict(offload.compression)
+    compression["types"] = list(offload.compression.types)
+    return {"buffering": asdict(offload.buffering), "compression": compression}
 
 
 def _listener(listener: Listener) -> dict[str, Any]:
@@ -71,7 +78,8 @@ def effective(config: Config) -> dict[str, Any]:
         "limits": asdict(config.limits),
         "health": {"path": config.health.path, "drain_delay": config.health.drain_delay,
                    "require_apps": list(config.health.require_apps)},
-        "pools": {name: _settings(pool) for name, pool in config.pools.items()},
+        "pools": {name: {**_settings(pool), **_offload(config, name)}
+                  for name, pool in config.pools.items()},
         "apps": {spec.name: _app(config, spec) for spec in config.apps},
     }
 

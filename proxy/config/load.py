@@ -27,7 +27,9 @@ starting with ``x-`` are ignored, so they can hold anchors for merge keys.
 
 An app's settings are its pool's, with the app's own pool keys replacing them; the
 exceptions are ``environment``, ``recycle`` and ``health_check``, which are merged key by
-key (``health_check: null`` on an app turns its pool's check off).
+key (``health_check: null`` on an app turns its pool's check off). A pool's ``buffering``
+and ``compression`` are the edge's, not the module's: they go to ``Config.offload`` by
+pool name, and its apps share them.
 """
 
 from __future__ import annotations
@@ -58,11 +60,14 @@ from bastion.module.spec import (
 )
 
 from .model import (
+    Buffering,
     CertificatePair,
+    Compression,
     Config,
     HealthSettings,
     Limits,
     Listener,
+    Offload,
     Route,
     TLSSettings,
 )
@@ -629,6 +634,7 @@ _LIMIT_RULES: Final[dict[str, Rule]] = {
     "body_timeout": _scalar(_positive_duration),
     "keepalive_timeout": _scalar(parse_duration),
     "max_connections": _scalar(_integer(1)),
+    "buffer_memory": _scalar(parse_size),
 }
 _RECYCLE_RULES: Final[dict[str, Rule]] = {
     "max_age": _scalar(parse_duration),
@@ -658,6 +664,81 @@ _POOL_RULES: Final[dict[str, Rule]] = {
 }
 if set(_POOL_RULES) != POOL_SETTING_NAMES:  # keep the table in step with module.spec
     raise RuntimeError(f"_POOL_RULES differs from PoolSettings: {set(_POOL_RULES) ^ POOL_SETTING_NAMES}")
+
+
+
+def _level(low: int, high: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
+        raise ValueError(f"must be an integer from {low} to {high}, not {_show(value)}")
+
+    return convert
+
+
+_MEDIA_TYPE = re.compile(r"(\*/\*|[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*))")
+
+
+def _media_types(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, '["text/*", "application/json"]')
+    if items is None:
+        return _BAD
+    types: list[str] = []
+    for item in items:
+        value = item.value.strip().lower() if isinstance(item.value, str) else None
+        if value is None or not _MEDIA_TYPE.fullmatch(value):
+            checker.add(item.line, f"{path}: {_show(item.value)} is not a media type such as "
+                        "text/html or text/*")
+        elif value not in types:
+            types.append(value)
+    return tuple(types)
+
+
+_BUFFERING_RULES: Final[dict[str, Rule]] = {
+    "request": _scalar(parse_size),
+    "response": _scalar(parse_size),
+}
+_COMPRESSION_RULES: Final[dict[str, Rule]] = {
+    "enabled": _scalar(_boolean),
+    "min_size": _scalar(parse_size),
+    "types": _media_types,
+    "level": _scalar(_level(1, 9)),
+    "brotli_level": _scalar(_level(0, 11)),
+}
+
+
+def _switch_or_section(rules: dict[str, Rule], example: str) -> Rule:
+    """``off``/``false`` (``{"enabled": False}``), ``on``/``true`` (the defaults) or a
+    mapping checked by ``rules``."""
+
+    def rule(checker: _Checker, node: _Node, path: str) -> Any:
+        value = node.value
+        if isinstance(value, str) and value.strip().lower() in ("off", "on"):
+            value = value.strip().lower() == "on"
+        if isinstance(value, bool):
+            return {} if value else {"enabled": False}
+        if isinstance(value, dict):
+            return checker.fields(node, path, rules)
+        return checker.add(node.line, f"{path} must be off, on or a mapping such as "
+                           f"{example}, not {_show(value)}")
+
+    return rule
+
+
+_OFFLOAD_RULES: Final[dict[str, Rule]] = {
+    "buffering": _switch_or_section(_BUFFERING_RULES, "{request: 64k, response: 1m}"),
+    "compression": _switch_or_section(_COMPRESSION_RULES, "{min_size: 1k, level: 4}"),
+}
+
+
+def _offload(values: dict[str, Any]) -> Offload:
+    """The ``Offload`` of a pool from its checked ``buffering`` / ``compression`` keys."""
+    buffering = dict(values.get("buffering", {}))
+    if buffering.pop("enabled", True) is False:
+        buffering = {"request": 0, "response": 0}
+    return Offload(buffering=Buffering(**buffering),
+                   compression=Compression(**values.get("compression", {})))
+
 
 _APP_RULES: Final[dict[str, Rule]] = {
     **_POOL_RULES,
@@ -742,13 +823,20 @@ def _listeners(checker: _Checker, node: _Node) -> list[Listener]:
     return listeners
 
 
-def _pools(checker: _Checker, node: _Node | None) -> dict[str, PoolSettings]:
+def _pools(checker: _Checker, node: _Node | None,
+           offload: dict[str, Offload]) -> dict[str, PoolSettings]:
+    """The pools' settings; their buffering and compression go to ``offload``."""
     pools = {"default": PoolSettings()}
+    offload["default"] = Offload()
     entries = checker.mapping(node, "pools") if node is not None else None
     for name, item in (entries or {}).items():
         if not _NAME.fullmatch(name):
             checker.add(item.key_line, f"pool name '{name}' must be letters, digits, '_', '.' or '-'")
-        values = checker.fields(item, f"pools.{name}", _POOL_RULES)
+        values = checker.fields(item, f"pools.{name}", _POOL_RULES, also=_OFFLOAD_RULES)
+        if isinstance(item.value, dict):
+            edge = {key: child for key, child in item.value.items() if key in _OFFLOAD_RULES}
+            offload[name] = _offload(checker.fields(_Node(edge, item.line, item.key_line),
+                                                    f"pools.{name}", _OFFLOAD_RULES))
         values["recycle"] = RecycleSettings(**values.get("recycle", {}))
         if values.get("health_check") is not None:
             values["health_check"] = HealthCheck(**values["health_check"])
@@ -906,7 +994,8 @@ def _build(checker: _Checker, root: _Node) -> Config:
             checker.add(root.line, f"{key} is required")
     listeners = _listeners(checker, entries["listen"]) if "listen" in entries else []
     https_port = next((lis.port for lis in listeners if lis.tls is not None), None)
-    pools = _pools(checker, entries.get("pools"))
+    offload: dict[str, Offload] = {}
+    pools = _pools(checker, entries.get("pools"), offload)
     apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
     _check_node_health(checker, entries, values, listeners, apps)
     if checker.start and checker.files:
@@ -921,7 +1010,7 @@ def _build(checker: _Checker, root: _Node) -> Config:
     if "health" in values:
         values["health"] = HealthSettings(**values["health"])
     return Config(listeners=tuple(listeners), apps=tuple(apps), routes=tuple(routes),
-                  pools=pools, source=checker.file, **values)
+                  pools=pools, offload=offload, source=checker.file, **values)
 
 
 # --- public entry points ----------------------------------------------------------------

@@ -62,6 +62,39 @@ class Limits:
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     max_connections: int = 10000
+    buffer_memory: int = 64 * 1024 * 1024  # per worker: request and response buffering
+
+
+@dataclass(frozen=True)
+class Buffering:
+    """How much of a request and of a response the edge holds for a slow client
+    (``pools.NAME.buffering``); 0 turns that side off (streamed with backpressure)."""
+
+    request: int = 64 * 1024  # body bytes read before the app is asked
+    response: int = 1024 * 1024  # bytes read from the app beyond what the client took
+
+
+COMPRESSIBLE: tuple[str, ...] = ("text/*", "application/json", "application/javascript",
+                                 "image/svg+xml")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Compression of app responses at the edge (``pools.NAME.compression``)."""
+
+    enabled: bool = True
+    min_size: int = 1024  # bytes; a body known to be smaller goes as it is
+    types: tuple[str, ...] = COMPRESSIBLE  # media types, ``text/*`` wildcards allowed
+    level: int = 4  # gzip level (1-9): measured, see docs/offload.md
+    brotli_level: int = 4  # brotli quality (0-11), when the brotli package is installed
+
+
+@dataclass(frozen=True)
+class Offload:
+    """What the edge does for one pool's apps besides forwarding: buffering, compression."""
+
+    buffering: Buffering = field(default_factory=Buffering)
+    compression: Compression = field(default_factory=Compression)
 
 
 @dataclass(frozen=True)
@@ -91,6 +124,7 @@ class Config:
     apps: tuple[AppSpec, ...]
     routes: tuple[Route, ...]
     pools: dict[str, PoolSettings] = field(default_factory=lambda: {"default": PoolSettings()})
+    offload: dict[str, Offload] = field(default_factory=lambda: {"default": Offload()})  # by pool
     user: str | None = None
     admin_socket: str = "/run/bastion/admin.sock"
     access_log: str | None = None
@@ -110,6 +144,11 @@ class Config:
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+    def offload_of(self, app: str) -> Offload:
+        """The buffering and compression settings of ``app`` (its pool's)."""
+        pool = self.app(app).pool
+        return self.offload.get(pool) or Offload()
 
     @property
     def https_port(self) -> int | None:

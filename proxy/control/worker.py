@@ -49,6 +49,7 @@ from bastion.module.periodic import every
 
 from ..config.model import Config, Listener
 from ..edge.accesslog import AccessLog
+from ..edge.buffers import BufferBudget
 from ..edge.endpoints import EndpointTable, queue_limits
 from ..edge.health import NodeState
 from ..edge.listeners import ListenerSet
@@ -113,6 +114,7 @@ class ProxyWorker:
         self.metrics = Metrics()
         self.node = NodeState(draining)  # health 503 and Connection: close while draining
         self.metrics.draining = int(draining)
+        self.buffers = BufferBudget(config.limits.buffer_memory)  # shared by all listeners
         self.listeners = ListenerSet()
         self.tls: dict[str, TLSContextSet] = {}  # listener address -> its contexts
 
@@ -161,7 +163,7 @@ class ProxyWorker:
         sites = {
             listener.address: Site(
                 listener, self.config, router, self.table, self.pool, self.access_log,
-                self.metrics, self.node,
+                self.metrics, buffers=self.buffers, node=self.node,
             )
             for listener in self.config.listeners
         }
@@ -186,6 +188,8 @@ class ProxyWorker:
         for spec in self.config.apps:
             in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
             self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))
+        self.metrics.set_buffers(self.buffers.used, self.buffers.peak, self.buffers.cap,
+                                 self.buffers.refusals)
         return self.metrics.snapshot()
 
     def reopen_logs(self) -> None:

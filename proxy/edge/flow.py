@@ -34,6 +34,18 @@ process refuses it, once on another ready process).
 The answer's head is held back while the body is known to be small (``SMALL_BODY``), so
 a small answer goes out in one write and a body cut short is still a clean 502; other
 answers go out at the end of each read from the app, head and body together.
+
+Offload (the app's pool's ``buffering`` and ``compression``, ``Site.offload``): with
+``buffering.request`` above the prefetch, the flow reads that much of the body (or all
+of it) after routing and before it asks for an endpoint, so a slow upload does not hold
+an app's process; with ``buffering.response``, a client that cannot take more
+(``pause_response``) does not stop reading from the app at once: what the app sends is
+written on, up to that many bytes, and reading pauses only beyond. Both take their bytes
+from the worker's ``BufferBudget`` (``Site.buffers``); when it is spent the flow streams
+with backpressure as without buffering. Response bytes still in the client's buffer when
+the flow ends stay charged to the client's connection (``Downstream.hold``). The answer
+is compressed when ``proxy.edge.compress`` says so: its head rewritten, each piece from
+the app compressed as it arrives, a held small body compressed whole.
 """
 
 from __future__ import annotations
@@ -46,7 +58,10 @@ from typing import Protocol
 
 from bastion.module.messages import Endpoint
 
+from ..config.model import Offload
+from . import compress
 from .accesslog import LogEntry
+from .buffers import Held
 from .codec import request_head
 from .endpoints import Lease
 from .errors import (
@@ -166,6 +181,10 @@ class Downstream(Protocol):
     def flow_done(self, flow: Flow) -> None:
         """The exchange is over (its log line is written)."""
 
+    def hold(self, held: Held) -> None:
+        """Response bytes of a finished flow are still in this client's buffer: call
+        ``held.release()`` once they have drained (or the client is gone)."""
+
 
 # Flow states
 _PREFETCH, _WAIT_LEASE, _CONNECTING, _SENT, _RESPONDING, _DONE = range(6)
@@ -179,7 +198,8 @@ class Flow:
                  "_received", "_body_end", "_body_failed", "_body_at", "_sent_at",
                  "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
-                 "refused", "_retry")
+                 "refused", "_retry", "_offload", "_encoder", "_held_headers", "_prefetch",
+                 "_buffering_request", "_request_charged", "_down_full", "_response_charged")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -214,6 +234,14 @@ class Flow:
         self._endpoint: Endpoint | None = None
         self._paused_down = False  # reading the request body is paused by us
         self.refused = False  # ended by a refusal at the edge (the connection closes)
+        self._offload: Offload | None = None  # the app's buffering and compression
+        self._encoder: compress.Encoder | None = None  # compressing the answer
+        self._held_headers: list[tuple[bytes, bytes]] = []  # the held head's, rewritten
+        self._prefetch = PREFETCH  # body bytes wanted before the app is asked
+        self._buffering_request = False  # buffering.request beyond the prefetch
+        self._request_charged = 0  # pending body bytes taken from the buffer budget
+        self._down_full = False  # the client cannot take more now
+        self._response_charged = 0  # bytes written to a full client, from the budget
 
     @property
     def done(self) -> bool:
@@ -251,7 +279,12 @@ class Flow:
             return
         self._pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size > PENDING_HIGH:
+        if self._buffering_request and self.state == _PREFETCH:
+            if self.site.buffers.acquire(len(data)):
+                self._request_charged += len(data)
+            else:
+                self._prefetch = 0  # the worker's buffers are full: stream it as it comes
+        if self._pending_size > PENDING_HIGH and self._pending_size > self._prefetch:
             self._pause_down()
         if self.state == _PREFETCH:
             self._maybe_dispatch()
@@ -286,14 +319,37 @@ class Flow:
         self._finish(abort_upstream=True)
 
     def pause_response(self) -> None:
-        """The client cannot take more of the answer: stop reading from the app."""
+        """The client cannot take more of the answer: stop reading from the app, unless
+        the app's buffering allows holding more of it (``_hold_response``)."""
+        if self._down_full:
+            return
+        self._down_full = True
+        offload = self._offload
+        if offload is None or offload.buffering.response <= 0:
+            self._pause_up()
+
+    def _pause_up(self) -> None:
         if not self._paused_up:
             self._paused_up = True
             if self.conn is not None:
                 self.conn.pause_reading()
 
+    def _hold_response(self, size: int) -> None:
+        """``size`` bytes went to a client that cannot take them now: held within the
+        app's ``buffering.response`` and the worker's budget, else reading pauses."""
+        offload = self._offload
+        limit = offload.buffering.response if offload is not None else 0
+        if self._response_charged + size <= limit and self.site.buffers.acquire(size):
+            self._response_charged += size
+            return
+        self._pause_up()
+
     def resume_response(self) -> None:
-        """The client can take more again."""
+        """The client can take more again (what it was sent has drained)."""
+        self._down_full = False
+        if self._response_charged:
+            self.site.buffers.release(self._response_charged)
+            self._response_charged = 0
         if self._paused_up:
             self._paused_up = False
             if self.conn is not None:
@@ -331,7 +387,7 @@ class Flow:
     def _maybe_dispatch(self) -> None:
         if self.state != _PREFETCH:
             return
-        if not self._body_end and self._pending_size < PREFETCH:
+        if not self._body_end and self._pending_size < self._prefetch:
             return
         try:
             self._route()
@@ -352,6 +408,13 @@ class Flow:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
         spec = site.apps[route.app]
         self._timeout = spec.settings.request_timeout
+        offload = self._offload = site.offload.get(route.app)
+        if offload is not None and not self._body_end and not self._buffering_request \
+                and offload.buffering.request > self._pending_size:
+            # Read more of the body before the app is asked (buffering.request).
+            self._buffering_request = True
+            self._prefetch = offload.buffering.request
+            return
         lease = site.table.try_acquire(route.app)
         if lease is not None:
             self._leased(lease)
@@ -457,6 +520,7 @@ class Flow:
             return
         self._pending = []
         self._pending_size = 0
+        self._release_request()
         self.state = _SENT
         self._sent_at = time.monotonic()
         self._resume_down()
@@ -472,25 +536,56 @@ class Flow:
         self._response_bodyless = (self.request.method == "HEAD"
                                    or head.status in (204, 304))
         length = head.content_length
+        headers = downstream_headers(head.headers)
+        offload = self._offload
+        if offload is not None and offload.compression.enabled:
+            headers = self._compression(head.status, headers, length, offload)
         if length is not None and length <= SMALL_BODY and not self._response_bodyless:
             self._held = head
+            self._held_headers = headers
             self._pending = []
             self._pending_size = 0
         else:
             self._head_out = True
-            self.down.respond(head.status, head.reason, downstream_headers(head.headers),
-                              length, self._response_bodyless, [], False)
+            self.down.respond(head.status, head.reason, headers,
+                              None if self._encoder is not None else length,
+                              self._response_bodyless, [], False)
+            if self._response_bodyless:
+                self._encoder = None  # HEAD: the head a GET would get, and no body
         self._set_deadline()
+
+    def _compression(self, status: int, headers: list[tuple[bytes, bytes]],
+                     length: int | None, offload: Offload) -> list[tuple[bytes, bytes]]:
+        """The answer's head as compression wants it; ``_encoder`` set when it is (a HEAD
+        gets the head a GET would get)."""
+        settings = offload.compression
+        method = "GET" if self.request.method == "HEAD" else self.request.method
+        if not compress.eligible(method, status, headers, length, settings):
+            return headers
+        accept: bytes | None = None
+        for name, value in self.request.headers:
+            if name.lower() == b"accept-encoding":
+                accept = value if accept is None else accept + b"," + value
+        coding = compress.accepted_coding(accept, compress.available())
+        if coding is None:
+            return compress.with_vary(headers)
+        self._encoder = compress.Encoder(coding, settings)
+        return compress.encoded_headers(headers, coding)
 
     def upstream_body(self, data: bytes) -> None:
         """A piece of the app's response body."""
         if self.state == _DONE:
             return
-        self.sent += len(data)
         if self._held is not None:
             self._pending.append(data)
             return
+        encoder = self._encoder
+        if encoder is not None:
+            data = encoder.chunk(data)
+        self.sent += len(data)
         self.down.respond_body([data], False)
+        if self._down_full and not self._paused_up:
+            self._hold_response(len(data))
 
     def upstream_end(self) -> None:
         """The app's response is complete."""
@@ -502,10 +597,18 @@ class Flow:
             self._head_out = True
             body = self._pending
             self._pending = []
-            self.down.respond(held.status, held.reason, downstream_headers(held.headers),
-                              held.content_length, False, body, True)
+            length = held.content_length
+            if self._encoder is not None:
+                body = [self._encoder.whole(b"".join(body))]
+                length = len(body[0])
+            for piece in body:
+                self.sent += len(piece)
+            self.down.respond(held.status, held.reason, self._held_headers, length, False,
+                              body, True)
         elif self._head_out:
-            self.down.respond_body([], True)
+            tail = self._encoder.finish() if self._encoder is not None else b""
+            self.sent += len(tail)
+            self.down.respond_body([tail] if tail else [], True)
         self._finish()
 
     def upstream_failed(self, exc: UpstreamError) -> None:
@@ -649,12 +752,26 @@ class Flow:
             self.lease.release()
             self.lease = None
 
+    def _release_request(self) -> None:
+        if self._request_charged:
+            self.site.buffers.release(self._request_charged)
+            self._request_charged = 0
+
     def _finish(self, abort_upstream: bool = False) -> None:
         if self.state == _DONE:
             return
         incomplete = not self._body_end
         self.state = _DONE
         self.deadline = None
+        self._release_request()
+        if self._response_charged:
+            # Still in the client's buffer: its connection gives it back once drained.
+            held = Held(self.site.buffers, self._response_charged)
+            self._response_charged = 0
+            if abort_upstream:
+                held.release()
+            else:
+                self.down.hold(held)
         task = self._task
         if task is not None:
             self._task = None

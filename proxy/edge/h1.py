@@ -43,6 +43,7 @@ import httptools
 from . import h1state as st
 from . import strict
 from .accesslog import LogEntry
+from .buffers import Held
 from .codec import decoded_path, response_head, status_line
 from .errors import RequestRejected
 from .flow import BodyTooLarge, Flow, Request
@@ -117,6 +118,7 @@ class H1Connection(asyncio.Protocol):
         self._in_head = False  # a head is arriving
         self._trailers = False  # llhttp's fields now are chunked trailers
         self._last: _Incoming | None = None  # the last head parsed
+        self._holding: list[Held] = []  # buffered answers' bytes still in the write buffer
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +153,8 @@ class H1Connection(asyncio.Protocol):
             active.flow.client_gone()
         self._active = None
         self._queue.clear()
+        if self._holding:
+            self._let_go()
         self.connections.closed(self)
 
     def data_received(self, data: bytes) -> None:
@@ -200,6 +204,8 @@ class H1Connection(asyncio.Protocol):
             active.flow.pause_response()
 
     def resume_writing(self) -> None:
+        if self._holding:
+            self._let_go()
         if self._tunnel is not None:
             self._tunnel.client_paused(False)
             return
@@ -447,6 +453,21 @@ class H1Connection(asyncio.Protocol):
 
     def resume_request(self) -> None:
         self._resume_reading()
+
+    def hold(self, held: Held) -> None:
+        """A finished answer's buffered bytes: given back when the write buffer drains."""
+        transport = self.transport
+        if transport is None or self.state == st.CLOSED \
+                or not transport.get_write_buffer_size():
+            held.release()
+        else:
+            self._holding.append(held)
+
+    def _let_go(self) -> None:
+        holding = self._holding
+        self._holding = []
+        for held in holding:
+            held.release()
 
     def rearm(self) -> None:
         active = self._active

@@ -58,6 +58,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from .buffers import Held
 from .codec import decoded_path
 from .flow import Flow, Request
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
@@ -156,6 +157,7 @@ class _Stream:
         self.blocked = False  # the outbox waits for the window (the app's reading paused)
         self.finished = False  # the flow is done
         self.timer: asyncio.TimerHandle | None = None
+        self.holding: list[Held] = []  # buffered bytes of a finished flow in the outbox
 
     # -- Downstream -------------------------------------------------------------------
     def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -213,6 +215,18 @@ class _Stream:
             self.timer = self.proto.loop.call_later(
                 max(0.0, flow.deadline - time.monotonic()), flow.expire)
 
+    def hold(self, held: Held) -> None:
+        if self.gone or not self.outbox:
+            held.release()
+        else:
+            self.holding.append(held)
+
+    def _let_go(self) -> None:
+        holding = self.holding
+        self.holding = []
+        for held in holding:
+            held.release()
+
     def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
         conn.abort()  # never asked for over HTTP/2
         self.abort()
@@ -262,6 +276,8 @@ class _Stream:
                 self.blocked = True
                 self.flow.pause_response()
         else:
+            if self.holding:
+                self._let_go()
             if self.blocked and self.flow is not None:
                 self.blocked = False
                 self.flow.resume_response()
@@ -284,6 +300,8 @@ class _Stream:
         self._maybe_close()
 
     def _maybe_close(self) -> None:
+        if self.holding and (self.gone or not self.outbox):
+            self._let_go()
         if self.finished and (self.gone or not self.outbox and not self.end_pending):
             self.proto.forget(self)
 

@@ -2,9 +2,10 @@
 
 Each worker counts, per app, requests by status, a latency histogram and upstream
 errors, failed TLS handshakes, and has gauges: the open client connections and, per app,
-the requests in flight and queued. The counters are cumulative and plain JSON-able dicts
-(``snapshot``), so worker processes send them to the main process, which adds them up
-(``merge``) with the module's process figures and renders ``GET /metrics`` in the
+the requests in flight and queued, and the bytes held for slow clients
+(``proxy.edge.buffers``: now, the peak, the per-worker cap, how often it was reached).
+The counters are cumulative and plain JSON-able dicts (``snapshot``), so worker
+processes send them to the main process, which adds them up (``merge``) with the module's process figures and renders ``GET /metrics`` in the
 Prometheus text format (``render``), with ``bastion_build_info`` and the standard
 ``process_*`` figures of the main process. No I/O here but reading /proc for those.
 """
@@ -36,6 +37,10 @@ class Metrics:
         self.draining = 0  # 1 while this node drains (``bastion drain``, SIGTERM)
         self.in_flight: dict[str, int] = {}  # app -> requests being served now
         self.queued: dict[str, int] = {}  # app -> requests waiting for it now
+        self.buffered = 0  # bytes held for slow clients now (proxy.edge.buffers)
+        self.buffered_peak = 0
+        self.buffer_cap = 0  # limits.buffer_memory, per worker
+        self.buffer_refusals = 0  # times the cap was reached (streamed instead)
 
     def tls_handshake_failed(self) -> None:
         """Count one TLS handshake that failed (the data plane calls this)."""
@@ -49,6 +54,13 @@ class Metrics:
         """The requests ``app`` serves and has waiting, as this worker sees them now."""
         self.in_flight[app] = in_flight
         self.queued[app] = queued
+
+    def set_buffers(self, used: int, peak: int, cap: int, refusals: int) -> None:
+        """The worker's buffer budget as it stands now."""
+        self.buffered = used
+        self.buffered_peak = peak
+        self.buffer_cap = cap
+        self.buffer_refusals = refusals
 
     def observe(self, app: str, status: int, duration: float) -> None:
         """Count one finished request."""
@@ -76,12 +88,17 @@ class Metrics:
             "draining": self.draining,
             "in_flight": dict(self.in_flight),
             "queued": dict(self.queued),
+            "buffered": self.buffered,
+            "buffered_peak": self.buffered_peak,
+            "buffer_cap": self.buffer_cap,
+            "buffer_refusals": self.buffer_refusals,
         }
 
 
 def retired(snapshot: dict[str, Any]) -> dict[str, Any]:
     """The snapshot of a worker that is gone: its counters stay, its gauges are 0."""
-    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}, "draining": 0}
+    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}, "draining": 0,
+            "buffered": 0}
 
 
 def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -97,6 +114,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     handshakes = 0
     lost = 0
     connections = 0
+    buffered = peak = cap = refusals = 0
     for snap in snapshots:
         for app, status, n in snap.get("requests", []):
             requests[(app, status)] = requests.get((app, status), 0) + n
@@ -118,6 +136,10 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         handshakes += snap.get("tls_handshake_errors", 0)
         lost += snap.get("access_log_lost", 0)
         connections += snap.get("open_connections", 0)
+        buffered += snap.get("buffered", 0)
+        peak = max(peak, snap.get("buffered_peak", 0))
+        cap = max(cap, snap.get("buffer_cap", 0))
+        refusals += snap.get("buffer_refusals", 0)
     return {
         "requests": [[a, s, n] for (a, s), n in requests.items()],
         "latency": latency,
@@ -130,6 +152,10 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "draining": draining,
         "in_flight": in_flight,
         "queued": queued,
+        "buffered": buffered,
+        "buffered_peak": peak,
+        "buffer_cap": cap,
+        "buffer_refusals": refusals,
     }
 
 
@@ -243,6 +269,21 @@ def render(merged: dict[str, Any], status: dict[str, Any], workers: int,
     out += ["# HELP bastion_open_connections Client connections open now.",
             "# TYPE bastion_open_connections gauge",
             f"bastion_open_connections {merged['open_connections']}",
+            "# HELP bastion_buffered_bytes Bytes held for slow clients now, all workers.",
+            "# TYPE bastion_buffered_bytes gauge",
+            f"bastion_buffered_bytes {merged.get('buffered', 0)}",
+            "# HELP bastion_buffered_bytes_peak The most bytes one worker has held for "
+            "slow clients.",
+            "# TYPE bastion_buffered_bytes_peak gauge",
+            f"bastion_buffered_bytes_peak {merged.get('buffered_peak', 0)}",
+            "# HELP bastion_buffer_cap_bytes The cap on buffered bytes per worker "
+            "(limits.buffer_memory).",
+            "# TYPE bastion_buffer_cap_bytes gauge",
+            f"bastion_buffer_cap_bytes {merged.get('buffer_cap', 0)}",
+            "# HELP bastion_buffer_cap_reached_total Times buffering fell back to "
+            "streaming because a worker's cap was reached.",
+            "# TYPE bastion_buffer_cap_reached_total counter",
+            f"bastion_buffer_cap_reached_total {merged.get('buffer_refusals', 0)}",
             "# HELP bastion_workers Proxy worker processes.",
             "# TYPE bastion_workers gauge",
             f"bastion_workers {workers}"]

@@ -4,7 +4,8 @@ A ``Site`` is made once per listener and worker generation. It holds nothing per
 request; the protocols (``proxy.edge.h1``, ``proxy.edge.h2server``) and the flows
 (``proxy.edge.flow``) read from it: the routes, the app specs by name, the endpoint
 table, the upstream pool, the headers every answer carries (``Server``, HSTS), the
-error pages, and the access log and metrics a finished request goes to.
+error pages, the access log and metrics a finished request goes to, each app's
+buffering and compression settings and the worker's buffer budget.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Protocol
 
 from bastion.module.spec import AppSpec
 
-from ..config.model import Config, Listener
+from ..config.model import Config, Listener, Offload
 from .accesslog import AccessLog, LogEntry
+from .buffers import BufferBudget
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import ProxyError
@@ -48,7 +50,8 @@ class Site:
 
     def __init__(self, listener: Listener, config: Config, router: Router,
                  table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
-                 metrics: Metrics | None = None, node: NodeState | None = None) -> None:
+                 metrics: Metrics | None = None, buffers: BufferBudget | None = None,
+                 node: NodeState | None = None) -> None:
         self.listener = listener
         self.config = config
         self.limits = config.limits
@@ -64,6 +67,11 @@ class Site:
         self.node = node if node is not None else NodeState()  # the drain, per worker
         self.health_path = config.health.path  # answered here (None: not at all)
         self._required = config.health.require_apps
+        # Buffering and compression by app (its pool's); the worker's buffer budget.
+        self.offload: dict[str, Offload] = {spec.name: config.offload_of(spec.name)
+                                            for spec in config.apps}
+        self.buffers = buffers if buffers is not None \
+            else BufferBudget(config.limits.buffer_memory)
         self._redirects = listener.redirect_https
         self._https_port = config.https_port if listener.redirect_https else None
         # Like nginx, every answer names the edge, not the app's server software.
