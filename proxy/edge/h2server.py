@@ -78,6 +78,11 @@ BUDGET_WINDOW = 10.0
 RESET_BUDGET = 200  # stream resets (received or sent) per window
 CONTROL_BUDGET = 1000  # PING, SETTINGS, PRIORITY, unknown frames per window
 EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
+# After a graceful GOAWAY, the connection stays open this long (or until the client
+# closes it): a request the client sent before it read the GOAWAY is refused with
+# REFUSED_STREAM, which it may safely retry on a new connection, instead of being cut
+# by a closed socket (whose reset could also destroy the GOAWAY on its way).
+GOAWAY_LINGER = 1.0
 
 
 class _Budget:
@@ -165,6 +170,11 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
+        if proto.site.node.draining:
+            # The node drains: GOAWAY before this answer, so the client knows before the
+            # answer ends that its next request needs a new connection (through the
+            # balancer, to another node); this stream is still served.
+            proto.goaway()
         fields = [(n.decode("latin-1"), v.decode("latin-1"))
                   for n, v in (*headers, *proto.site.response_headers)]
         if bodyless and proto.request_method(self) != "HEAD":
@@ -240,8 +250,6 @@ class _Stream:
             # Answered before the client finished its body (RFC 9113 8.1).
             self.proto.reset(self.id, ErrorCodes.NO_ERROR)
             self.gone = True
-        if self.proto.site.node.draining:
-            self.proto.goaway()  # the node drains: the client moves to another one
         self._maybe_close()
 
     # -- sending ----------------------------------------------------------------------
@@ -338,6 +346,7 @@ class H2Protocol(asyncio.Protocol):
         self._frames = FrameTracker()
         self._stall: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     # -- connection ---------------------------------------------------------------------
@@ -373,7 +382,7 @@ class H2Protocol(asyncio.Protocol):
         self.server.open.discard(self)
         self.server.connections.closed(self)
         self.closing = True
-        for timer in (self._stall, self._idle):
+        for timer in (self._stall, self._idle, self._linger):
             if timer is not None:
                 timer.cancel()
         for stream in list(self.streams.values()):
@@ -547,7 +556,7 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
         if not self.streams:
             if self.closing:
-                self._close()
+                self._close_soon()
             else:
                 self._arm_idle()
 
@@ -560,6 +569,13 @@ class H2Protocol(asyncio.Protocol):
             if self.transport.get_write_buffer_size() > MAX_OUTBOUND:
                 log.info("h2 client %s does not read; connection aborted", self.client_ip)
                 self.transport.abort()
+
+    def _close_soon(self) -> None:
+        """GOAWAY went out and no stream is open: close after ``GOAWAY_LINGER``."""
+        if self._linger is None and self.transport is not None \
+                and not self.transport.is_closing():
+            self._disarm_idle()
+            self._linger = self._loop.call_later(GOAWAY_LINGER, self._close)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -638,7 +654,7 @@ class H2Protocol(asyncio.Protocol):
             frame.error_code = ErrorCodes.NO_ERROR
             self.transport.write(frame.serialize())
         if not self.streams:
-            self._close()
+            self._close_soon()
 
 
 class H2Server:
