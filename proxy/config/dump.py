@@ -14,7 +14,7 @@ import yaml
 
 from bastion.module.spec import AppSpec, PoolSettings
 
-from .model import Config, Listener, Offload
+from .model import Config, Listener, Offload, StaticLocation
 
 
 def _settings(settings: PoolSettings) -> dict[str, Any]:
@@ -63,6 +63,18 @@ def _app(config: Config, spec: AppSpec) -> dict[str, Any]:
     }
 
 
+def _static(location: StaticLocation) -> dict[str, Any]:
+    return {
+        "hosts": list(location.hosts),
+        "path": location.path,
+        "root": location.root,
+        "index": location.index,
+        "precompressed": location.precompressed,
+        "cache_control": location.cache_control,
+        "internal": location.internal,
+    }
+
+
 def effective(config: Config) -> dict[str, Any]:
     """``config`` as the data of a configuration file, with every key present."""
     return {
@@ -81,6 +93,7 @@ def effective(config: Config) -> dict[str, Any]:
         "pools": {name: {**_settings(pool), **_offload(config, name)}
                   for name, pool in config.pools.items()},
         "apps": {spec.name: _app(config, spec) for spec in config.apps},
+        "static": {location.name: _static(location) for location in config.statics},
     }
 
 

@@ -69,6 +69,7 @@ from .model import (
     Listener,
     Offload,
     Route,
+    StaticLocation,
     TLSSettings,
 )
 from .units import _show, parse_duration, parse_size
@@ -789,6 +790,47 @@ _LISTEN_RULES: Final[dict[str, Rule]] = {
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+def _static_root(checker: _Checker, node: _Node, path: str) -> Any:
+    """The directory a static location serves: absolute, its symbolic links resolved."""
+    name = _path_rule(optional=False)(checker, node, path)
+    if name is _BAD or not checker.files:
+        return name
+    if not os.path.exists(name):
+        return checker.add(node.line, f"{path}: directory {name} does not exist")
+    if not os.path.isdir(name):
+        return checker.add(node.line, f"{path}: {name} is not a directory")
+    return os.path.realpath(name)
+
+
+def _index_name(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "/" in value or value in (".", "..") \
+            or "\0" in value:
+        raise ValueError(f"must be a file name such as index.html, not {_show(value)}")
+    return value
+
+
+def _header_value(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() \
+            or any(c < " " and c != "\t" or c == "\x7f" for c in value):
+        raise ValueError(f"must be a header value on one line, not {_show(value)}")
+    return value.strip()
+
+
+_STATIC_RULES: Final[dict[str, Rule]] = {
+    "hosts": _hosts,
+    "path": _scalar(_url_path),
+    "root": _static_root,
+    "index": _scalar(_index_name),
+    "precompressed": _scalar(_boolean),
+    "cache_control": _scalar(_header_value),
+    "internal": _scalar(_boolean),
+}
+
+
 # --- the parts that need more than one key ----------------------------------------------
 
 
@@ -960,6 +1002,38 @@ def _claim(checker: _Checker, claimed: dict[tuple[str, str], str], route: Route,
                         f"as app '{other}'{tail}")
 
 
+def _statics(checker: _Checker, node: _Node, routes: list[Route]) -> list[StaticLocation]:
+    """The ``static`` locations; a problem for each one mounted where an app (or another
+    location) is, at the same host and path base."""
+    entries = checker.mapping(node, "static")
+    claimed: dict[tuple[str, str], str] = {}
+    for route in routes:
+        for host in route.hosts or ("",):
+            claimed.setdefault((host, route.path), f"app '{route.app}'")
+    locations: list[StaticLocation] = []
+    for name, item in (entries or {}).items():
+        path = f"static.{name}"
+        if not _NAME.fullmatch(name):
+            checker.add(item.key_line, f"static location name '{name}' must start with a "
+                        "letter or digit and hold only letters, digits, '_', '.' or '-'")
+        values = checker.fields(item, path, _STATIC_RULES)
+        static_entries = item.value if isinstance(item.value, dict) else None
+        if not checker.require(values, static_entries, item, path, "root",
+                               "the directory to serve, e.g. /srv/shop/static"):
+            continue
+        location = StaticLocation(name=name, **values)
+        for host in location.hosts or ("",):
+            other = claimed.setdefault((host, location.path), f"static location '{name}'")
+            if other != f"static location '{name}'":
+                same = f"host '{host}' and path" if host else "path"
+                line = static_entries["path"].line if static_entries and "path" in static_entries \
+                    else item.key_line
+                checker.add(line, f"static location '{name}' has the same {same} "
+                            f"'{location.path}' as {other}")
+        locations.append(location)
+    return locations
+
+
 def _check_node_health(checker: _Checker, entries: dict[str, _Node], values: dict[str, Any],
                        listeners: list[Listener], apps: list[AppSpec]) -> None:
     """``health.require_apps`` names apps that are always started; ``proxy_protocol``
@@ -987,7 +1061,7 @@ def _check_node_health(checker: _Checker, entries: dict[str, _Node], values: dic
 
 
 def _build(checker: _Checker, root: _Node) -> Config:
-    values = checker.fields(root, "", _TOP_RULES, also=("listen", "pools", "apps"))
+    values = checker.fields(root, "", _TOP_RULES, also=("listen", "pools", "apps", "static"))
     entries: dict[str, _Node] = root.value if isinstance(root.value, dict) else {}
     for key in ("listen", "apps"):
         if isinstance(root.value, dict) and key not in entries:
@@ -997,6 +1071,7 @@ def _build(checker: _Checker, root: _Node) -> Config:
     offload: dict[str, Offload] = {}
     pools = _pools(checker, entries.get("pools"), offload)
     apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
+    statics = _statics(checker, entries["static"], routes) if "static" in entries else []
     _check_node_health(checker, entries, values, listeners, apps)
     if checker.start and checker.files:
         if "metrics_listen" in entries:
@@ -1010,7 +1085,8 @@ def _build(checker: _Checker, root: _Node) -> Config:
     if "health" in values:
         values["health"] = HealthSettings(**values["health"])
     return Config(listeners=tuple(listeners), apps=tuple(apps), routes=tuple(routes),
-                  pools=pools, offload=offload, source=checker.file, **values)
+                  pools=pools, offload=offload, source=checker.file,
+                  statics=tuple(statics), **values)
 
 
 # --- public entry points ----------------------------------------------------------------

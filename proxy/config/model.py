@@ -107,13 +107,29 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
-class Route:
-    """Where an app is mounted: host patterns (empty = any host) and a path base."""
+class StaticLocation:
+    """A directory served by the workers themselves (``static``, docs/static.md)."""
 
-    app: str
+    name: str
+    root: str  # absolute, symbolic links resolved
+    hosts: tuple[str, ...] = ()
+    path: str = "/"
+    index: str | None = None  # a directory's file; never a listing
+    precompressed: bool = False  # name.br / name.gz siblings when the client accepts them
+    cache_control: str | None = None
+    internal: bool = False  # only for X-Accel-Redirect; 404 to a client's own request
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an app (or a static location) is mounted: host patterns (empty = any
+    host) and a path base."""
+
+    app: str  # the app's name, or the static location's
     hosts: tuple[str, ...] = ()
     path: str = "/"
     websockets: bool = True  # WebSocket upgrades tunnelled to the app
+    static: StaticLocation | None = None  # served from files, not by an app
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     metrics_listen: str | None = None  # "127.0.0.1:9180": GET /metrics over plain HTTP
     health: HealthSettings = field(default_factory=HealthSettings)
+    statics: tuple[StaticLocation, ...] = ()
     source: str = "<built-in>"  # the file it came from
 
     def app(self, name: str) -> AppSpec:
@@ -149,6 +166,13 @@ class Config:
         """The buffering and compression settings of ``app`` (its pool's)."""
         pool = self.app(app).pool
         return self.offload.get(pool) or Offload()
+
+    @property
+    def all_routes(self) -> tuple[Route, ...]:
+        """The apps' routes and the static locations', routed together."""
+        return self.routes + tuple(
+            Route(app=s.name, hosts=s.hosts, path=s.path, websockets=False, static=s)
+            for s in self.statics)
 
     @property
     def https_port(self) -> int | None:

@@ -75,7 +75,7 @@ from ..config.model import Config
 from ..edge.endpoints import queue_limits
 from ..edge.listeners import bind_socket
 from ..edge.metrics import merge, retired
-from ..edge.native import warn_if_interpreted
+from ..edge.native import report_h2_engine, warn_if_interpreted
 from ..edge.tls import PemFiles, TLSConfigError, tls_files
 from . import channel
 from .admin import AdminServer
@@ -856,6 +856,7 @@ def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int
             print(f"bastion: {problem}", file=sys.stderr)
         return 1
     warn_if_interpreted(log)
+    report_h2_engine(log, any(lst.tls is not None and lst.http2 for lst in config.listeners))
     uvloop = install_uvloop()
     try:
         asyncio.run(_run(config, ready))

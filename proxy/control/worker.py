@@ -159,7 +159,7 @@ class ProxyWorker:
     async def start(self, sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]]
                     ) -> None:
         """Serve ``sockets`` (already bound and listening)."""
-        router = Router(self.config.routes)
+        router = Router(self.config.all_routes)
         sites = {
             listener.address: Site(
                 listener, self.config, router, self.table, self.pool, self.access_log,

@@ -58,11 +58,11 @@ from typing import Protocol
 
 from bastion.module.messages import Endpoint
 
-from ..config.model import Offload
+from ..config.model import Offload, StaticLocation
 from . import compress
 from .accesslog import LogEntry
 from .buffers import Held
-from .codec import request_head
+from .codec import decoded_path, request_head
 from .endpoints import Lease
 from .errors import (
     BadGateway,
@@ -76,6 +76,8 @@ from .errors import (
 )
 from .headers import ForwardInfo, downstream_headers, upstream_headers
 from .site import WAIT_MARGIN, Site
+from .static import ACCEL_KEPT, FileSender, accel_target
+from .static import answer as static_answer
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("bastion.proxy")
@@ -181,6 +183,9 @@ class Downstream(Protocol):
     def flow_done(self, flow: Flow) -> None:
         """The exchange is over (its log line is written)."""
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        """The client's plain (not TLS, not HTTP/2) transport, for ``os.sendfile``."""
+
     def hold(self, held: Held) -> None:
         """Response bytes of a finished flow are still in this client's buffer: call
         ``held.release()`` once they have drained (or the client is gone)."""
@@ -199,7 +204,8 @@ class Flow:
                  "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
                  "refused", "_retry", "_offload", "_encoder", "_held_headers", "_prefetch",
-                 "_buffering_request", "_request_charged", "_down_full", "_response_charged")
+                 "_buffering_request", "_request_charged", "_down_full", "_response_charged",
+                 "_static")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -242,6 +248,7 @@ class Flow:
         self._request_charged = 0  # pending body bytes taken from the buffer budget
         self._down_full = False  # the client cannot take more now
         self._response_charged = 0  # bytes written to a full client, from the budget
+        self._static: FileSender | None = None  # sending a static file's body
 
     @property
     def done(self) -> bool:
@@ -321,6 +328,9 @@ class Flow:
     def pause_response(self) -> None:
         """The client cannot take more of the answer: stop reading from the app, unless
         the app's buffering allows holding more of it (``_hold_response``)."""
+        if self._static is not None:
+            self._static.pause()
+            return
         if self._down_full:
             return
         self._down_full = True
@@ -346,6 +356,9 @@ class Flow:
 
     def resume_response(self) -> None:
         """The client can take more again (what it was sent has drained)."""
+        if self._static is not None:
+            self._static.resume()
+            return
         self._down_full = False
         if self._response_charged:
             self.site.buffers.release(self._response_charged)
@@ -404,6 +417,12 @@ class Flow:
         if route is None:
             raise NotFound("no application is configured for this address")
         self.app = route.app
+        if route.static is not None:
+            if route.static.internal:
+                raise NotFound("no application is configured for this address")
+            self._static_answer(route.static, route.path, request.target, request.method,
+                                None)
+            return
         if request.upgrade and not route.websockets:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
         spec = site.apps[route.app]
@@ -532,6 +551,14 @@ class Flow:
         if self.state == _DONE:
             return
         self.state = _RESPONDING
+        if self.site.accel:
+            for name, value in head.headers:
+                if name.lower() == b"x-accel-redirect":
+                    # As nginx: the app's body is never read (django-sendfile2 announces
+                    # the file's length and sends nothing); the connection is dropped.
+                    self._accel_redirect(value, [(n, v) for n, v in head.headers
+                                                 if n.lower() in ACCEL_KEPT])
+                    return
         self.status = head.status
         self._response_bodyless = (self.request.method == "HEAD"
                                    or head.status in (204, 304))
@@ -682,6 +709,63 @@ class Flow:
         self._finish(abort_upstream=True)
 
     # -- failures and the end -------------------------------------------------------------
+    # -- static files (proxy.edge.static) ----------------------------------------------
+    def _static_answer(self, location: StaticLocation, base: str, target: str, method: str,
+                       kept: list[tuple[bytes, bytes]] | None) -> None:
+        try:
+            found = static_answer(location, method, target, base, self.request.headers, kept)
+        except ProxyError as error:
+            self.fail(error)
+            return
+        self.status = found.status
+        self.state = _RESPONDING
+        self._head_out = True
+        if found.fd < 0:
+            self.sent = sum(len(piece) for piece in found.body)
+            self.down.respond(found.status, b"", found.headers, found.length,
+                              found.bodyless, found.body, True)
+            self._finish()
+            return
+        sender = FileSender(self, self.down, found.fd, found.offset, found.remaining,
+                            self.down.sendfile_transport())
+        self._static = sender
+        self.down.respond(found.status, b"", found.headers, found.length, False, [], False)
+        if self.state != _DONE:
+            sender.start()
+
+    def static_end(self, sent: int) -> None:
+        """A static file's body went out whole."""
+        self._static = None
+        self.sent = sent
+        self._finish()
+
+    def static_abort(self, sent: int) -> None:
+        """A static file's body broke off after its head: the client is cut off."""
+        self._static = None
+        self.sent = sent
+        self.down.abort()
+        self._finish(abort_upstream=True)
+
+    def _accel_redirect(self, value: bytes, kept: list[tuple[bytes, bytes]]) -> None:
+        """The app answered with X-Accel-Redirect: the file it names, not its body."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+            self.site.pool.release(conn)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        target = accel_target(value)
+        route = None if target is None else self.site.router.match(
+            self.request.host, normalised_path(decoded_path(target)))
+        if target is None or route is None or route.static is None:
+            self.fail(NotFound("X-Accel-Redirect names no static location",
+                               detail=value.decode("latin-1")))
+            return
+        method = "HEAD" if self.request.method == "HEAD" else "GET"
+        self._static_answer(route.static, route.path, target, method, kept)
+
     def _upstream_error(self, error: ProxyError) -> None:
         if isinstance(error, ConnectRefused | UpstreamGone) and self._attempt == 1 \
                 and self._other_ready():
@@ -763,6 +847,9 @@ class Flow:
         incomplete = not self._body_end
         self.state = _DONE
         self.deadline = None
+        if self._static is not None:
+            self._static.close()
+            self._static = None
         self._release_request()
         if self._response_charged:
             # Still in the client's buffer: its connection gives it back once drained.

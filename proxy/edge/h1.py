@@ -442,6 +442,12 @@ class H1Connection(asyncio.Protocol):
             for piece in body:
                 transport.write(piece)
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        """The transport ``os.sendfile`` may write under: a plain one, framed by length."""
+        if self.site.listener.tls is not None or self._chunked_out:
+            return None
+        return self.transport
+
     def abort(self) -> None:
         """The answer broke off after its head: the client must see it is incomplete."""
         self._keep_alive = False

@@ -85,7 +85,7 @@ EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
 GOAWAY_LINGER = 1.0
 
 
-class _Budget:
+class Budget:
     """Counts events per fixed window; ``spend`` is False once over the limit."""
 
     def __init__(self, limit: int, window: float = BUDGET_WINDOW) -> None:
@@ -201,6 +201,9 @@ class _Stream:
         if end:
             self.end_pending = True
         self.pump()
+
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        return None  # frames: never the raw socket
 
     def abort(self) -> None:
         self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
@@ -327,16 +330,19 @@ class H2Protocol(asyncio.Protocol):
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,
-                validate_inbound_headers=True,
+                # Bastion checks every request head itself (h2translate), and builds
+                # response heads lower-case and clean (response_to_h2): h2's own
+                # validation would only repeat that, at a cost per request.
+                validate_inbound_headers=False,
                 normalize_inbound_headers=False,
-                validate_outbound_headers=True,
-                normalize_outbound_headers=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self.streams: dict[int, _Stream] = {}
-        self.resets = _Budget(RESET_BUDGET)
-        self.control = _Budget(CONTROL_BUDGET)
-        self.empty_data = _Budget(EMPTY_DATA_BUDGET)
+        self.resets = Budget(RESET_BUDGET)
+        self.control = Budget(CONTROL_BUDGET)
+        self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
         self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None

@@ -6,6 +6,8 @@ Each bound socket is served by the event loop's own accept loop
 (``loop.create_server``: uvloop accepts and runs TLS handshakes in C, with no task per
 connection), making an ``H1Connection`` per client, or on a TLS listener with
 ``http2`` an ``AlpnSelector`` that picks HTTP/2 or HTTP/1.1 once the handshake chose.
+HTTP/2 is served by the engine ``native.h2_engine`` names (``h2_server``): libnghttp2
+(``h2native``) when built, else the ``h2`` library (``h2server``).
 
 A listener with ``proxy_protocol`` is served by ``proxyaccept.ProxyAcceptor`` instead
 (its connections start with a PROXY header, read before TLS); it stops and resumes
@@ -34,14 +36,18 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..config.model import Config, Listener
 from .connections import Connections, Drainable
 from .h1 import H1Connection
 from .h2server import H2Server
+from .native import h2_engine
 from .proxyaccept import MakeProtocol, ProxyAcceptor
 from .site import Site
+
+if TYPE_CHECKING:
+    from .h2native import H2NativeServer
 
 log = logging.getLogger("bastion.proxy")
 
@@ -137,12 +143,20 @@ def _nothing() -> None:
     return None
 
 
+def h2_server(site: Site, connections: Connections) -> H2Server | H2NativeServer:
+    """The HTTP/2 side of a TLS listener, on this process's engine."""
+    if h2_engine() == "ng2":
+        from .h2native import H2NativeServer
+        return H2NativeServer(site, connections)
+    return H2Server(site, connections)
+
+
 class ListenerSet:
     """The running listeners of one worker."""
 
     def __init__(self) -> None:
         self._served: list[_Served | ProxyAcceptor] = []
-        self._h2: list[H2Server] = []
+        self._h2: list[H2Server | H2NativeServer] = []
         self.connections = Connections(0, self._full)
         self._resume: asyncio.Task[None] | None = None
 
@@ -176,9 +190,9 @@ class ListenerSet:
             if context is not None:
                 h2: MakeProtocol | None = None
                 if listener.http2:
-                    h2_server = H2Server(site, connections)
-                    self._h2.append(h2_server)
-                    h2 = h2_server
+                    server = h2_server(site, connections)
+                    self._h2.append(server)
+                    h2 = server
 
                 def selector(client: str | None = None, h1: MakeProtocol = http1,
                              h2: MakeProtocol | None = h2) -> asyncio.Protocol:

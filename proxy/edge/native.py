@@ -15,24 +15,37 @@ mypy, gcc and the Python headers there). Without them the same modules run as Py
 and ``serve`` logs a warning (``warn_if_interpreted``).
 ``BASTION_INTERPRETED=1`` in the environment makes a process load the sources even when
 the extensions are built (``prefer_sources``): the tests run both ways.
+
+The same step builds the native HTTP/2 engine, ``_ng2`` (``_ng2.c``: a small C extension
+over libnghttp2, compiled by gcc in well under a second; ``build_ng2``). Which HTTP/2
+engine a process uses is decided here, once (``h2_engine``): ``ng2`` when the extension
+imports, else the pure-Python ``h2`` library, with one warning at start
+(``report_h2_engine``). ``BASTION_H2_ENGINE=h2`` forces the ``h2`` engine (tests run
+both; the benchmark compares them).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
 MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
+NG2 = "_ng2"
+H2_ENGINE_ENV = "BASTION_H2_ENGINE"
+NGHTTP2_HEADER = Path("/usr/include/nghttp2/nghttp2.h")
 
 
 def interpreted() -> list[str]:
@@ -129,11 +142,72 @@ def build() -> int:
     return done.returncode
 
 
+def ng2_stale() -> bool:
+    """Whether the HTTP/2 extension is missing or older than its source."""
+    built = _extensions(NG2)
+    return not built or built[0].stat().st_mtime < (HERE / f"{NG2}.c").stat().st_mtime
+
+
+def build_ng2() -> int:
+    """Compile ``_ng2.c`` next to it (gcc, the Python headers, libnghttp2-dev); 0 on
+    success. A failed build leaves no extension: Bastion then speaks HTTP/2 with ``h2``."""
+    for old in _extensions(NG2):
+        old.unlink()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    include = sysconfig.get_paths()["include"]
+    with tempfile.TemporaryDirectory(prefix="bastion-ng2-") as scratch:
+        target = Path(scratch, NG2 + suffix)
+        done = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", f"-I{include}",
+                               str(HERE / f"{NG2}.c"), "-lnghttp2", "-o", str(target)],
+                              check=False)
+        if done.returncode == 0:
+            shutil.move(str(target), HERE / target.name)
+    return done.returncode
+
+
+@functools.cache
+def h2_engine() -> str:
+    """``"ng2"`` (libnghttp2, compiled) or ``"h2"`` (the pure-Python library): the
+    HTTP/2 engine of this process. ``BASTION_H2_ENGINE=h2`` forces ``h2``."""
+    if os.environ.get(H2_ENGINE_ENV, "").strip().lower() == "h2":
+        return "h2"
+    try:
+        importlib.import_module(f"{PACKAGE}.{NG2}")
+    except ImportError:
+        return "h2"
+    return "ng2"
+
+
+def report_h2_engine(log: logging.Logger, http2: bool) -> None:
+    """At start, when HTTP/2 is served (``http2``): which engine, and a warning when it
+    is the slower ``h2`` because the native one is not built."""
+    if not http2:
+        return
+    if h2_engine() == "ng2":
+        from . import _ng2
+        log.info("HTTP/2 engine: ng2 (libnghttp2 %s)", _ng2.NGHTTP2_VERSION)
+    elif os.environ.get(H2_ENGINE_ENV, "").strip().lower() == "h2":
+        log.info("HTTP/2 engine: h2 (%s=h2)", H2_ENGINE_ENV)
+    else:
+        log.warning("HTTP/2 engine: h2, the pure-Python library: it works, at several times "
+                    "the CPU per request; the native engine (libnghttp2) is not built: "
+                    "`python -m bastion.proxy.edge.native` builds it (needs gcc, the Python "
+                    "headers and libnghttp2-dev)")
+
+
 def main() -> int:
-    """``python -m bastion.proxy.edge.native [--if-stale]``."""
-    if "--if-stale" in sys.argv[1:] and not stale():
-        return 0
-    return build()
+    """``python -m bastion.proxy.edge.native [--if-stale]``: build the compiled data
+    plane (mypyc) and the HTTP/2 engine; 1 when either could not be built."""
+    only_stale = "--if-stale" in sys.argv[1:]
+    status = 0
+    if not only_stale or stale():
+        status |= build()
+    if not only_stale or ng2_stale():
+        if build_ng2() != 0:
+            print("native: the HTTP/2 engine (_ng2) could not be built; HTTP/2 runs on h2",
+                  file=sys.stderr)
+            status |= 1
+    return status
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class Site:
         self.node = node if node is not None else NodeState()  # the drain, per worker
         self.health_path = config.health.path  # answered here (None: not at all)
         self._required = config.health.require_apps
+        self.accel = bool(config.statics)  # apps' X-Accel-Redirect is looked for
         # Buffering and compression by app (its pool's); the worker's buffer budget.
         self.offload: dict[str, Offload] = {spec.name: config.offload_of(spec.name)
                                             for spec in config.apps}
@@ -93,6 +94,7 @@ class Site:
                    (b"Cache-Control", b"no-store")]
         if error.retry_after is not None:
             headers.append((b"Retry-After", b"%d" % error.retry_after))
+        headers.extend(error.extra_headers)
         return ErrorPage(error.status, headers, body)
 
     def redirect_location(self, host: str, target: str) -> bytes | None:
