@@ -112,6 +112,11 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
+        if proto.site.node.draining:
+            # The node drains: GOAWAY before this answer, so the client knows before the
+            # answer ends that its next request needs a new connection (through the
+            # balancer, to another node); this stream is still served.
+            proto.goaway()
         fields = [(n.decode("latin-1"), v.decode("latin-1"))
                   for n, v in (*headers, *proto.site.response_headers)]
         if bodyless and proto.request_method(self) != "HEAD":
