@@ -215,7 +215,7 @@ class _Stream:
 class H2NativeProtocol(asyncio.Protocol):
     """One HTTP/2 connection from a client, on the native engine."""
 
-    def __init__(self, server: H2NativeServer, client: str | None = None) -> None:
+    def __init__(self, server: H2NativeServer, client: tuple[str, int] | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -231,6 +231,7 @@ class H2NativeProtocol(asyncio.Protocol):
         self.control = Budget(CONTROL_BUDGET)
         self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
+        self.client_port = 0  # for an in-process app's scope
         self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent or received: no new streams
@@ -245,9 +246,10 @@ class H2NativeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if self._client is not None:
-            self.client_ip = self._client
+            self.client_ip, self.client_port = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
+            self.client_port = int(peer[1]) if len(peer) > 1 else 0
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             der = ssl_object.getpeercert(binary_form=True)
@@ -367,7 +369,7 @@ class H2NativeProtocol(asyncio.Protocol):
         request = Request(h1.method, target, h1.authority, decoded_path(target), headers,
                           self.client_ip, self.client_cert,
                           h1.content_length if has_body else None, has_body, "HTTP/2.0",
-                          trusted=self._trusted)
+                          trusted=self._trusted, client_port=self.client_port)
         flow = Flow(self.site, request, stream)
         stream.flow = flow
         flow.start()
@@ -528,7 +530,7 @@ class H2NativeServer:
         self.connections = connections
         self.open: set[H2NativeProtocol] = set()
 
-    def __call__(self, client: str | None = None) -> H2NativeProtocol:
+    def __call__(self, client: tuple[str, int] | None = None) -> H2NativeProtocol:
         return H2NativeProtocol(self, client)
 
     def goaway_all(self) -> None:

@@ -320,7 +320,7 @@ class _Stream:
 class H2Protocol(asyncio.Protocol):
     """One HTTP/2 connection from a client."""
 
-    def __init__(self, server: H2Server, client: str | None = None) -> None:
+    def __init__(self, server: H2Server, client: tuple[str, int] | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -344,6 +344,7 @@ class H2Protocol(asyncio.Protocol):
         self.control = Budget(CONTROL_BUDGET)
         self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
+        self.client_port = 0
         self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
@@ -360,9 +361,10 @@ class H2Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if self._client is not None:
-            self.client_ip = self._client
+            self.client_ip, self.client_port = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
+            self.client_port = int(peer[1]) if len(peer) > 1 else 0
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             der = ssl_object.getpeercert(binary_form=True)
@@ -488,7 +490,8 @@ class H2Protocol(asyncio.Protocol):
         has_body = not ended and h1.content_length != 0
         request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
                           self.client_cert, h1.content_length if has_body else None,
-                          has_body, "HTTP/2.0", trusted=self._trusted)
+                          has_body, "HTTP/2.0", trusted=self._trusted,
+                          client_port=self.client_port)
         flow = Flow(self.site, request, stream)
         stream.flow = flow
         flow.start()
@@ -671,7 +674,7 @@ class H2Server:
         self.connections = connections
         self.open: set[H2Protocol] = set()
 
-    def __call__(self, client: str | None = None) -> H2Protocol:
+    def __call__(self, client: tuple[str, int] | None = None) -> H2Protocol:
         return H2Protocol(self, client)
 
     def goaway_all(self) -> None:
