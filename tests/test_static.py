@@ -230,6 +230,23 @@ def test_odd_names(bastion: BastionProcess) -> None:
     assert got.body == b"hello static\n"
 
 
+def test_changed_file_is_seen(bastion: BastionProcess, tree: dict[str, Path]) -> None:
+    # Small files are kept in memory briefly (static.SmallFiles.VALID = 1 s), no longer.
+    name = tree["root"] / "changing.txt"
+    name.write_bytes(b"first\n")
+    assert raw_request(bastion.port(), "/static/changing.txt").body == b"first\n"
+    replacement = tree["root"] / "changing.tmp"
+    replacement.write_bytes(b"second, longer\n")
+    os.replace(replacement, name)
+    time.sleep(1.1)
+    got = raw_request(bastion.port(), "/static/changing.txt")
+    assert got.body == b"second, longer\n"
+    assert got.headers["content-length"] == "15"
+    name.unlink()
+    time.sleep(1.1)
+    assert raw_request(bastion.port(), "/static/changing.txt").status == 404
+
+
 def test_big_file_plain_and_tls(bastion: BastionProcess, tree: dict[str, Path],
                                 ca: trustme.CA) -> None:
     digest = hashlib.sha256((tree["root"] / "big.bin").read_bytes()).hexdigest()

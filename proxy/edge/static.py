@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,14 +122,78 @@ def _open_file(root: str, relative: str) -> tuple[int, os.stat_result]:
     return fd, info
 
 
-def answer(location: StaticLocation, method: str, target: str, base: str,
-           headers: list[tuple[bytes, bytes]],
-           kept: list[tuple[bytes, bytes]] | None = None) -> FileAnswer:
-    """The answer of ``location`` (mounted at ``base``) to ``method`` on ``target``,
-    with the request's ``headers``; ``kept``: an app's fields an X-Accel-Redirect
-    keeps. Raises ProxyError for 403 / 404 / 405 / 412 / 416."""
-    if method not in ("GET", "HEAD"):
-        raise MethodNotAllowed("static files answer GET and HEAD only")
+class _Found:
+    """A resolved file: open (``fd``), or read whole (``data``: a small file, then
+    kept in ``SmallFiles`` for ``SmallFiles.VALID`` seconds)."""
+
+    __slots__ = ("fd", "data", "meta", "kind", "coding", "path", "expires")
+
+    def __init__(self, fd: int, data: bytes | None, meta: rules.FileMeta, kind: bytes,
+                 coding: bytes | None, path: str) -> None:
+        self.fd = fd
+        self.data = data
+        self.meta = meta
+        self.kind = kind  # Content-Type by the name
+        self.coding = coding  # Content-Encoding of a precompressed sibling
+        self.path = path  # below root, for messages
+        self.expires = 0.0
+
+
+class SmallFiles:
+    """Small files read recently, whole, with their metadata: a request for one within
+    ``VALID`` seconds of its reading opens, checks and reads nothing (as nginx's
+    ``open_file_cache`` keeps descriptors and metadata; a change to a file is seen at
+    most ``VALID`` seconds late, a replaced file at once after that). Bounded by
+    ``MAX_BYTES`` of file data and ``MAX_ENTRIES`` entries per worker."""
+
+    VALID = 1.0
+    MAX_BYTES = 8 * 1024 * 1024
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, str, str, str], _Found] = {}
+        self._bytes = 0
+
+    def get(self, key: tuple[str, str, str, str, str], now: float) -> _Found | None:
+        """The entry for ``key`` while it is valid."""
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if found.expires <= now:
+            self._drop(key)
+            return None
+        return found
+
+    def put(self, key: tuple[str, str, str, str, str], found: _Found, now: float) -> None:
+        """Keep ``found`` (its ``data`` read) for ``VALID`` seconds, room permitting."""
+        size = len(found.data or b"")
+        if size > self.MAX_BYTES // 16:
+            return
+        self._drop(key)
+        entries = self._entries
+        if len(entries) >= self.MAX_ENTRIES or self._bytes + size > self.MAX_BYTES:
+            for old in [k for k, v in entries.items() if v.expires <= now]:
+                self._drop(old)
+            while entries and (len(entries) >= self.MAX_ENTRIES
+                               or self._bytes + size > self.MAX_BYTES):
+                self._drop(next(iter(entries)))  # the oldest
+        found.expires = now + self.VALID
+        entries[key] = found
+        self._bytes += size
+
+    def _drop(self, key: tuple[str, str, str, str, str]) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self._bytes -= len(found.data or b"")
+
+
+SMALL_FILES = SmallFiles()  # one per worker process
+
+
+def _resolve(location: StaticLocation, target: str, base: str,
+             accept: str | None) -> _Found | FileAnswer:
+    """The file ``target`` names (open), or the 301 of a directory without its ``/``;
+    ProxyError for 403 / 404."""
     relative = rules.relative_path(target, base)
     if relative is None:
         raise NotFound("no such file")
@@ -153,30 +218,73 @@ def answer(location: StaticLocation, method: str, target: str, base: str,
     elif not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise NotFound("no such file")
-    fields: list[tuple[bytes, bytes]] = []
-    app_type = None
-    for name, value in kept or ():
-        if name.lower() == b"content-type":
-            app_type = value
-    fields.append((b"Content-Type", app_type or rules.content_type(path).encode("latin-1")))
+    kind = rules.content_type(path).encode("latin-1")
+    coding: bytes | None = None
     if location.precompressed:
-        for coding, suffix in rules.choose_encoding(_field(headers, b"accept-encoding")):
+        for name, suffix in rules.choose_encoding(accept):
             try:
                 sibling, sibling_info = _open_file(root, path + suffix)
             except ProxyError:
                 continue
             os.close(fd)
             fd, info = sibling, sibling_info
-            fields.append((b"Content-Encoding", coding.encode("ascii")))
+            coding = name.encode("ascii")
             break
-    meta = rules.FileMeta(info.st_size, int(info.st_mtime))
+    return _Found(fd, None, rules.FileMeta(info.st_size, int(info.st_mtime)), kind, coding,
+                  path)
+
+
+def answer(location: StaticLocation, method: str, target: str, base: str,
+           headers: list[tuple[bytes, bytes]],
+           kept: list[tuple[bytes, bytes]] | None = None) -> FileAnswer:
+    """The answer of ``location`` (mounted at ``base``) to ``method`` on ``target``,
+    with the request's ``headers``; ``kept``: an app's fields an X-Accel-Redirect
+    keeps. Raises ProxyError for 403 / 404 / 405 / 412 / 416."""
+    if method not in ("GET", "HEAD"):
+        raise MethodNotAllowed("static files answer GET and HEAD only")
+    accept = _field(headers, b"accept-encoding") if location.precompressed else None
+    key = (location.name, location.root, base, target.split("?", 1)[0], accept or "")
+    now = time.monotonic()
+    found = SMALL_FILES.get(key, now)
+    if found is None:
+        resolved = _resolve(location, target, base, accept)
+        if isinstance(resolved, FileAnswer):
+            return resolved
+        found = resolved
+        if found.meta.size <= SMALL:
+            try:
+                data = os.pread(found.fd, found.meta.size, 0)
+            except OSError as exc:
+                raise from_file_error(exc, found.path) from None
+            finally:
+                os.close(found.fd)
+                found.fd = -1
+            if len(data) != found.meta.size:  # the file changed since fstat
+                raise ProxyError("the file changed while it was read", detail=found.path)
+            found.data = data
+            SMALL_FILES.put(key, found, now)
     try:
-        chosen = rules.plan(meta, rules.Conditions.from_headers(headers))
+        return _reply(found, location, method, headers, kept)
     except BaseException:
-        os.close(fd)
+        if found.fd >= 0:
+            os.close(found.fd)
         raise
+
+
+def _reply(found: _Found, location: StaticLocation, method: str,
+           headers: list[tuple[bytes, bytes]],
+           kept: list[tuple[bytes, bytes]] | None) -> FileAnswer:
+    """The answer for a resolved file; its descriptor (if any) is the answer's, or closed."""
+    fields: list[tuple[bytes, bytes]] = []
+    kind = found.kind
+    for name, value in kept or ():
+        if name.lower() == b"content-type":
+            kind = value  # the app's own type wins, as in nginx
+    fields.append((b"Content-Type", kind))
+    if found.coding is not None:
+        fields.append((b"Content-Encoding", found.coding))
+    chosen = rules.plan(found.meta, rules.Conditions.from_headers(headers))
     if chosen.status in (412, 416):
-        os.close(fd)
         if chosen.status == 412:
             raise PreconditionFailed("the file does not meet the request's preconditions")
         error = RangeNotSatisfiable("no part of the range lies within the file")
@@ -194,24 +302,23 @@ def answer(location: StaticLocation, method: str, target: str, base: str,
         fields.append((b"Cache-Control", location.cache_control.encode("latin-1")))
     if location.precompressed:
         fields.append((b"Vary", b"Accept-Encoding"))
-    if chosen.status == 304:
-        os.close(fd)
-        fields = [(n, v) for n, v in fields
-                  if n not in (b"Content-Type", b"Content-Encoding")]
-        return FileAnswer(304, fields, None, True, [])
-    if method == "HEAD" or chosen.length == 0:
-        os.close(fd)
-        return FileAnswer(chosen.status, fields, chosen.length, method == "HEAD", [])
-    if chosen.length <= SMALL:
-        try:
-            data = os.pread(fd, chosen.length, chosen.start)
-        except OSError as exc:
-            raise from_file_error(exc, path) from None
-        finally:
-            os.close(fd)
-        if len(data) != chosen.length:  # the file shrank since fstat
-            raise ProxyError("the file changed while it was read", detail=path)
-        return FileAnswer(chosen.status, fields, chosen.length, False, [data])
+    data = found.data
+    if chosen.status == 304 or method == "HEAD" or chosen.length == 0 or data is not None:
+        if found.fd >= 0:
+            os.close(found.fd)
+            found.fd = -1
+        if chosen.status == 304:
+            fields = [(n, v) for n, v in fields
+                      if n not in (b"Content-Type", b"Content-Encoding")]
+            return FileAnswer(304, fields, None, True, [])
+        if method == "HEAD" or chosen.length == 0:
+            return FileAnswer(chosen.status, fields, chosen.length, method == "HEAD", [])
+        assert data is not None
+        body = data if chosen.length == len(data) \
+            else data[chosen.start:chosen.start + chosen.length]
+        return FileAnswer(chosen.status, fields, chosen.length, False, [body])
+    fd = found.fd
+    found.fd = -1
     return FileAnswer(chosen.status, fields, chosen.length, False, [], fd, chosen.start,
                       chosen.length)
 

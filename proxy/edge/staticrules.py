@@ -128,20 +128,18 @@ def content_type(name: str) -> str:
 
 @dataclass(frozen=True)
 class FileMeta:
-    """What the answer needs to know of an opened file."""
+    """What the answer needs to know of an opened file: its size and time, and the
+    validators made from them (``etag``: nginx's strong tag, hex mtime-hex size, quoted;
+    ``last_modified``: the IMF-fixdate)."""
 
     size: int
     mtime: int  # whole seconds, as Last-Modified has them
+    etag: str = field(init=False, compare=False)
+    last_modified: str = field(init=False, compare=False)
 
-    @property
-    def etag(self) -> str:
-        """nginx's strong ETag: hex mtime, dash, hex size, quoted."""
-        return f'"{self.mtime:x}-{self.size:x}"'
-
-    @property
-    def last_modified(self) -> str:
-        """The ``Last-Modified`` value (IMF-fixdate)."""
-        return formatdate(self.mtime, usegmt=True)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "etag", f'"{self.mtime:x}-{self.size:x}"')
+        object.__setattr__(self, "last_modified", formatdate(self.mtime, usegmt=True))
 
 
 @dataclass(frozen=True)
@@ -160,14 +158,17 @@ class Conditions:
         """The conditions among a request's header fields (the first of each counts)."""
         found: dict[str, str] = {}
         for name, value in headers:
-            key = name.lower().replace(b"-", b"_").decode("latin-1")
-            if key in _CONDITION_FIELDS and key not in found:
+            key = _CONDITION_FIELDS.get(name.lower())
+            if key is not None and key not in found:
                 found[key] = value.decode("latin-1")
-        return cls(**found)
+        return cls(**found) if found else _NO_CONDITIONS
 
 
-_CONDITION_FIELDS = frozenset({"if_match", "if_none_match", "if_modified_since",
-                               "if_unmodified_since", "range", "if_range"})
+_CONDITION_FIELDS = {b"if-match": "if_match", b"if-none-match": "if_none_match",
+                     b"if-modified-since": "if_modified_since",
+                     b"if-unmodified-since": "if_unmodified_since", b"range": "range",
+                     b"if-range": "if_range"}
+_NO_CONDITIONS = Conditions()
 
 
 @dataclass(frozen=True)
