@@ -50,10 +50,26 @@ def _listener(listener: Listener) -> dict[str, Any]:
 
 def _app(config: Config, spec: AppSpec) -> dict[str, Any]:
     route = next(r for r in config.routes if r.app == spec.name)
+    if spec.in_process:  # no process of its own: only the keys that mean something
+        settings = _settings(spec.settings)
+        del settings["processes_per_app"]
+        return {
+            "pool": spec.pool,
+            "hosts": list(route.hosts),
+            "path": route.path,
+            "hosting_model": spec.hosting_model,
+            "app": spec.app,
+            "interface": spec.interface,
+            "threads": spec.threads,
+            "cwd": spec.cwd,
+            "websockets": route.websockets,
+            **settings,
+        }
     return {
         "pool": spec.pool,
         "hosts": list(route.hosts),
         "path": route.path,
+        "hosting_model": spec.hosting_model,
         "command": list(spec.command),
         "cwd": spec.cwd,
         "stdout_log": spec.stdout_log,

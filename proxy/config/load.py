@@ -442,6 +442,18 @@ def _section(rules: dict[str, Rule]) -> Rule:
     return rule
 
 
+_IMPORT_STRING = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _import_string(value: object) -> str:
+    """``package.module:attribute`` (the attribute may be dotted, as uvicorn allows)."""
+    text = _text(value)
+    if not _IMPORT_STRING.fullmatch(text):
+        raise ValueError(f"must be 'package.module:attribute', e.g. 'api.main:app', not {text!r}")
+    return text
+
+
 def _command(checker: _Checker, node: _Node, path: str) -> Any:
     if isinstance(node.value, str):
         try:
@@ -751,7 +763,19 @@ _APP_RULES: Final[dict[str, Rule]] = {
     "stdout_log": _path_rule(optional=True),
     "transport": _scalar(_choice("tcp", "unix")),
     "websockets": _scalar(_boolean),
+    "hosting_model": _scalar(_choice("out_of_process", "in_process")),
+    "app": _scalar(_import_string),
+    "interface": _scalar(_choice("asgi", "wsgi")),
+    "threads": _scalar(_integer(1)),
 }
+# What an in-process app cannot use: it has no process of its own.
+_NOT_IN_PROCESS: Final[dict[str, str]] = {
+    "command": "the app is imported from `app` instead",
+    "processes_per_app": "it runs in every proxy worker: see workers",
+    "transport": "there is no connection to the app",
+    "stdout_log": "it writes to Bastion's own output",
+}
+_IN_PROCESS_ONLY: Final[tuple[str, ...]] = ("app", "interface", "threads")
 _NODE_HEALTH_RULES: Final[dict[str, Rule]] = {
     "path": _scalar(_node_health_path),
     "drain_delay": _scalar(parse_duration),
@@ -887,7 +911,8 @@ def _pools(checker: _Checker, node: _Node | None,
 
 
 def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
-          https_port: int | None) -> tuple[list[AppSpec], list[Route]]:
+          https_port: int | None, top_user: str | None = None
+          ) -> tuple[list[AppSpec], list[Route]]:
     entries = checker.mapping(node, "apps")
     if entries is not None and not entries:
         checker.add(node.line, "apps must define at least one app")
@@ -906,8 +931,17 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
             close = difflib.get_close_matches(pool, list(pools), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             checker.add(app_entries["pool"].line, f"app '{name}' names unknown pool '{pool}'{hint}")
-        has_command = checker.require(values, app_entries, item, path, "command",
-                                      'an argv list, e.g. ["gunicorn", "app:app"]')
+        hosted = values.get("hosting_model") == "in_process"
+        if hosted:
+            has_command = _in_process_keys(checker, values, app_entries or {}, item, path,
+                                           pools.get(pool, PoolSettings()), top_user)
+        else:
+            for key in _IN_PROCESS_ONLY:
+                if app_entries and key in app_entries:
+                    checker.add(app_entries[key].line,
+                                f"{path}.{key} is for hosting_model: in_process")
+            has_command = checker.require(values, app_entries, item, path, "command",
+                                          'an argv list, e.g. ["gunicorn", "app:app"]')
         routable = app_entries is not None and all(
             key in values or key not in app_entries for key in ("hosts", "path"))
         hosts, url_path = values.pop("hosts", ()), values.pop("path", "/")
@@ -917,7 +951,7 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         routes.append(Route(app=name, hosts=hosts, path=url_path, websockets=websockets))
         if not has_command:
             continue
-        if checker.start and checker.files and app_entries is not None:
+        if checker.start and checker.files and app_entries is not None and not hosted:
             _check_program(checker, app_entries["command"].line, path, values["command"],
                            values.get("cwd"), dict(values.get("environment", ())),
                            pools.get(pool, PoolSettings()).environment)
@@ -931,7 +965,45 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         apps.append(AppSpec(name=name, pool=pool, settings=base.merged(own),
                             path_base="" if url_path == "/" else url_path,
                             https_port=https_port, **values))
+    _shared_environment(checker, apps, entries or {})
     return apps, routes
+
+
+def _in_process_keys(checker: _Checker, values: dict[str, Any], entries: dict[str, _Node],
+                     item: _Node, path: str, pool: PoolSettings, top_user: str | None) -> bool:
+    """The keys of an in-process app: ``app`` is required, and whatever needs a process
+    of the app's own is refused (FILE:LINE of the key). True when the app can be built."""
+    ok = checker.require(values, entries, item, path, "app",
+                         "a module:attribute to import, e.g. 'api.main:app'")
+    for key, why in _NOT_IN_PROCESS.items():
+        if key in entries:
+            checker.add(entries[key].line, f"{path}.{key} means nothing for hosting_model: "
+                        f"in_process ({why})")
+            ok = False
+    user = values.get("user", pool.user)
+    if user is not None and user != top_user:
+        line = entries["user"].line if "user" in entries else entries["hosting_model"].line
+        checker.add(line, f"{path}: an in_process app runs as the proxy workers' user "
+                    f"({top_user or 'the user Bastion runs as'}), not as user {user!r}")
+        ok = False
+    values.pop("command", None)
+    return ok
+
+
+def _shared_environment(checker: _Checker, apps: list[AppSpec], entries: dict[str, _Node]) -> None:
+    """In-process apps share the workers' process, so their environments must agree."""
+    seen: dict[str, tuple[str, str]] = {}  # variable -> (value, app)
+    for spec in apps:
+        if not spec.in_process:
+            continue
+        for name, value in spec.environment.items():
+            other = seen.setdefault(name, (value, spec.name))
+            if other[0] != value:
+                node = entries.get(spec.name)
+                checker.add(node.key_line if node is not None else 0,
+                            f"apps.{spec.name}: environment {name}={value!r} differs from "
+                            f"{other[0]!r} of app '{other[1]}'; in-process apps share one "
+                            "process, so they must agree")
 
 
 def _check_program(checker: _Checker, line: int, path: str, argv: tuple[str, ...],
@@ -1070,7 +1142,8 @@ def _build(checker: _Checker, root: _Node) -> Config:
     https_port = next((lis.port for lis in listeners if lis.tls is not None), None)
     offload: dict[str, Offload] = {}
     pools = _pools(checker, entries.get("pools"), offload)
-    apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
+    apps, routes = _apps(checker, entries["apps"], pools, https_port,
+                         values.get("user")) if "apps" in entries else ([], [])
     statics = _statics(checker, entries["static"], routes) if "static" in entries else []
     _check_node_health(checker, entries, values, listeners, apps)
     if checker.start and checker.files:

@@ -112,8 +112,11 @@ def worker_count(config: Config) -> int:
 
 
 def in_process(config: Config) -> bool:
-    """True when the proxy runs in the main process's own event loop."""
-    return worker_count(config) == 1 and not config.user
+    """True when the proxy runs in the main process's own event loop. Never with an
+    in-process app: it must run in worker processes, so that an app that crashes
+    costs one worker's requests, never the main process (docs/hosting-models.md)."""
+    return worker_count(config) == 1 and not config.user \
+        and not any(spec.in_process for spec in config.apps)
 
 
 ToModule = FromProxy  # what a worker sends: for the module, or the slot granter
@@ -211,6 +214,8 @@ class ProcessWorker(WorkerHandle):
         self.last_seen = time.monotonic()  # any frame from the worker: its loop runs
         self.stopping = False
         self.ready = False
+        # Told when the process is gone, ready or not (in-process apps count crashes).
+        self.on_gone: Callable[[int, int | None], None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
@@ -239,6 +244,7 @@ class ProcessWorker(WorkerHandle):
         note_own_child(pid)  # Bastion's own child, not an app's leftover (module.leftovers)
         exited = asyncio.ensure_future(self.proc.wait())
         exited.add_done_callback(lambda _: forget_own_child(pid))
+        exited.add_done_callback(lambda _: self._gone(pid))
         self.started_at = self.last_seen = time.monotonic()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         setup = WorkerSetup(self.config, self.worker_id, tuple(fds.items()),
@@ -280,6 +286,10 @@ class ProcessWorker(WorkerHandle):
                     self.metrics = json.loads(payload)
                 elif kind == channel.READY:
                     self._ready.set()
+
+    def _gone(self, pid: int) -> None:
+        if self.on_gone is not None and self.proc is not None:
+            self.on_gone(pid, None if self.stopping else self.proc.returncode)
 
     def _exited(self, _: asyncio.Future[int]) -> None:
         """A worker that was ready exited: replace it unless it was told to stop."""
@@ -334,6 +344,8 @@ class Bastion:
         # The generation's certificate bytes: every worker of it starts from these.
         self.pems: dict[str, bytes] = dict(pems) if pems is not None else pem_files(config)
         self.supervisor = Supervisor(config.apps)
+        self.supervisor.roll_workers = self.roll_workers  # recycling in-process apps
+        self._rolling: asyncio.Task[None] | None = None
         # max_concurrency / max_queue for the whole Bastion (proxy/slots.py)
         self.slots = SlotGranter(queue_limits(config.apps))
         self._handles: dict[int, WorkerHandle] = {}  # worker id -> handle, until retired
@@ -385,6 +397,7 @@ class Bastion:
         else:
             worker = ProcessWorker(self._next_id, config, self.sockets, self._to_module,
                                    self._replace, self.supervisor.snapshot, pems)
+            worker.on_gone = self.supervisor.worker_gone
         self._handles[worker.worker_id] = worker
         return worker
 
@@ -561,6 +574,35 @@ class Bastion:
             if isinstance(worker, ProcessWorker):
                 worker.kill()
         self.supervisor.kill_now()
+
+    # -- recycling in-process apps -----------------------------------------------------
+    def roll_workers(self, reason: str, pids: frozenset[int] | None = None) -> bool:
+        """Replace the worker processes (those with ``pids``, or all) one at a time:
+        a new one starts and is ready before an old one drains, so no request is lost
+        and the other workers serve meanwhile. What recycles an in-process app, which
+        lives in every worker. False when a roll is under way already."""
+        if self.stopping or (self._rolling is not None and not self._rolling.done()):
+            return False
+        self._rolling = asyncio.get_running_loop().create_task(self._roll(reason, pids))
+        return True
+
+    async def _roll(self, reason: str, pids: frozenset[int] | None) -> None:
+        old = [w for w in self.workers if isinstance(w, ProcessWorker) and w.proc is not None
+               and (pids is None or w.proc.pid in pids)]
+        log.info("replacing %d worker(s) one at a time: %s", len(old), reason)
+        for worker in old:
+            if self.stopping or self._reloading.locked():
+                return  # a stop or a reload replaces them anyway
+            if worker not in self.workers:
+                continue  # gone meanwhile (crashed, replaced)
+            try:
+                await self._start_one(self.config, self.pems)
+            except Exception as exc:  # noqa: BLE001 - the old worker keeps serving
+                log.error("recycle: a replacement worker failed to start: %s", exc)
+                return
+            self._forget(worker)
+            await worker.stop(self.grace())
+            self._retire(worker)
 
     # -- reload ---------------------------------------------------------------------
     def request_reload(self) -> None:

@@ -51,6 +51,7 @@ from ..config.model import Config, Listener
 from ..edge.accesslog import AccessLog
 from ..edge.buffers import BufferBudget
 from ..edge.endpoints import EndpointTable, queue_limits
+from ..edge.hosting.host import Host
 from ..edge.listeners import ListenerSet
 from ..edge.metrics import Metrics
 from ..edge.routing import Router
@@ -108,6 +109,7 @@ class ProxyWorker:
         self.worker_id = worker_id
         self.pems = pems  # the generation's certificate bytes (None: read the files)
         self.table = EndpointTable(send, queue_limits(config.apps), worker=worker_id)
+        self.host = Host(config.apps, self.table, send, worker_id)  # in-process apps
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.metrics = Metrics()
@@ -151,7 +153,7 @@ class ProxyWorker:
         sites = {
             listener.address: Site(
                 listener, self.config, router, self.table, self.pool, self.access_log,
-                self.metrics, buffers=self.buffers,
+                self.metrics, buffers=self.buffers, host=self.host if self.host else None,
             )
             for listener in self.config.listeners
         }
@@ -165,6 +167,7 @@ class ProxyWorker:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, finish requests in flight (up to ``grace``), close."""
         await self.listeners.stop(grace=self.grace() if grace is None else grace)
+        await self.host.stop()
         self.table.flush_reports()
         await self.pool.close()
         self.access_log.close()
@@ -174,6 +177,9 @@ class ProxyWorker:
         self.metrics.open_connections = self.listeners.open_connections()
         self.metrics.access_log_lost = self.access_log.lost_lines
         for spec in self.config.apps:
+            if spec.in_process:
+                self.metrics.set_load(spec.name, self.host.in_flight(spec.name), 0)
+                continue
             in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
             self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))
         self.metrics.set_buffers(self.buffers.used, self.buffers.peak, self.buffers.cap,
@@ -254,6 +260,7 @@ async def _worker_process(channel_fd: int) -> None:
         drop_privileges(config.user)
     for state in setup.states:
         worker.update(state)
+    await worker.host.start()  # in-process apps: imported as the workers' user
     await worker.start(sockets)
     writer.write(channel.frame(channel.READY))
     loop = asyncio.get_running_loop()

@@ -155,3 +155,10 @@ def _phrase(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+class AppFailed(ProxyError):
+    """500: an in-process app raised (or returned no answer) before its response began."""
+
+    status = 500
+    title = "Internal Server Error"

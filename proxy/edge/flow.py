@@ -122,12 +122,13 @@ class Request:
     """A client's request head as the flow needs it, whatever the protocol."""
 
     __slots__ = ("method", "target", "host", "path", "headers", "client_ip", "client_cert",
-                 "content_length", "has_body", "upgrade", "version", "trusted")
+                 "content_length", "has_body", "upgrade", "version", "trusted", "client_port")
 
     def __init__(self, method: str, target: str, host: str, path: str,
                  headers: list[tuple[bytes, bytes]], client_ip: str,
                  client_cert: str | None, content_length: int | None, has_body: bool,
-                 version: str, *, upgrade: bool = False, trusted: bool = False) -> None:
+                 version: str, *, upgrade: bool = False, trusted: bool = False,
+                 client_port: int = 0) -> None:
         self.method = method
         self.target = target  # origin-form, sent to the app as is
         self.host = host
@@ -140,6 +141,7 @@ class Request:
         self.version = version  # for the access log: "HTTP/1.1", "HTTP/2.0"
         self.upgrade = upgrade  # a WebSocket upgrade to tunnel
         self.trusted = trusted  # the client is a trusted proxy
+        self.client_port = client_port  # for an in-process app's scope (0: unknown)
 
     def log_entry(self) -> LogEntry:
         """The access log's view of this request."""
@@ -152,6 +154,25 @@ class Request:
                 agent = value.decode("latin-1")
         return LogEntry(self.client_ip, self.method, self.target, self.version, referer,
                         agent)
+
+
+class HostedCall(Protocol):
+    """A request being served by an in-process app (``proxy.edge.hosting``)."""
+
+    def feed(self, data: bytes) -> None:
+        """More of the request body."""
+
+    def feed_end(self) -> None:
+        """The request body is complete."""
+
+    def pause(self) -> None:
+        """The client cannot take more of the answer."""
+
+    def resume(self) -> None:
+        """The client can take more again."""
+
+    def close(self, abort: bool) -> None:
+        """The exchange is over (``abort``: cancel what the app still does for it)."""
 
 
 class Downstream(Protocol):
@@ -205,7 +226,7 @@ class Flow:
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
                  "refused", "_retry", "_offload", "_encoder", "_held_headers", "_prefetch",
                  "_buffering_request", "_request_charged", "_down_full", "_response_charged",
-                 "_static")
+                 "_static", "hosted")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -249,6 +270,7 @@ class Flow:
         self._down_full = False  # the client cannot take more now
         self._response_charged = 0  # bytes written to a full client, from the budget
         self._static: FileSender | None = None  # sending a static file's body
+        self.hosted: HostedCall | None = None  # served by an in-process app
 
     @property
     def done(self) -> bool:
@@ -277,6 +299,10 @@ class Flow:
         if limit and self._received > limit:
             self.feed_failed(BodyTooLarge())
             return
+        hosted = self.hosted
+        if hosted is not None:
+            hosted.feed(data)
+            return
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             if self._chunked:
@@ -301,6 +327,8 @@ class Flow:
         if self._body_end:
             return
         self._body_end = True
+        if self.hosted is not None:
+            self.hosted.feed_end()
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             conn.request_done(self._chunked)
@@ -343,6 +371,8 @@ class Flow:
             self._paused_up = True
             if self.conn is not None:
                 self.conn.pause_reading()
+            elif self.hosted is not None:
+                self.hosted.pause()
 
     def _hold_response(self, size: int) -> None:
         """``size`` bytes went to a client that cannot take them now: held within the
@@ -367,6 +397,8 @@ class Flow:
             self._paused_up = False
             if self.conn is not None:
                 self.conn.resume_reading()
+            elif self.hosted is not None:
+                self.hosted.resume()
 
     def expire(self) -> None:
         """The client side's timer fired at or after ``deadline``."""
@@ -431,6 +463,9 @@ class Flow:
             self._buffering_request = True
             self._prefetch = offload.buffering.request
             return
+        if spec.in_process:
+            self._route_hosted()
+            return
         lease = site.table.try_acquire(route.app)
         if lease is not None:
             self._leased(lease)
@@ -438,6 +473,55 @@ class Flow:
         self.state = _WAIT_LEASE
         self._task = asyncio.get_running_loop().create_task(
             self._acquire(spec.settings.startup_time_limit + WAIT_MARGIN))
+
+    # -- an in-process app (proxy.edge.hosting) --------------------------------------------
+    def _route_hosted(self) -> None:
+        host = self.site.host
+        assert host is not None
+        self.request.upgrade = False  # a WebSocket upgrade goes on as a plain request
+        error = host.refusal(self.app)
+        if error is not None:
+            raise error
+        loading = host.loading(self.app)
+        if loading is None:
+            self._call_hosted()
+            return
+        self.state = _WAIT_LEASE  # like waiting for an app process's start
+        self._task = asyncio.get_running_loop().create_task(self._await_load(loading))
+
+    async def _await_load(self, loading: asyncio.Future[bool]) -> None:
+        loaded = await asyncio.shield(loading)
+        self._task = None
+        if self.state == _DONE:
+            return
+        host = self.site.host
+        assert host is not None
+        error = host.refusal(self.app)
+        if error is None and not loaded:
+            error = host.failure(self.app)
+        if error is not None:
+            self.fail(error)
+            return
+        self._call_hosted()
+
+    def _call_hosted(self) -> None:
+        """Call the in-process app instead of connecting to an app process."""
+        host = self.site.host
+        assert host is not None
+        self.pid = host.pid
+        self.state = _SENT
+        self._sent_at = time.monotonic()
+        pending = self._pending
+        self._pending = []
+        self._pending_size = 0
+        self._release_request()  # the app holds the body now (bounded by BODY_HIGH)
+        self.hosted = host.call(self.app, self, pending, self._body_end)
+        self._resume_down()
+        self._set_deadline()
+
+    def hosted_failed(self, error: ProxyError) -> None:
+        """The in-process app failed: its error page before the head, a cut after it."""
+        self.fail(error)
 
     async def _acquire(self, wait_limit: float) -> None:
         try:
@@ -847,6 +931,10 @@ class Flow:
         if task is not None:
             self._task = None
             task.cancel()
+        hosted = self.hosted
+        if hosted is not None:
+            self.hosted = None
+            hosted.close(abort_upstream)
         conn = self.conn
         self.conn = None
         if conn is not None:

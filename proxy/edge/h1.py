@@ -95,6 +95,7 @@ class H1Connection(asyncio.Protocol):
         self.state = st.FRESH
         self.draining = False
         self.client_ip = "127.0.0.1"
+        self.client_port = 0
         self._client = client  # from a PROXY header: the client behind the balancer
         self._trusted = False
         self._client_cert: str | None = None
@@ -129,6 +130,7 @@ class H1Connection(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
                 self.client_ip = str(peer[0])
+                self.client_port = int(peer[1]) if len(peer) > 1 else 0
         self._trusted = self.site.trusted.contains(self.client_ip)
         if self.site.listener.tls is not None:
             ssl_object = transport.get_extra_info("ssl_object")
@@ -315,7 +317,8 @@ class H1Connection(asyncio.Protocol):
         request = Request(method, verdict.target, host, decoded_path(verdict.target), headers,
                           self.client_ip, self._client_cert, verdict.content_length,
                           has_body, f"HTTP/{version_text}",
-                          upgrade=is_upgrade(method, headers), trusted=self._trusted)
+                          upgrade=is_upgrade(method, headers), trusted=self._trusted,
+                          client_port=self.client_port)
         keep_alive = parser.should_keep_alive() and not request.upgrade
         incoming = _Incoming(request, keep_alive, version == (1, 0))
         if has_body and version == (1, 1):

@@ -334,6 +334,7 @@ class H2Protocol(asyncio.Protocol):
         self.control = Budget(CONTROL_BUDGET)
         self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
+        self.client_port = 0
         self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
@@ -352,6 +353,7 @@ class H2Protocol(asyncio.Protocol):
             self.client_ip = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
+            self.client_port = int(peer[1]) if len(peer) > 1 else 0
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             der = ssl_object.getpeercert(binary_form=True)
@@ -477,7 +479,8 @@ class H2Protocol(asyncio.Protocol):
         has_body = not ended and h1.content_length != 0
         request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
                           self.client_cert, h1.content_length if has_body else None,
-                          has_body, "HTTP/2.0", trusted=self._trusted)
+                          has_body, "HTTP/2.0", trusted=self._trusted,
+                          client_port=self.client_port)
         flow = Flow(self.site, request, stream)
         stream.flow = flow
         flow.start()

@@ -3,15 +3,16 @@
 A ``Site`` is made once per listener and worker generation. It holds nothing per
 request; the protocols (``proxy.edge.h1``, ``proxy.edge.h2server``) and the flows
 (``proxy.edge.flow``) read from it: the routes, the app specs by name, the endpoint
-table, the upstream pool, the headers every answer carries (``Server``, HSTS), the
-error pages, the access log and metrics a finished request goes to, each app's
-buffering and compression settings and the worker's buffer budget.
+table, the upstream pool, the in-process apps (``host``), the headers every answer
+carries (``Server``, HSTS), the error pages, the access log and metrics a finished
+request goes to, each app's buffering and compression settings and the worker's buffer
+budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.module.spec import AppSpec
 
@@ -25,6 +26,9 @@ from .metrics import Metrics
 from .routing import Router
 from .trust import TrustedProxies
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .hosting.host import Host
 
 WAIT_MARGIN = 5.0
 
@@ -49,7 +53,8 @@ class Site:
 
     def __init__(self, listener: Listener, config: Config, router: Router,
                  table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
-                 metrics: Metrics | None = None, buffers: BufferBudget | None = None) -> None:
+                 metrics: Metrics | None = None, buffers: BufferBudget | None = None,
+                 host: Host | None = None) -> None:
         self.listener = listener
         self.config = config
         self.limits = config.limits
@@ -58,6 +63,7 @@ class Site:
         self.pool = pool
         self.access_log = access_log
         self.metrics = metrics
+        self.host = host  # the worker's in-process apps (proxy.edge.hosting)
         self.scheme = "https" if listener.tls is not None else "http"
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
