@@ -112,6 +112,11 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
+        if proto.site.node.draining:
+            # The node drains: GOAWAY before this answer, so the client knows before the
+            # answer ends that its next request needs a new connection (through the
+            # balancer, to another node); this stream is still served.
+            proto.goaway()
         fields = [(n.decode("latin-1"), v.decode("latin-1"))
                   for n, v in (*headers, *proto.site.response_headers)]
         if bodyless and proto.request_method(self) != "HEAD":
@@ -210,7 +215,7 @@ class _Stream:
 class H2NativeProtocol(asyncio.Protocol):
     """One HTTP/2 connection from a client, on the native engine."""
 
-    def __init__(self, server: H2NativeServer, client: str | None = None) -> None:
+    def __init__(self, server: H2NativeServer, client: tuple[str, int] | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -241,7 +246,7 @@ class H2NativeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if self._client is not None:
-            self.client_ip = self._client
+            self.client_ip, self.client_port = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
             self.client_port = int(peer[1]) if len(peer) > 1 else 0
@@ -525,7 +530,7 @@ class H2NativeServer:
         self.connections = connections
         self.open: set[H2NativeProtocol] = set()
 
-    def __call__(self, client: str | None = None) -> H2NativeProtocol:
+    def __call__(self, client: tuple[str, int] | None = None) -> H2NativeProtocol:
         return H2NativeProtocol(self, client)
 
     def goaway_all(self) -> None:
