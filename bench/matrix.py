@@ -40,6 +40,12 @@ CELLS: dict[str, dict[str, Any]] = {
     "h2": {"label": "HTTP/2 over TLS (h2load -c10 -m10)", "targets": TARGETS[1:]},
     "c1": {"label": "one connection (wrk -t1 -c1)", "targets": TARGETS},
     "stream": {"label": "1 GiB download (curl, HTTP/1.1)", "targets": TARGETS},
+    # Opt-in (CELLS="static static-big"): the same files served by nginx and by Bastion's
+    # static locations (run.sh: /files/ on both), no app involved.
+    "static": {"label": "static 1 KiB file, keep-alive (wrk -t2 -c32)", "targets": TARGETS[1:],
+               "optin": True},
+    "static-big": {"label": "static 1 GiB file (curl, HTTP/1.1)", "targets": TARGETS[1:],
+                   "optin": True},
 }
 
 
@@ -345,7 +351,8 @@ def cmd_run(setup_file: str, out: str) -> None:
     runs, seconds, warmup = int(setup["runs"]), float(setup["duration"]), float(setup["warmup"])
     size = int(setup["stream_size"])
     targets = setup["targets"]
-    only = set(str(setup.get("cells") or "").split()) or set(CELLS)
+    only = set(str(setup.get("cells") or "").split()) or {
+        cell for cell, spec in CELLS.items() if not spec.get("optin")}
     results: dict[str, Any] = {"setup": setup, "cells": {}, "started": time.time()}
     results["load_before"] = os.getloadavg()
 
@@ -382,6 +389,16 @@ def cmd_run(setup_file: str, out: str) -> None:
                 r = wrk(t["http"], seconds, 1, 1)
         elif cell == "stream":
             url = t["http"].rstrip("/") + f"/big?size={size}"
+            with Sampler(kind, t["pid"], app_pid) as s:
+                r = curl_stream(url, float(setup["stream_timeout"]))
+        elif cell == "static":
+            url = t["http"].rstrip("/") + "/files/1k.bin"
+            if warm:
+                wrk(url, warmup, 2, 32)
+            with Sampler(kind, t["pid"], app_pid) as s:
+                r = wrk(url, seconds, 2, 32)
+        elif cell == "static-big":
+            url = t["http"].rstrip("/") + "/files/big.bin"
             with Sampler(kind, t["pid"], app_pid) as s:
                 r = curl_stream(url, float(setup["stream_timeout"]))
         else:
@@ -497,6 +514,14 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         ("proxy CPU µs/request, HTTP/2", "h2", "cpu_us_per_req", 1, 1, False),
         ("proxy peak RSS MiB (any load cell)", "*", "rss_peak", 1 / 1048576, 1, False),
     ]
+    if "static" in cells:
+        rows += [("static 1 KiB file req/s", "static", "rps", 1, 0, True),
+                 ("static 1 KiB file p99 ms", "static", "p99_us", 1e-3, 2, False),
+                 ("proxy CPU µs/request, static 1 KiB", "static", "cpu_us_per_req", 1, 1, False)]
+    if "static-big" in cells:
+        rows += [("static file stream MB/s", "static-big", "mb_s", 1, 0, True),
+                 ("static file stream: RSS growth MiB", "static-big", "rss_growth", 1 / 1048576,
+                  1, False)]
     for cell in cells.values():
         for runs in cell.values():
             for r in runs:
@@ -586,6 +611,18 @@ def cmd_report(out: str, doc: str, png: str) -> None:
     t.append(("on-demand first request: < 30 ms beyond the app's own start", f"{_fmt(ov, 1)} ms", cmp(ov, "<", 30)))
     ov = crash["bauto"] - app_start if crash["bauto"] is not None and app_start is not None else None
     t.append(("crash → next served request < 50 ms beyond the app's own start", f"{_fmt(ov, 1)} ms beyond", cmp(ov, "<", 50)))
+    if "static" in cells:
+        r = ratio("static", "rps")
+        t.append(("static 1 KiB files, keep-alive: req/s ≥ 0.5× nginx's (workers=auto)", _pct(r),
+                  cmp(r, ">=", 0.5)))
+    if "static-big" in cells:
+        r = ratio("static-big", "mb_s")
+        t.append(("static 1 GiB file over plain HTTP ≥ 0.9× nginx's rate (workers=auto)",
+                  f"{r:.3f}×" if r else "–", cmp(r, ">=", 0.9)))
+        grow = med("static-big", "bauto", "rss_growth")
+        g = grow / 1048576 if grow is not None else None
+        t.append(("… with Bastion's RSS flat (growing < 32 MB)", f"{_fmt(g, 1)} MiB",
+                  cmp(g, "<", 32 * 1e6 / 1048576)))
     targets = ["| target (Bastion workers=auto vs nginx) | measured | |", "|---|---:|---|"]
     targets += [f"| {a} | {b} | {check(c)} |" for a, b, c in t]
 

@@ -5,6 +5,7 @@
 #   QUICK=1 bench/run.sh            # RUNS=1 DURATION=2, 64 MiB stream: about 2 minutes, a smoke test
 #   RUNS=5 DURATION=10 bench/run.sh
 #   CELLS="http h2" bench/run.sh    # only some load cells (http tls handshake h2 c1 stream)
+#   CELLS="static static-big" bench/run.sh  # static files, nginx vs Bastion (opt-in cells)
 #   NO_DOC=1 bench/run.sh           # write bench/results/latest.{md,png}, not docs/performance.*
 #
 # Targets: the app directly (bench/app.py), nginx -> app, Bastion workers=1 -> app and
@@ -148,6 +149,15 @@ done
 
 "$PY" "$HERE/measure.py" cert "$WORK/tls"
 
+# --- static files (served at /files/ by nginx and by Bastion's static location) -----------
+mkdir -p "$WORK/files"
+head -c 1024 /dev/urandom >"$WORK/files/1k.bin"
+if [[ " ${CELLS:-} " == *" static-big "* ]]; then
+    log "writing a ${STATIC_SIZE:=$STREAM_SIZE}-byte file for the static-big cell"
+    head -c "$STATIC_SIZE" /dev/zero >"$WORK/files/big.bin"
+fi
+chmod -R a+rX "$WORK/files"
+
 # --- the upstream app ---------------------------------------------------------------------
 log "starting the upstream app on 127.0.0.1:$APP_PORT"
 "$PY" "$HERE/app.py" --port "$APP_PORT" >"$WORK/app.log" 2>&1 &
@@ -182,6 +192,7 @@ http {
     uwsgi_temp_path $WORK/nginx/uwsgi;
     scgi_temp_path $WORK/nginx/scgi;
     keepalive_timeout 75s;
+    sendfile on;
     keepalive_requests 100000;
     upstream app {
         server 127.0.0.1:$APP_PORT;
@@ -195,6 +206,9 @@ http {
         ssl_certificate $WORK/tls/cert.pem;
         ssl_certificate_key $WORK/tls/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
+        location /files/ {
+            alias $WORK/files/;
+        }
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -232,6 +246,10 @@ listen:
 admin_socket: "$WORK/$name-admin.sock"
 access_log: null
 workers: $workers
+static:
+  files:
+    path: /files
+    root: "$WORK/files"
 apps:
   hello:
     command: ["$PY", "$HERE/app.py", "--port", "{port}"]

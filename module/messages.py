@@ -12,7 +12,9 @@ Workers talk back with ``NeedApp`` ("a request wants app X and no endpoint is re
 ``EndpointFailed`` ("I could not reach process P of app X"), ``RequestTimedOut`` ("process
 P of app X did not answer within request_timeout") and ``UsageReport`` (requests served
 and in flight per process, sent when they change, at most a few times a second). All are
-hints; the module decides what to do.
+hints; the module decides what to do. For an in-process app (called inside the workers,
+no process of its own) a worker also sends ``HostedReport`` (it imported the app, or
+failed to, with the traceback).
 
 Request slots (``SlotWanted`` / ``SlotGranted`` / ``SlotRefused`` / ``SlotFreed``) are
 the one exchange that is not for the module: the main process's slot granter
@@ -221,7 +223,30 @@ class SlotFreed:
                 "ticket": self.ticket}
 
 
-ToModule = NeedApp | EndpointFailed | RequestTimedOut | UsageReport
+@dataclass(frozen=True)
+class HostedReport:
+    """Proxy -> module: what worker ``worker`` (process ``pid``) made of an in-process app.
+
+    ``status`` is ``loaded`` (imported, lifespan started) or ``failed`` (``reason`` short,
+    ``detail`` the traceback). A failed load counts in the app's rapid-fail window like
+    a failed start of an app process; the module publishes the outcome as ``AppState``.
+    """
+
+    app: str
+    worker: int
+    pid: int
+    status: Literal["loaded", "failed"]
+    reason: str = ""
+    detail: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        data = asdict(self)
+        data["kind"] = "hosted"
+        return data
+
+
+ToModule = NeedApp | EndpointFailed | RequestTimedOut | UsageReport | HostedReport
 FromProxy = ToModule | SlotWanted | SlotFreed  # everything a proxy worker sends
 ToProxy = AppState | SlotGranted | SlotRefused  # everything a proxy worker is told
 Message = FromProxy | ToProxy
@@ -251,6 +276,10 @@ def from_wire(data: dict[str, Any]) -> Message:
         return EndpointFailed(app=data["app"], pid=data["pid"], error=data.get("error", ""))
     if kind == "timeout":
         return RequestTimedOut(app=data["app"], pid=data["pid"])
+    if kind == "hosted":
+        return HostedReport(app=data["app"], worker=data["worker"], pid=data["pid"],
+                            status=data["status"], reason=data.get("reason", ""),
+                            detail=data.get("detail", ""))
     if kind == "usage":
         return UsageReport(
             app=data["app"],

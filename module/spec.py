@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 StartMode = Literal["on_demand", "always"]
 Transport = Literal["tcp", "unix"]
+HostingModel = Literal["out_of_process", "in_process"]
+Interface = Literal["asgi", "wsgi"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class AppSpec:
     """Everything the module needs to run one app's processes."""
 
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...] = ()  # the argv of an out-of-process app
     pool: str = "default"
     settings: PoolSettings = field(default_factory=PoolSettings)
     cwd: str | None = None
@@ -82,6 +84,17 @@ class AppSpec:
     stdout_log: str | None = None
     transport: Transport = "tcp"
     https_port: int | None = None  # handed over as BASTION_HTTPS_PORT when set
+    # In-process hosting (docs/hosting-models.md): the app is called inside Bastion's
+    # own proxy workers instead of being a process of its own; ``command`` is then ().
+    hosting_model: HostingModel = "out_of_process"
+    app: str | None = None  # "package.module:attribute", imported in every worker
+    interface: Interface = "asgi"
+    threads: int = 16  # wsgi only: the thread pool calling the app, per worker
+
+    @property
+    def in_process(self) -> bool:
+        """The app is called inside the proxy workers (no process of its own)."""
+        return self.hosting_model == "in_process"
 
     @property
     def environment(self) -> dict[str, str]:

@@ -36,6 +36,7 @@ import psutil
 from .cgroups import CgroupRoot
 from .controller import AppController
 from .errors import UnknownApp
+from .hosted import HostedController
 from .keeper import Keeper
 from .leftovers import (
     Orphans,
@@ -48,13 +49,17 @@ from .leftovers import (
     scan_strays,
     session_of,
 )
-from .messages import AppState, NeedApp, RequestTimedOut, ToModule, UsageReport
+from .messages import AppState, HostedReport, NeedApp, RequestTimedOut, ToModule, UsageReport
 from .periodic import Guard, every
 from .spec import AppSpec
 
 log = logging.getLogger("bastion.module")
 
 Subscriber = Callable[[AppState], None]
+Controller = AppController | HostedController
+# How the host replaces its worker processes one at a time (reason, pids or None: all);
+# False when it cannot now. Recycling an in-process app is that.
+Roll = Callable[[str, frozenset[int] | None], bool]
 TICK = 0.5
 
 
@@ -70,9 +75,16 @@ class Supervisor:
         self._seen_strays: dict[int, float] = {}  # pid -> creation time, last tick
         self._unattributed: dict[int, float] = {}  # strays of no known app: killed at stop
         self.started_at = time.time()
-        self.apps: dict[str, AppController] = {
-            spec.name: AppController(spec, self._keeper, self._broadcast) for spec in specs
-        }
+        self.roll_workers: Roll | None = None  # set by the host (proxy.control.main)
+        self.apps: dict[str, Controller] = {spec.name: self._controller(spec) for spec in specs}
+
+    def _controller(self, spec: AppSpec) -> Controller:
+        if spec.in_process:
+            return HostedController(spec, self._broadcast, self._roll)
+        return AppController(spec, self._keeper, self._broadcast)
+
+    def _roll(self, reason: str, pids: frozenset[int] | None) -> bool:
+        return self.roll_workers is not None and self.roll_workers(reason, pids)
 
     # -- the message interface ------------------------------------------------------
     def subscribe(self, callback: Subscriber) -> list[AppState]:
@@ -92,7 +104,10 @@ class Supervisor:
     def handle(self, message: ToModule) -> None:
         """Act on a message from a proxy worker."""
         app = self.app(message.app)
-        if isinstance(message, NeedApp):
+        if isinstance(message, HostedReport):
+            if isinstance(app, HostedController):
+                app.hosted(message)
+        elif isinstance(message, NeedApp):
             app.need()
         elif isinstance(message, UsageReport):
             app.usage(message)
@@ -108,7 +123,16 @@ class Supervisor:
             except Exception:  # a broken subscriber must not stop the module
                 log.exception("state subscriber failed")
 
-    def app(self, name: str) -> AppController:
+    def worker_gone(self, pid: int, returncode: int | None) -> None:
+        """A proxy worker process exited (``returncode`` None: it was told to stop).
+        A crash counts for the in-process apps it was loading or serving requests for
+        (for every in-process app when it was doing neither)."""
+        hosted = [a for a in self.apps.values() if isinstance(a, HostedController)]
+        culprits = {a.spec.name for a in hosted if a.culprit(pid)}
+        for app in hosted:
+            app.worker_gone(pid, returncode, not culprits or app.spec.name in culprits)
+
+    def app(self, name: str) -> Controller:
         """The controller of app ``name`` (``UnknownApp`` when there is none)."""
         app = self.apps.get(name)
         if app is None:
@@ -255,8 +279,12 @@ class Supervisor:
             asyncio.ensure_future(removed.stop())
         for name, spec in new.items():
             existing = self.apps.get(name)
+            if existing is not None and existing.spec.in_process != spec.in_process:
+                log.info("app %s changes its hosting model: replaced", name)
+                asyncio.ensure_future(existing.stop())
+                existing = None
             if existing is None:
-                added = self.apps[name] = AppController(spec, self._keeper, self._broadcast)
+                added = self.apps[name] = self._controller(spec)
                 self._broadcast(added.snapshot())
                 if spec.settings.start_mode == "always":
                     added.need()

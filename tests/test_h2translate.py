@@ -68,6 +68,10 @@ def test_ipv6_authority() -> None:
     assert request_from_h2(base).authority == "[::1]:443"
 
 
+def test_tab_inside_a_value_is_allowed() -> None:
+    assert ("x", "a\tb") in request_from_h2(req(("x", "a\tb"))).headers
+
+
 def test_te_trailers_allowed() -> None:
     assert ("te", "trailers") in request_from_h2(req(("te", "trailers"))).headers
 
@@ -118,6 +122,9 @@ MALFORMED = {
     "value with CR": req(("x", "a\rb")),
     "value with LF": req(("x", "a\nb")),
     "value with NUL": req(("x", "a\x00b")),
+    "value with SOH": req(("x", "a\x01b")),
+    "value with ESC": req(("x", "a\x1bb")),
+    "value with DEL": req(("x", "a\x7fb")),
     "value leading space": req(("x", " a")),
     "host differs": req(("host", "other.example")),
     "two hosts": _swap(":authority", None) + [("host", "a"), ("host", "a")],

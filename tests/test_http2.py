@@ -1,5 +1,6 @@
 """HTTP/2 at the edge: a real Bastion over TLS (trustme), clients built on ``h2`` and raw
-``hyperframe`` frames, curl and nghttp.
+``hyperframe`` frames, curl and nghttp; every test runs against both HTTP/2 engines
+(``ng2``, libnghttp2, and ``h2``, the fallback: ``BASTION_H2_ENGINE=h2``).
 
 Well-formed traffic: GET, POST with a body, many concurrent streams, a large download
 under flow control, error pages, HTTP/1.1 still served on the same listener. Then more
@@ -11,6 +12,7 @@ show the proxy still serves.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import signal
@@ -209,6 +211,22 @@ class RawClient:
 
 # -- the server ------------------------------------------------------------------------
 
+ENGINES = ["ng2", "h2"]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """The HTTP/2 engine under test (the native one skips when it is not built)."""
+    name: str = request.param
+    if name == "ng2" and importlib.util.find_spec("bastion.proxy.edge._ng2") is None:
+        pytest.skip("the native HTTP/2 engine is not built here (no compiler or "
+                    "libnghttp2-dev at set-up)")
+    return name
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    return {"BASTION_H2_ENGINE": engine}
+
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
@@ -216,8 +234,9 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture(scope="module")
-def bastion(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionProcess]:
-    tmp = tmp_path_factory.mktemp("h2")
+def bastion(engine: str, ca: trustme.CA,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionProcess]:
+    tmp = tmp_path_factory.mktemp(f"h2-{engine}")
     tls = {**tls_config(ca, tmp / "tls"), "hsts": 600}
     config = {
         "listen": [{"address": f"127.0.0.1:{free_port()}", "tls": tls}],
@@ -225,12 +244,16 @@ def bastion(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                           "hosts": ["127.0.0.1", "localhost"]}},
         "limits": {"header_timeout": HEADER_TIMEOUT, "max_header_size": "16k"},
     }
-    with BastionProcess(tmp, config, tls_ca=ca) as proc:
+    with BastionProcess(tmp, config, env=engine_env(engine), tls_ca=ca) as proc:
         proc.ca_file = ca_pem_path(ca, tmp)  # type: ignore[attr-defined]
         client = H2Client(proc.port(), ca)
         assert client.get("/info")["status"] == 200  # the app is started
         client.close()
         yield proc
+
+
+def test_engine_in_use(bastion: BastionProcess, engine: str) -> None:
+    assert f"HTTP/2 engine: {engine} (" in bastion.log()
 
 
 @pytest.fixture
@@ -253,7 +276,7 @@ def still_serves(bastion: BastionProcess, ca: trustme.CA) -> None:
 
 def test_get(h2c: H2Client, bastion: BastionProcess) -> None:
     resp = h2c.get("/info?x=1", headers=[("cookie", "a=1"), ("cookie", "b=2"),
-                                         ("user-agent", "h2-test")])
+                                         ("user-agent", "h2-test"), ("x-tab", "a\tb")])
     assert resp["status"] == 200
     heads = dict(resp["headers"])
     assert heads[b"strict-transport-security"] == b"max-age=600"
@@ -265,6 +288,7 @@ def test_get(h2c: H2Client, bastion: BastionProcess) -> None:
     assert seen["scheme"] == "https"
     assert got["host"] == f"127.0.0.1:{bastion.port()}"
     assert got["cookie"] == "a=1; b=2"
+    assert got["x-tab"] == "a\tb"  # HTAB is the one control allowed in a value
     assert got["x-forwarded-proto"] == "https"
     assert "x-bastion-token" not in got
 
@@ -416,6 +440,8 @@ BAD_HEADERS: dict[str, list[tuple[str, str]]] = {
     "connect": fields(method="CONNECT"),
     "host differs": [*BASE, ("host", "other.example")],
     "value with newline": [*BASE, ("x-a", "a\nb")],
+    "value with a control character": [*BASE, ("x-a", "a\x01b")],
+    "value with DEL": [*BASE, ("x-a", "a\x7fb")],
     "method not a token": fields(method="G(E)T"),
 }
 
@@ -685,12 +711,12 @@ def test_client_reset_mid_download_frees_the_stream(h2c: H2Client) -> None:
 # -- graceful stop ---------------------------------------------------------------------------
 
 
-def test_goaway_on_graceful_stop(ca: trustme.CA, tmp_path: Path) -> None:
+def test_goaway_on_graceful_stop(engine: str, ca: trustme.CA, tmp_path: Path) -> None:
     config = {
         "listen": [{"address": f"127.0.0.1:{free_port()}", "tls": tls_config(ca, tmp_path)}],
         "apps": {"echo": {"command": app_command("uvicorn", "echo_asgi:app")}},
     }
-    proc = BastionProcess(tmp_path, config, tls_ca=ca).start()
+    proc = BastionProcess(tmp_path, config, env=engine_env(engine), tls_ca=ca).start()
     try:
         client = H2Client(proc.port(), ca)
         assert client.get("/info")["status"] == 200  # the app is up

@@ -14,7 +14,7 @@ import yaml
 
 from bastion.module.spec import AppSpec, PoolSettings
 
-from .model import Config, Listener
+from .model import Config, Listener, Offload, StaticLocation
 
 
 def _settings(settings: PoolSettings) -> dict[str, Any]:
@@ -23,8 +23,16 @@ def _settings(settings: PoolSettings) -> dict[str, Any]:
     return values
 
 
+def _offload(config: Config, pool: str) -> dict[str, Any]:
+    offload = config.offload.get(pool) or Offload()
+    compression = asdict(offload.compression)
+    compression["types"] = list(offload.compression.types)
+    return {"buffering": asdict(offload.buffering), "compression": compression}
+
+
 def _listener(listener: Listener) -> dict[str, Any]:
-    entry: dict[str, Any] = {"address": listener.address}
+    entry: dict[str, Any] = {"address": listener.address,
+                             "proxy_protocol": listener.proxy_protocol}
     if listener.tls is None:
         entry["redirect_https"] = listener.redirect_https
         return entry
@@ -42,16 +50,44 @@ def _listener(listener: Listener) -> dict[str, Any]:
 
 def _app(config: Config, spec: AppSpec) -> dict[str, Any]:
     route = next(r for r in config.routes if r.app == spec.name)
+    if spec.in_process:  # no process of its own: only the keys that mean something
+        settings = _settings(spec.settings)
+        del settings["processes_per_app"]
+        return {
+            "pool": spec.pool,
+            "hosts": list(route.hosts),
+            "path": route.path,
+            "hosting_model": spec.hosting_model,
+            "app": spec.app,
+            "interface": spec.interface,
+            "threads": spec.threads,
+            "cwd": spec.cwd,
+            "websockets": route.websockets,
+            **settings,
+        }
     return {
         "pool": spec.pool,
         "hosts": list(route.hosts),
         "path": route.path,
+        "hosting_model": spec.hosting_model,
         "command": list(spec.command),
         "cwd": spec.cwd,
         "stdout_log": spec.stdout_log,
         "transport": spec.transport,
         "websockets": route.websockets,
         **_settings(spec.settings),
+    }
+
+
+def _static(location: StaticLocation) -> dict[str, Any]:
+    return {
+        "hosts": list(location.hosts),
+        "path": location.path,
+        "root": location.root,
+        "index": location.index,
+        "precompressed": location.precompressed,
+        "cache_control": location.cache_control,
+        "internal": location.internal,
     }
 
 
@@ -68,8 +104,12 @@ def effective(config: Config) -> dict[str, Any]:
         "detailed_errors": config.detailed_errors,
         "metrics_listen": config.metrics_listen,
         "limits": asdict(config.limits),
-        "pools": {name: _settings(pool) for name, pool in config.pools.items()},
+        "health": {"path": config.health.path, "drain_delay": config.health.drain_delay,
+                   "require_apps": list(config.health.require_apps)},
+        "pools": {name: {**_settings(pool), **_offload(config, name)}
+                  for name, pool in config.pools.items()},
         "apps": {spec.name: _app(config, spec) for spec in config.apps},
+        "static": {location.name: _static(location) for location in config.statics},
     }
 
 

@@ -27,7 +27,9 @@ starting with ``x-`` are ignored, so they can hold anchors for merge keys.
 
 An app's settings are its pool's, with the app's own pool keys replacing them; the
 exceptions are ``environment``, ``recycle`` and ``health_check``, which are merged key by
-key (``health_check: null`` on an app turns its pool's check off).
+key (``health_check: null`` on an app turns its pool's check off). A pool's ``buffering``
+and ``compression`` are the edge's, not the module's: they go to ``Config.offload`` by
+pool name, and its apps share them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,19 @@ from bastion.module.spec import (
     RecycleSettings,
 )
 
-from .model import CertificatePair, Config, Limits, Listener, Route, TLSSettings
+from .model import (
+    Buffering,
+    CertificatePair,
+    Compression,
+    Config,
+    HealthSettings,
+    Limits,
+    Listener,
+    Offload,
+    Route,
+    StaticLocation,
+    TLSSettings,
+)
 from .units import _show, parse_duration, parse_size
 
 
@@ -428,6 +442,18 @@ def _section(rules: dict[str, Rule]) -> Rule:
     return rule
 
 
+_IMPORT_STRING = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _import_string(value: object) -> str:
+    """``package.module:attribute`` (the attribute may be dotted, as uvicorn allows)."""
+    text = _text(value)
+    if not _IMPORT_STRING.fullmatch(text):
+        raise ValueError(f"must be 'package.module:attribute', e.g. 'api.main:app', not {text!r}")
+    return text
+
+
 def _command(checker: _Checker, node: _Node, path: str) -> Any:
     if isinstance(node.value, str):
         try:
@@ -517,6 +543,29 @@ def _health_check(checker: _Checker, node: _Node, path: str) -> Any:
     return _BAD
 
 
+def _node_health_path(value: object) -> str | None:
+    """``health.path``: an absolute path without a query, or null (not answered)."""
+    if value is None:
+        return None
+    path = _request_path(value)
+    if "?" in path:
+        raise ValueError(f"must be a path without a query, not {_show(value)}")
+    return path
+
+
+def _app_names(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, "[shop, api]")
+    if items is None:
+        return _BAD
+    names = []
+    for item in items:
+        if isinstance(item.value, str) and item.value:
+            names.append(item.value)
+        else:
+            checker.add(item.line, f"{path}: {_show(item.value)} is not an app name")
+    return tuple(names)
+
+
 def _hsts(value: object) -> int | None:
     return None if value is None else int(parse_duration(value))
 
@@ -598,6 +647,7 @@ _LIMIT_RULES: Final[dict[str, Rule]] = {
     "body_timeout": _scalar(_positive_duration),
     "keepalive_timeout": _scalar(parse_duration),
     "max_connections": _scalar(_integer(1)),
+    "buffer_memory": _scalar(parse_size),
 }
 _RECYCLE_RULES: Final[dict[str, Rule]] = {
     "max_age": _scalar(parse_duration),
@@ -628,6 +678,81 @@ _POOL_RULES: Final[dict[str, Rule]] = {
 if set(_POOL_RULES) != POOL_SETTING_NAMES:  # keep the table in step with module.spec
     raise RuntimeError(f"_POOL_RULES differs from PoolSettings: {set(_POOL_RULES) ^ POOL_SETTING_NAMES}")
 
+
+
+def _level(low: int, high: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
+        raise ValueError(f"must be an integer from {low} to {high}, not {_show(value)}")
+
+    return convert
+
+
+_MEDIA_TYPE = re.compile(r"(\*/\*|[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*))")
+
+
+def _media_types(checker: _Checker, node: _Node, path: str) -> Any:
+    items = checker.sequence(node, path, '["text/*", "application/json"]')
+    if items is None:
+        return _BAD
+    types: list[str] = []
+    for item in items:
+        value = item.value.strip().lower() if isinstance(item.value, str) else None
+        if value is None or not _MEDIA_TYPE.fullmatch(value):
+            checker.add(item.line, f"{path}: {_show(item.value)} is not a media type such as "
+                        "text/html or text/*")
+        elif value not in types:
+            types.append(value)
+    return tuple(types)
+
+
+_BUFFERING_RULES: Final[dict[str, Rule]] = {
+    "request": _scalar(parse_size),
+    "response": _scalar(parse_size),
+}
+_COMPRESSION_RULES: Final[dict[str, Rule]] = {
+    "enabled": _scalar(_boolean),
+    "min_size": _scalar(parse_size),
+    "types": _media_types,
+    "level": _scalar(_level(1, 9)),
+    "brotli_level": _scalar(_level(0, 11)),
+}
+
+
+def _switch_or_section(rules: dict[str, Rule], example: str) -> Rule:
+    """``off``/``false`` (``{"enabled": False}``), ``on``/``true`` (the defaults) or a
+    mapping checked by ``rules``."""
+
+    def rule(checker: _Checker, node: _Node, path: str) -> Any:
+        value = node.value
+        if isinstance(value, str) and value.strip().lower() in ("off", "on"):
+            value = value.strip().lower() == "on"
+        if isinstance(value, bool):
+            return {} if value else {"enabled": False}
+        if isinstance(value, dict):
+            return checker.fields(node, path, rules)
+        return checker.add(node.line, f"{path} must be off, on or a mapping such as "
+                           f"{example}, not {_show(value)}")
+
+    return rule
+
+
+_OFFLOAD_RULES: Final[dict[str, Rule]] = {
+    "buffering": _switch_or_section(_BUFFERING_RULES, "{request: 64k, response: 1m}"),
+    "compression": _switch_or_section(_COMPRESSION_RULES, "{min_size: 1k, level: 4}"),
+}
+
+
+def _offload(values: dict[str, Any]) -> Offload:
+    """The ``Offload`` of a pool from its checked ``buffering`` / ``compression`` keys."""
+    buffering = dict(values.get("buffering", {}))
+    if buffering.pop("enabled", True) is False:
+        buffering = {"request": 0, "response": 0}
+    return Offload(buffering=Buffering(**buffering),
+                   compression=Compression(**values.get("compression", {})))
+
+
 _APP_RULES: Final[dict[str, Rule]] = {
     **_POOL_RULES,
     "pool": _scalar(_text),
@@ -638,6 +763,23 @@ _APP_RULES: Final[dict[str, Rule]] = {
     "stdout_log": _path_rule(optional=True),
     "transport": _scalar(_choice("tcp", "unix")),
     "websockets": _scalar(_boolean),
+    "hosting_model": _scalar(_choice("out_of_process", "in_process")),
+    "app": _scalar(_import_string),
+    "interface": _scalar(_choice("asgi", "wsgi")),
+    "threads": _scalar(_integer(1)),
+}
+# What an in-process app cannot use: it has no process of its own.
+_NOT_IN_PROCESS: Final[dict[str, str]] = {
+    "command": "the app is imported from `app` instead",
+    "processes_per_app": "it runs in every proxy worker: see workers",
+    "transport": "there is no connection to the app",
+    "stdout_log": "it writes to Bastion's own output",
+}
+_IN_PROCESS_ONLY: Final[tuple[str, ...]] = ("app", "interface", "threads")
+_NODE_HEALTH_RULES: Final[dict[str, Rule]] = {
+    "path": _scalar(_node_health_path),
+    "drain_delay": _scalar(parse_duration),
+    "require_apps": _app_names,
 }
 _TOP_RULES: Final[dict[str, Rule]] = {
     "user": _user_rule,
@@ -650,6 +792,7 @@ _TOP_RULES: Final[dict[str, Rule]] = {
     "detailed_errors": _scalar(_boolean),
     "limits": _section(_LIMIT_RULES),
     "metrics_listen": _scalar(_metrics_address),
+    "health": _section(_NODE_HEALTH_RULES),
 }
 _CERT_RULES: Final[dict[str, Rule]] = {
     "cert": _existing_file("certificate"),
@@ -666,8 +809,50 @@ _LISTEN_RULES: Final[dict[str, Rule]] = {
     "redirect_https": _scalar(_boolean),
     "tls": _tls,
     "http2": _scalar(_boolean),
+    "proxy_protocol": _scalar(_boolean),
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _static_root(checker: _Checker, node: _Node, path: str) -> Any:
+    """The directory a static location serves: absolute, its symbolic links resolved."""
+    name = _path_rule(optional=False)(checker, node, path)
+    if name is _BAD or not checker.files:
+        return name
+    if not os.path.exists(name):
+        return checker.add(node.line, f"{path}: directory {name} does not exist")
+    if not os.path.isdir(name):
+        return checker.add(node.line, f"{path}: {name} is not a directory")
+    return os.path.realpath(name)
+
+
+def _index_name(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "/" in value or value in (".", "..") \
+            or "\0" in value:
+        raise ValueError(f"must be a file name such as index.html, not {_show(value)}")
+    return value
+
+
+def _header_value(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() \
+            or any(c < " " and c != "\t" or c == "\x7f" for c in value):
+        raise ValueError(f"must be a header value on one line, not {_show(value)}")
+    return value.strip()
+
+
+_STATIC_RULES: Final[dict[str, Rule]] = {
+    "hosts": _hosts,
+    "path": _scalar(_url_path),
+    "root": _static_root,
+    "index": _scalar(_index_name),
+    "precompressed": _scalar(_boolean),
+    "cache_control": _scalar(_header_value),
+    "internal": _scalar(_boolean),
+}
 
 
 # --- the parts that need more than one key ----------------------------------------------
@@ -704,13 +889,20 @@ def _listeners(checker: _Checker, node: _Node) -> list[Listener]:
     return listeners
 
 
-def _pools(checker: _Checker, node: _Node | None) -> dict[str, PoolSettings]:
+def _pools(checker: _Checker, node: _Node | None,
+           offload: dict[str, Offload]) -> dict[str, PoolSettings]:
+    """The pools' settings; their buffering and compression go to ``offload``."""
     pools = {"default": PoolSettings()}
+    offload["default"] = Offload()
     entries = checker.mapping(node, "pools") if node is not None else None
     for name, item in (entries or {}).items():
         if not _NAME.fullmatch(name):
             checker.add(item.key_line, f"pool name '{name}' must be letters, digits, '_', '.' or '-'")
-        values = checker.fields(item, f"pools.{name}", _POOL_RULES)
+        values = checker.fields(item, f"pools.{name}", _POOL_RULES, also=_OFFLOAD_RULES)
+        if isinstance(item.value, dict):
+            edge = {key: child for key, child in item.value.items() if key in _OFFLOAD_RULES}
+            offload[name] = _offload(checker.fields(_Node(edge, item.line, item.key_line),
+                                                    f"pools.{name}", _OFFLOAD_RULES))
         values["recycle"] = RecycleSettings(**values.get("recycle", {}))
         if values.get("health_check") is not None:
             values["health_check"] = HealthCheck(**values["health_check"])
@@ -719,7 +911,8 @@ def _pools(checker: _Checker, node: _Node | None) -> dict[str, PoolSettings]:
 
 
 def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
-          https_port: int | None) -> tuple[list[AppSpec], list[Route]]:
+          https_port: int | None, top_user: str | None = None
+          ) -> tuple[list[AppSpec], list[Route]]:
     entries = checker.mapping(node, "apps")
     if entries is not None and not entries:
         checker.add(node.line, "apps must define at least one app")
@@ -738,8 +931,17 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
             close = difflib.get_close_matches(pool, list(pools), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             checker.add(app_entries["pool"].line, f"app '{name}' names unknown pool '{pool}'{hint}")
-        has_command = checker.require(values, app_entries, item, path, "command",
-                                      'an argv list, e.g. ["gunicorn", "app:app"]')
+        hosted = values.get("hosting_model") == "in_process"
+        if hosted:
+            has_command = _in_process_keys(checker, values, app_entries or {}, item, path,
+                                           pools.get(pool, PoolSettings()), top_user)
+        else:
+            for key in _IN_PROCESS_ONLY:
+                if app_entries and key in app_entries:
+                    checker.add(app_entries[key].line,
+                                f"{path}.{key} is for hosting_model: in_process")
+            has_command = checker.require(values, app_entries, item, path, "command",
+                                          'an argv list, e.g. ["gunicorn", "app:app"]')
         routable = app_entries is not None and all(
             key in values or key not in app_entries for key in ("hosts", "path"))
         hosts, url_path = values.pop("hosts", ()), values.pop("path", "/")
@@ -749,7 +951,7 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         routes.append(Route(app=name, hosts=hosts, path=url_path, websockets=websockets))
         if not has_command:
             continue
-        if checker.start and checker.files and app_entries is not None:
+        if checker.start and checker.files and app_entries is not None and not hosted:
             _check_program(checker, app_entries["command"].line, path, values["command"],
                            values.get("cwd"), dict(values.get("environment", ())),
                            pools.get(pool, PoolSettings()).environment)
@@ -763,7 +965,45 @@ def _apps(checker: _Checker, node: _Node, pools: dict[str, PoolSettings],
         apps.append(AppSpec(name=name, pool=pool, settings=base.merged(own),
                             path_base="" if url_path == "/" else url_path,
                             https_port=https_port, **values))
+    _shared_environment(checker, apps, entries or {})
     return apps, routes
+
+
+def _in_process_keys(checker: _Checker, values: dict[str, Any], entries: dict[str, _Node],
+                     item: _Node, path: str, pool: PoolSettings, top_user: str | None) -> bool:
+    """The keys of an in-process app: ``app`` is required, and whatever needs a process
+    of the app's own is refused (FILE:LINE of the key). True when the app can be built."""
+    ok = checker.require(values, entries, item, path, "app",
+                         "a module:attribute to import, e.g. 'api.main:app'")
+    for key, why in _NOT_IN_PROCESS.items():
+        if key in entries:
+            checker.add(entries[key].line, f"{path}.{key} means nothing for hosting_model: "
+                        f"in_process ({why})")
+            ok = False
+    user = values.get("user", pool.user)
+    if user is not None and user != top_user:
+        line = entries["user"].line if "user" in entries else entries["hosting_model"].line
+        checker.add(line, f"{path}: an in_process app runs as the proxy workers' user "
+                    f"({top_user or 'the user Bastion runs as'}), not as user {user!r}")
+        ok = False
+    values.pop("command", None)
+    return ok
+
+
+def _shared_environment(checker: _Checker, apps: list[AppSpec], entries: dict[str, _Node]) -> None:
+    """In-process apps share the workers' process, so their environments must agree."""
+    seen: dict[str, tuple[str, str]] = {}  # variable -> (value, app)
+    for spec in apps:
+        if not spec.in_process:
+            continue
+        for name, value in spec.environment.items():
+            other = seen.setdefault(name, (value, spec.name))
+            if other[0] != value:
+                node = entries.get(spec.name)
+                checker.add(node.key_line if node is not None else 0,
+                            f"apps.{spec.name}: environment {name}={value!r} differs from "
+                            f"{other[0]!r} of app '{other[1]}'; in-process apps share one "
+                            "process, so they must agree")
 
 
 def _check_program(checker: _Checker, line: int, path: str, argv: tuple[str, ...],
@@ -834,16 +1074,78 @@ def _claim(checker: _Checker, claimed: dict[tuple[str, str], str], route: Route,
                         f"as app '{other}'{tail}")
 
 
+def _statics(checker: _Checker, node: _Node, routes: list[Route]) -> list[StaticLocation]:
+    """The ``static`` locations; a problem for each one mounted where an app (or another
+    location) is, at the same host and path base."""
+    entries = checker.mapping(node, "static")
+    claimed: dict[tuple[str, str], str] = {}
+    for route in routes:
+        for host in route.hosts or ("",):
+            claimed.setdefault((host, route.path), f"app '{route.app}'")
+    locations: list[StaticLocation] = []
+    for name, item in (entries or {}).items():
+        path = f"static.{name}"
+        if not _NAME.fullmatch(name):
+            checker.add(item.key_line, f"static location name '{name}' must start with a "
+                        "letter or digit and hold only letters, digits, '_', '.' or '-'")
+        values = checker.fields(item, path, _STATIC_RULES)
+        static_entries = item.value if isinstance(item.value, dict) else None
+        if not checker.require(values, static_entries, item, path, "root",
+                               "the directory to serve, e.g. /srv/shop/static"):
+            continue
+        location = StaticLocation(name=name, **values)
+        for host in location.hosts or ("",):
+            other = claimed.setdefault((host, location.path), f"static location '{name}'")
+            if other != f"static location '{name}'":
+                same = f"host '{host}' and path" if host else "path"
+                line = static_entries["path"].line if static_entries and "path" in static_entries \
+                    else item.key_line
+                checker.add(line, f"static location '{name}' has the same {same} "
+                            f"'{location.path}' as {other}")
+        locations.append(location)
+    return locations
+
+
+def _check_node_health(checker: _Checker, entries: dict[str, _Node], values: dict[str, Any],
+                       listeners: list[Listener], apps: list[AppSpec]) -> None:
+    """``health.require_apps`` names apps that are always started; ``proxy_protocol``
+    needs ``trusted_proxies`` (the balancers allowed to send the header)."""
+    health = entries.get("health")
+    required = values.get("health", {}).get("require_apps", ())
+    if health is not None and isinstance(health.value, dict) and required:
+        line = health.value["require_apps"].line
+        by_name = {spec.name: spec for spec in apps}
+        for name in required:
+            spec = by_name.get(name)
+            if spec is None and "apps" in entries:
+                close = difflib.get_close_matches(name, list(by_name), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                checker.add(line, f"health.require_apps names unknown app '{name}'{hint}")
+            elif spec is not None and spec.settings.start_mode != "always":
+                checker.add(line, f"health.require_apps: app '{name}' must have start_mode: "
+                            "always (an on_demand app is not started until a request comes, "
+                            "and no request would come to a node whose health is 503)")
+    if any(lis.proxy_protocol for lis in listeners) and not values.get("trusted_proxies"):
+        index = next(i for i, lis in enumerate(listeners) if lis.proxy_protocol)
+        checker.add(checker.lines.get(f"listen[{index}]", 0),
+                    f"listen[{index}].proxy_protocol needs trusted_proxies: the addresses of "
+                    "the load balancers allowed to send the PROXY header")
+
+
 def _build(checker: _Checker, root: _Node) -> Config:
-    values = checker.fields(root, "", _TOP_RULES, also=("listen", "pools", "apps"))
+    values = checker.fields(root, "", _TOP_RULES, also=("listen", "pools", "apps", "static"))
     entries: dict[str, _Node] = root.value if isinstance(root.value, dict) else {}
     for key in ("listen", "apps"):
         if isinstance(root.value, dict) and key not in entries:
             checker.add(root.line, f"{key} is required")
     listeners = _listeners(checker, entries["listen"]) if "listen" in entries else []
     https_port = next((lis.port for lis in listeners if lis.tls is not None), None)
-    pools = _pools(checker, entries.get("pools"))
-    apps, routes = _apps(checker, entries["apps"], pools, https_port) if "apps" in entries else ([], [])
+    offload: dict[str, Offload] = {}
+    pools = _pools(checker, entries.get("pools"), offload)
+    apps, routes = _apps(checker, entries["apps"], pools, https_port,
+                         values.get("user")) if "apps" in entries else ([], [])
+    statics = _statics(checker, entries["static"], routes) if "static" in entries else []
+    _check_node_health(checker, entries, values, listeners, apps)
     if checker.start and checker.files:
         if "metrics_listen" in entries:
             checker.lines["metrics_listen"] = entries["metrics_listen"].line
@@ -853,8 +1155,11 @@ def _build(checker: _Checker, root: _Node) -> Config:
         raise ConfigError(sorted(checker.problems, key=lambda problem: problem.line))
     if "limits" in values:
         values["limits"] = Limits(**values["limits"])
+    if "health" in values:
+        values["health"] = HealthSettings(**values["health"])
     return Config(listeners=tuple(listeners), apps=tuple(apps), routes=tuple(routes),
-                  pools=pools, source=checker.file, **values)
+                  pools=pools, offload=offload, source=checker.file,
+                  statics=tuple(statics), **values)
 
 
 # --- public entry points ----------------------------------------------------------------

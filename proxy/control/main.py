@@ -75,7 +75,7 @@ from ..config.model import Config
 from ..edge.endpoints import queue_limits
 from ..edge.listeners import bind_socket
 from ..edge.metrics import merge, retired
-from ..edge.native import warn_if_interpreted
+from ..edge.native import report_h2_engine, warn_if_interpreted
 from ..edge.tls import PemFiles, TLSConfigError, tls_files
 from . import channel
 from .admin import AdminServer
@@ -112,8 +112,11 @@ def worker_count(config: Config) -> int:
 
 
 def in_process(config: Config) -> bool:
-    """True when the proxy runs in the main process's own event loop."""
-    return worker_count(config) == 1 and not config.user
+    """True when the proxy runs in the main process's own event loop. Never with an
+    in-process app: it must run in worker processes, so that an app that crashes
+    costs one worker's requests, never the main process (docs/hosting-models.md)."""
+    return worker_count(config) == 1 and not config.user \
+        and not any(spec.in_process for spec in config.apps)
 
 
 ToModule = FromProxy  # what a worker sends: for the module, or the slot granter
@@ -129,6 +132,7 @@ class WorkerHandle(abc.ABC):
     def __init__(self, worker_id: int) -> None:
         self.worker_id = worker_id
         self.metrics: dict[str, Any] = {}
+        self.draining = False  # what the worker was last told (``bastion drain``)
 
     @abc.abstractmethod
     def tell(self, state: ToProxy) -> None:
@@ -145,6 +149,11 @@ class WorkerHandle(abc.ABC):
     @abc.abstractmethod
     def reopen_logs(self) -> None:
         """Reopen the worker's log files."""
+
+    @abc.abstractmethod
+    def drain(self, draining: bool) -> None:
+        """The node drains (health 503, clients told to move) or serves again; a worker
+        not started yet starts so."""
 
     @abc.abstractmethod
     def reload_certificates(self, pems: PemFiles) -> None:
@@ -185,6 +194,10 @@ class LocalWorker(WorkerHandle):
     def reopen_logs(self) -> None:
         self.worker.reopen_logs()
 
+    def drain(self, draining: bool) -> None:
+        self.draining = draining
+        self.worker.set_draining(draining)
+
     def metrics_snapshot(self) -> dict[str, Any]:
         return self.worker.metrics_snapshot()
 
@@ -211,6 +224,8 @@ class ProcessWorker(WorkerHandle):
         self.last_seen = time.monotonic()  # any frame from the worker: its loop runs
         self.stopping = False
         self.ready = False
+        # Told when the process is gone, ready or not (in-process apps count crashes).
+        self.on_gone: Callable[[int, int | None], None] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
@@ -239,10 +254,11 @@ class ProcessWorker(WorkerHandle):
         note_own_child(pid)  # Bastion's own child, not an app's leftover (module.leftovers)
         exited = asyncio.ensure_future(self.proc.wait())
         exited.add_done_callback(lambda _: forget_own_child(pid))
+        exited.add_done_callback(lambda _: self._gone(pid))
         self.started_at = self.last_seen = time.monotonic()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         setup = WorkerSetup(self.config, self.worker_id, tuple(fds.items()),
-                            tuple(self.snapshot()), tuple(self.pems.items()))
+                            tuple(self.snapshot()), tuple(self.pems.items()), self.draining)
         self._writer.write(channel.frame(channel.SETUP, pickle.dumps(setup)))
         self._reader_task = asyncio.create_task(self._read(reader))
         ready = asyncio.ensure_future(self._ready.wait())
@@ -281,6 +297,10 @@ class ProcessWorker(WorkerHandle):
                 elif kind == channel.READY:
                     self._ready.set()
 
+    def _gone(self, pid: int) -> None:
+        if self.on_gone is not None and self.proc is not None:
+            self.on_gone(pid, None if self.stopping else self.proc.returncode)
+
     def _exited(self, _: asyncio.Future[int]) -> None:
         """A worker that was ready exited: replace it unless it was told to stop."""
         assert self.proc is not None
@@ -313,6 +333,11 @@ class ProcessWorker(WorkerHandle):
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(channel.frame(channel.REOPEN))
 
+    def drain(self, draining: bool) -> None:
+        self.draining = draining
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(channel.json_frame(channel.DRAIN, draining))
+
     def reload_certificates(self, pems: PemFiles) -> None:
         self.pems = dict(pems)
         if self._writer is not None and not self._writer.is_closing():
@@ -334,6 +359,8 @@ class Bastion:
         # The generation's certificate bytes: every worker of it starts from these.
         self.pems: dict[str, bytes] = dict(pems) if pems is not None else pem_files(config)
         self.supervisor = Supervisor(config.apps)
+        self.supervisor.roll_workers = self.roll_workers  # recycling in-process apps
+        self._rolling: asyncio.Task[None] | None = None
         # max_concurrency / max_queue for the whole Bastion (proxy/slots.py)
         self.slots = SlotGranter(queue_limits(config.apps))
         self._handles: dict[int, WorkerHandle] = {}  # worker id -> handle, until retired
@@ -347,6 +374,7 @@ class Bastion:
         self._reloading = asyncio.Lock()
         self._liveness: asyncio.Task[None] | None = None
         self.stopping = False
+        self.draining = False  # ``bastion drain`` / the drain_delay at SIGTERM
         self.generation = 0
 
     # -- workers --------------------------------------------------------------------
@@ -385,7 +413,9 @@ class Bastion:
         else:
             worker = ProcessWorker(self._next_id, config, self.sockets, self._to_module,
                                    self._replace, self.supervisor.snapshot, pems)
+            worker.on_gone = self.supervisor.worker_gone
         self._handles[worker.worker_id] = worker
+        worker.drain(self.draining)  # before it serves: it starts in the node's state
         return worker
 
     def _forget(self, worker: WorkerHandle) -> None:
@@ -508,6 +538,17 @@ class Bastion:
         return (f"{len(self.workers)} worker(s), {len(self.config.apps)} app(s), "
                 f"generation {self.generation}")
 
+    def set_draining(self, draining: bool) -> None:
+        """``bastion drain`` / ``undrain``: every worker (and every later one: a
+        replacement, a reload's new generation) answers health with 503 and tells
+        clients to move, while serving every request it gets."""
+        if draining != self.draining:
+            log.info("%s", "draining: health answers 503, clients are told to move"
+                     if draining else "serving again: health answers 200")
+        self.draining = draining
+        for worker in self.workers:
+            worker.drain(draining)
+
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal-safe: only sets a flag)."""
         self._stop.set()
@@ -528,8 +569,15 @@ class Bastion:
     async def wait_and_stop(self) -> None:
         """Wait for a stop request, then stop everything in order."""
         await self._stop.wait()
-        self.stopping = True
         self.notifier.stopping()
+        delay = self.config.health.drain_delay
+        if delay > 0:
+            # Like Kubernetes' pre-stop delay: the balancer's checks see 503 and stop
+            # sending before the listeners close; meanwhile everything is served.
+            log.info("stopping: draining for %gs first (health answers 503)", delay)
+            self.set_draining(True)
+            await asyncio.sleep(delay)
+        self.stopping = True
         if self._liveness is not None:
             self._liveness.cancel()
         # New connections are refused from now on rather than completed by the kernel
@@ -561,6 +609,35 @@ class Bastion:
             if isinstance(worker, ProcessWorker):
                 worker.kill()
         self.supervisor.kill_now()
+
+    # -- recycling in-process apps -----------------------------------------------------
+    def roll_workers(self, reason: str, pids: frozenset[int] | None = None) -> bool:
+        """Replace the worker processes (those with ``pids``, or all) one at a time:
+        a new one starts and is ready before an old one drains, so no request is lost
+        and the other workers serve meanwhile. What recycles an in-process app, which
+        lives in every worker. False when a roll is under way already."""
+        if self.stopping or (self._rolling is not None and not self._rolling.done()):
+            return False
+        self._rolling = asyncio.get_running_loop().create_task(self._roll(reason, pids))
+        return True
+
+    async def _roll(self, reason: str, pids: frozenset[int] | None) -> None:
+        old = [w for w in self.workers if isinstance(w, ProcessWorker) and w.proc is not None
+               and (pids is None or w.proc.pid in pids)]
+        log.info("replacing %d worker(s) one at a time: %s", len(old), reason)
+        for worker in old:
+            if self.stopping or self._reloading.locked():
+                return  # a stop or a reload replaces them anyway
+            if worker not in self.workers:
+                continue  # gone meanwhile (crashed, replaced)
+            try:
+                await self._start_one(self.config, self.pems)
+            except Exception as exc:  # noqa: BLE001 - the old worker keeps serving
+                log.error("recycle: a replacement worker failed to start: %s", exc)
+                return
+            self._forget(worker)
+            await worker.stop(self.grace())
+            self._retire(worker)
 
     # -- reload ---------------------------------------------------------------------
     def request_reload(self) -> None:
@@ -672,7 +749,9 @@ class Bastion:
 
     def metrics(self) -> dict[str, Any]:
         """Every worker's metrics, past generations included, added up."""
-        return merge([self._retired, *(w.metrics_snapshot() for w in self.workers)])
+        merged = merge([self._retired, *(w.metrics_snapshot() for w in self.workers)])
+        merged["draining"] = int(self.draining)  # the node's state, not a worker's report
+        return merged
 
     def status(self) -> dict[str, Any]:
         """The module's status plus the host's own facts."""
@@ -685,6 +764,7 @@ class Bastion:
             for w in self.workers
         ]
         data["generation"] = self.generation
+        data["draining"] = self.draining
         data["config"] = self.config.source
         return data
 
@@ -818,6 +898,7 @@ def serve(config: Config, ready: Callable[[Bastion], None] | None = None) -> int
             print(f"bastion: {problem}", file=sys.stderr)
         return 1
     warn_if_interpreted(log)
+    report_h2_engine(log, any(lst.tls is not None and lst.http2 for lst in config.listeners))
     uvloop = install_uvloop()
     try:
         asyncio.run(_run(config, ready))

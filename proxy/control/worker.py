@@ -49,7 +49,10 @@ from bastion.module.periodic import every
 
 from ..config.model import Config, Listener
 from ..edge.accesslog import AccessLog
+from ..edge.buffers import BufferBudget
 from ..edge.endpoints import EndpointTable, queue_limits
+from ..edge.health import NodeState
+from ..edge.hosting.host import Host
 from ..edge.listeners import ListenerSet
 from ..edge.metrics import Metrics
 from ..edge.routing import Router
@@ -102,14 +105,18 @@ class ProxyWorker:
     """One worker's proxy: serves requests on the sockets it is given."""
 
     def __init__(self, config: Config, send: Send, worker_id: int = 0,
-                 pems: PemFiles | None = None) -> None:
+                 pems: PemFiles | None = None, draining: bool = False) -> None:
         self.config = config
         self.worker_id = worker_id
         self.pems = pems  # the generation's certificate bytes (None: read the files)
         self.table = EndpointTable(send, queue_limits(config.apps), worker=worker_id)
+        self.host = Host(config.apps, self.table, send, worker_id)  # in-process apps
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.metrics = Metrics()
+        self.node = NodeState(draining)  # health 503 and Connection: close while draining
+        self.metrics.draining = int(draining)
+        self.buffers = BufferBudget(config.limits.buffer_memory)  # shared by all listeners
         self.listeners = ListenerSet()
         self.tls: dict[str, TLSContextSet] = {}  # listener address -> its contexts
 
@@ -134,6 +141,15 @@ class ProxyWorker:
         if pems is not None:
             self.pems = pems
 
+    def set_draining(self, draining: bool) -> None:
+        """The node drains (health 503, clients told to move) or serves again."""
+        if draining == self.node.draining:
+            return
+        self.node.draining = draining
+        self.metrics.draining = int(draining)
+        if draining:
+            self.listeners.goaway_http2()
+
     def update(self, state: AppState) -> None:
         """A state snapshot from the module."""
         self.table.update(state)
@@ -145,11 +161,12 @@ class ProxyWorker:
     async def start(self, sockets: list[tuple[Listener, socket.socket, ssl.SSLContext | None]]
                     ) -> None:
         """Serve ``sockets`` (already bound and listening)."""
-        router = Router(self.config.routes)
+        router = Router(self.config.all_routes)
         sites = {
             listener.address: Site(
                 listener, self.config, router, self.table, self.pool, self.access_log,
-                self.metrics,
+                self.metrics, buffers=self.buffers, host=self.host if self.host else None,
+                node=self.node,
             )
             for listener in self.config.listeners
         }
@@ -163,6 +180,7 @@ class ProxyWorker:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, finish requests in flight (up to ``grace``), close."""
         await self.listeners.stop(grace=self.grace() if grace is None else grace)
+        await self.host.stop()
         self.table.flush_reports()
         await self.pool.close()
         self.access_log.close()
@@ -172,8 +190,13 @@ class ProxyWorker:
         self.metrics.open_connections = self.listeners.open_connections()
         self.metrics.access_log_lost = self.access_log.lost_lines
         for spec in self.config.apps:
+            if spec.in_process:
+                self.metrics.set_load(spec.name, self.host.in_flight(spec.name), 0)
+                continue
             in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
             self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))
+        self.metrics.set_buffers(self.buffers.used, self.buffers.peak, self.buffers.cap,
+                                 self.buffers.refusals)
         return self.metrics.snapshot()
 
     def reopen_logs(self) -> None:
@@ -204,6 +227,7 @@ class WorkerSetup:
     fds: tuple[tuple[str, int], ...]  # listener address -> inherited socket fd
     states: tuple[AppState, ...] = ()  # the module's snapshot when the worker was made
     pems: tuple[tuple[str, bytes], ...] = ()  # the generation's certificate files' bytes
+    draining: bool = False  # the node drains (``bastion drain``) when the worker starts
 
 
 def _preload() -> None:
@@ -243,13 +267,14 @@ async def _worker_process(channel_fd: int) -> None:
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 
     # Opens its logs while still root; its TLS contexts come from the generation's bytes.
-    worker = ProxyWorker(config, send, setup.worker_id, dict(setup.pems))
+    worker = ProxyWorker(config, send, setup.worker_id, dict(setup.pems), setup.draining)
     sockets = worker.bind(listening)
     if config.user:
         _preload()
         drop_privileges(config.user)
     for state in setup.states:
         worker.update(state)
+    await worker.host.start()  # in-process apps: imported as the workers' user
     await worker.start(sockets)
     writer.write(channel.frame(channel.READY))
     loop = asyncio.get_running_loop()
@@ -273,6 +298,8 @@ async def _worker_process(channel_fd: int) -> None:
                     return
                 elif kind == channel.REOPEN:
                     worker.reopen_logs()
+                elif kind == channel.DRAIN:
+                    worker.set_draining(bool(json.loads(payload)))
                 elif kind == channel.CERTIFICATES:
                     try:
                         worker.reload_certificates(pickle.loads(payload) if payload else None)

@@ -8,6 +8,7 @@ errors, OSError, timeouts) to 502 or 504, the way httpcore's ``map_exceptions`` 
 from __future__ import annotations
 
 import asyncio
+import errno
 
 from .upstream import Closed, ConnectFailed, InvalidResponse, UpstreamBroken
 
@@ -27,6 +28,7 @@ class ProxyError(Exception):
         self.retry_after = retry_after
         self.body = body  # a complete HTML body that replaces the error page (app_offline)
         self.pid = 0  # the app process it concerns, when there is one
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. 416's Content-Range
 
 
 class BadRequest(ProxyError):
@@ -41,6 +43,38 @@ class NotFound(ProxyError):
 
     status = 404
     title = "Not Found"
+
+
+class Forbidden(ProxyError):
+    """403: a static file the workers may not read, or a directory without its index."""
+
+    status = 403
+    title = "Forbidden"
+
+
+class MethodNotAllowed(ProxyError):
+    """405: a method other than GET or HEAD on a static file."""
+
+    status = 405
+    title = "Method Not Allowed"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.extra_headers = [(b"Allow", b"GET, HEAD")]
+
+
+class PreconditionFailed(ProxyError):
+    """412: a static file's If-Match / If-Unmodified-Since did not hold."""
+
+    status = 412
+    title = "Precondition Failed"
+
+
+class RangeNotSatisfiable(ProxyError):
+    """416: no part of a static file's Range lies within it."""
+
+    status = 416
+    title = "Range Not Satisfiable"
 
 
 class BadGateway(ProxyError):
@@ -93,6 +127,17 @@ def from_upstream(exc: BaseException, app: str, timeout: float) -> ProxyError:
     return BadGateway(f"the app {app!r} failed", app=app, detail=repr(exc))
 
 
+def from_file_error(exc: OSError, name: str) -> ProxyError:
+    """Map a failure opening or reading a static file to the status the client gets:
+    missing (or not a plain name) 404, not readable 403, anything else 500."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG,
+                     errno.EINVAL, errno.ENXIO):
+        return NotFound("no such file")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Forbidden("the file is not readable by Bastion", detail=name)
+    return ProxyError("the file could not be read", detail=f"{name}: {exc.strerror or exc}")
+
+
 class RequestRejected(ProxyError):
     """A request refused at the edge (strict parsing, limits): 400, 405, 408, 413, 414,
     431, 501 or 505; never forwarded, and the connection closes after the answer."""
@@ -110,3 +155,10 @@ def _phrase(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+class AppFailed(ProxyError):
+    """500: an in-process app raised (or returned no answer) before its response began."""
+
+    status = 500
+    title = "Internal Server Error"

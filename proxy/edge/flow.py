@@ -39,6 +39,18 @@ have died of it.
 The answer's head is held back while the body is known to be small (``SMALL_BODY``), so
 a small answer goes out in one write and a body cut short is still a clean 502; other
 answers go out at the end of each read from the app, head and body together.
+
+Offload (the app's pool's ``buffering`` and ``compression``, ``Site.offload``): with
+``buffering.request`` above the prefetch, the flow reads that much of the body (or all
+of it) after routing and before it asks for an endpoint, so a slow upload does not hold
+an app's process; with ``buffering.response``, a client that cannot take more
+(``pause_response``) does not stop reading from the app at once: what the app sends is
+written on, up to that many bytes, and reading pauses only beyond. Both take their bytes
+from the worker's ``BufferBudget`` (``Site.buffers``); when it is spent the flow streams
+with backpressure as without buffering. Response bytes still in the client's buffer when
+the flow ends stay charged to the client's connection (``Downstream.hold``). The answer
+is compressed when ``proxy.edge.compress`` says so: its head rewritten, each piece from
+the app compressed as it arrives, a held small body compressed whole.
 """
 
 from __future__ import annotations
@@ -51,8 +63,11 @@ from typing import Protocol
 
 from bastion.module.messages import Endpoint
 
+from ..config.model import Offload, StaticLocation
+from . import compress
 from .accesslog import LogEntry
-from .codec import request_head
+from .buffers import Held
+from .codec import decoded_path, request_head
 from .endpoints import Lease
 from .errors import (
     BadGateway,
@@ -66,6 +81,8 @@ from .errors import (
 )
 from .headers import ForwardInfo, downstream_headers, upstream_headers
 from .site import WAIT_MARGIN, Site
+from .static import ACCEL_KEPT, FileSender, accel_target
+from .static import answer as static_answer
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
 
 log = logging.getLogger("bastion.proxy")
@@ -111,12 +128,13 @@ class Request:
     """A client's request head as the flow needs it, whatever the protocol."""
 
     __slots__ = ("method", "target", "host", "path", "headers", "client_ip", "client_cert",
-                 "content_length", "has_body", "upgrade", "version", "trusted")
+                 "content_length", "has_body", "upgrade", "version", "trusted", "client_port")
 
     def __init__(self, method: str, target: str, host: str, path: str,
                  headers: list[tuple[bytes, bytes]], client_ip: str,
                  client_cert: str | None, content_length: int | None, has_body: bool,
-                 version: str, *, upgrade: bool = False, trusted: bool = False) -> None:
+                 version: str, *, upgrade: bool = False, trusted: bool = False,
+                 client_port: int = 0) -> None:
         self.method = method
         self.target = target  # origin-form, sent to the app as is
         self.host = host
@@ -129,6 +147,7 @@ class Request:
         self.version = version  # for the access log: "HTTP/1.1", "HTTP/2.0"
         self.upgrade = upgrade  # a WebSocket upgrade to tunnel
         self.trusted = trusted  # the client is a trusted proxy
+        self.client_port = client_port  # for an in-process app's scope (0: unknown)
 
     def log_entry(self) -> LogEntry:
         """The access log's view of this request."""
@@ -141,6 +160,25 @@ class Request:
                 agent = value.decode("latin-1")
         return LogEntry(self.client_ip, self.method, self.target, self.version, referer,
                         agent)
+
+
+class HostedCall(Protocol):
+    """A request being served by an in-process app (``proxy.edge.hosting``)."""
+
+    def feed(self, data: bytes) -> None:
+        """More of the request body."""
+
+    def feed_end(self) -> None:
+        """The request body is complete."""
+
+    def pause(self) -> None:
+        """The client cannot take more of the answer."""
+
+    def resume(self) -> None:
+        """The client can take more again."""
+
+    def close(self, abort: bool) -> None:
+        """The exchange is over (``abort``: cancel what the app still does for it)."""
 
 
 class Downstream(Protocol):
@@ -172,6 +210,13 @@ class Downstream(Protocol):
     def flow_done(self, flow: Flow) -> None:
         """The exchange is over (its log line is written)."""
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        """The client's plain (not TLS, not HTTP/2) transport, for ``os.sendfile``."""
+
+    def hold(self, held: Held) -> None:
+        """Response bytes of a finished flow are still in this client's buffer: call
+        ``held.release()`` once they have drained (or the client is gone)."""
+
 
 # Flow states
 _PREFETCH, _WAIT_LEASE, _CONNECTING, _SENT, _RESPONDING, _DONE = range(6)
@@ -185,7 +230,9 @@ class Flow:
                  "_received", "_body_end", "_body_failed", "_body_at", "_sent_at",
                  "_attempt", "_reused", "_chunked", "_task", "_held", "_head_out",
                  "_response_bodyless", "_timeout", "_paused_up", "_endpoint", "_paused_down",
-                 "refused", "_retry")
+                 "refused", "_retry", "_offload", "_encoder", "_held_headers", "_prefetch",
+                 "_buffering_request", "_request_charged", "_down_full", "_response_charged",
+                 "_static", "hosted")
 
     def __init__(self, site: Site, request: Request, down: Downstream) -> None:
         self.site = site
@@ -220,6 +267,16 @@ class Flow:
         self._endpoint: Endpoint | None = None
         self._paused_down = False  # reading the request body is paused by us
         self.refused = False  # ended by a refusal at the edge (the connection closes)
+        self._offload: Offload | None = None  # the app's buffering and compression
+        self._encoder: compress.Encoder | None = None  # compressing the answer
+        self._held_headers: list[tuple[bytes, bytes]] = []  # the held head's, rewritten
+        self._prefetch = PREFETCH  # body bytes wanted before the app is asked
+        self._buffering_request = False  # buffering.request beyond the prefetch
+        self._request_charged = 0  # pending body bytes taken from the buffer budget
+        self._down_full = False  # the client cannot take more now
+        self._response_charged = 0  # bytes written to a full client, from the budget
+        self._static: FileSender | None = None  # sending a static file's body
+        self.hosted: HostedCall | None = None  # served by an in-process app
 
     @property
     def done(self) -> bool:
@@ -248,6 +305,10 @@ class Flow:
         if limit and self._received > limit:
             self.feed_failed(BodyTooLarge())
             return
+        hosted = self.hosted
+        if hosted is not None:
+            hosted.feed(data)
+            return
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             if self._chunked:
@@ -257,7 +318,12 @@ class Flow:
             return
         self._pending.append(data)
         self._pending_size += len(data)
-        if self._pending_size > PENDING_HIGH:
+        if self._buffering_request and self.state == _PREFETCH:
+            if self.site.buffers.acquire(len(data)):
+                self._request_charged += len(data)
+            else:
+                self._prefetch = 0  # the worker's buffers are full: stream it as it comes
+        if self._pending_size > PENDING_HIGH and self._pending_size > self._prefetch:
             self._pause_down()
         if self.state == _PREFETCH:
             self._maybe_dispatch()
@@ -267,6 +333,8 @@ class Flow:
         if self._body_end:
             return
         self._body_end = True
+        if self.hosted is not None:
+            self.hosted.feed_end()
         conn = self.conn
         if conn is not None and self.state >= _SENT:
             conn.request_done(self._chunked)
@@ -292,18 +360,51 @@ class Flow:
         self._finish(abort_upstream=True)
 
     def pause_response(self) -> None:
-        """The client cannot take more of the answer: stop reading from the app."""
+        """The client cannot take more of the answer: stop reading from the app, unless
+        the app's buffering allows holding more of it (``_hold_response``)."""
+        if self._static is not None:
+            self._static.pause()
+            return
+        if self._down_full:
+            return
+        self._down_full = True
+        offload = self._offload
+        if offload is None or offload.buffering.response <= 0:
+            self._pause_up()
+
+    def _pause_up(self) -> None:
         if not self._paused_up:
             self._paused_up = True
             if self.conn is not None:
                 self.conn.pause_reading()
+            elif self.hosted is not None:
+                self.hosted.pause()
+
+    def _hold_response(self, size: int) -> None:
+        """``size`` bytes went to a client that cannot take them now: held within the
+        app's ``buffering.response`` and the worker's budget, else reading pauses."""
+        offload = self._offload
+        limit = offload.buffering.response if offload is not None else 0
+        if self._response_charged + size <= limit and self.site.buffers.acquire(size):
+            self._response_charged += size
+            return
+        self._pause_up()
 
     def resume_response(self) -> None:
-        """The client can take more again."""
+        """The client can take more again (what it was sent has drained)."""
+        if self._static is not None:
+            self._static.resume()
+            return
+        self._down_full = False
+        if self._response_charged:
+            self.site.buffers.release(self._response_charged)
+            self._response_charged = 0
         if self._paused_up:
             self._paused_up = False
             if self.conn is not None:
                 self.conn.resume_reading()
+            elif self.hosted is not None:
+                self.hosted.resume()
 
     def expire(self) -> None:
         """The client side's timer fired at or after ``deadline``."""
@@ -337,7 +438,7 @@ class Flow:
     def _maybe_dispatch(self) -> None:
         if self.state != _PREFETCH:
             return
-        if not self._body_end and self._pending_size < PREFETCH:
+        if not self._body_end and self._pending_size < self._prefetch:
             return
         try:
             self._route()
@@ -347,14 +448,33 @@ class Flow:
     def _route(self) -> None:
         site = self.site
         request = self.request
+        if request.path == site.health_path:
+            self._answer_health()
+            return
         route = site.router.match(request.host, normalised_path(request.path))
         if route is None:
             raise NotFound("no application is configured for this address")
         self.app = route.app
+        if route.static is not None:
+            if route.static.internal:
+                raise NotFound("no application is configured for this address")
+            self._static_answer(route.static, route.path, request.target, request.method,
+                                None)
+            return
         if request.upgrade and not route.websockets:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
         spec = site.apps[route.app]
         self._timeout = spec.settings.request_timeout
+        offload = self._offload = site.offload.get(route.app)
+        if offload is not None and not self._body_end and not self._buffering_request \
+                and offload.buffering.request > self._pending_size:
+            # Read more of the body before the app is asked (buffering.request).
+            self._buffering_request = True
+            self._prefetch = offload.buffering.request
+            return
+        if spec.in_process:
+            self._route_hosted()
+            return
         lease = site.table.try_acquire(route.app)
         if lease is not None:
             self._leased(lease)
@@ -362,6 +482,55 @@ class Flow:
         self.state = _WAIT_LEASE
         self._task = asyncio.get_running_loop().create_task(
             self._acquire(spec.settings.startup_time_limit + WAIT_MARGIN))
+
+    # -- an in-process app (proxy.edge.hosting) --------------------------------------------
+    def _route_hosted(self) -> None:
+        host = self.site.host
+        assert host is not None
+        self.request.upgrade = False  # a WebSocket upgrade goes on as a plain request
+        error = host.refusal(self.app)
+        if error is not None:
+            raise error
+        loading = host.loading(self.app)
+        if loading is None:
+            self._call_hosted()
+            return
+        self.state = _WAIT_LEASE  # like waiting for an app process's start
+        self._task = asyncio.get_running_loop().create_task(self._await_load(loading))
+
+    async def _await_load(self, loading: asyncio.Future[bool]) -> None:
+        loaded = await asyncio.shield(loading)
+        self._task = None
+        if self.state == _DONE:
+            return
+        host = self.site.host
+        assert host is not None
+        error = host.refusal(self.app)
+        if error is None and not loaded:
+            error = host.failure(self.app)
+        if error is not None:
+            self.fail(error)
+            return
+        self._call_hosted()
+
+    def _call_hosted(self) -> None:
+        """Call the in-process app instead of connecting to an app process."""
+        host = self.site.host
+        assert host is not None
+        self.pid = host.pid
+        self.state = _SENT
+        self._sent_at = time.monotonic()
+        pending = self._pending
+        self._pending = []
+        self._pending_size = 0
+        self._release_request()  # the app holds the body now (bounded by BODY_HIGH)
+        self.hosted = host.call(self.app, self, pending, self._body_end)
+        self._resume_down()
+        self._set_deadline()
+
+    def hosted_failed(self, error: ProxyError) -> None:
+        """The in-process app failed: its error page before the head, a cut after it."""
+        self.fail(error)
 
     async def _acquire(self, wait_limit: float) -> None:
         try:
@@ -460,6 +629,7 @@ class Flow:
             return
         self._pending = []
         self._pending_size = 0
+        self._release_request()
         self.state = _SENT
         self._sent_at = time.monotonic()
         self._resume_down()
@@ -471,29 +641,68 @@ class Flow:
         if self.state == _DONE:
             return
         self.state = _RESPONDING
+        if self.site.accel:
+            for name, value in head.headers:
+                if name.lower() == b"x-accel-redirect":
+                    # As nginx: the app's body is never read (django-sendfile2 announces
+                    # the file's length and sends nothing); the connection is dropped.
+                    self._accel_redirect(value, [(n, v) for n, v in head.headers
+                                                 if n.lower() in ACCEL_KEPT])
+                    return
         self.status = head.status
         self._response_bodyless = (self.request.method == "HEAD"
                                    or head.status in (204, 304))
         length = head.content_length
+        headers = downstream_headers(head.headers)
+        offload = self._offload
+        if offload is not None and offload.compression.enabled:
+            headers = self._compression(head.status, headers, length, offload)
         if length is not None and length <= SMALL_BODY and not self._response_bodyless:
             self._held = head
+            self._held_headers = headers
             self._pending = []
             self._pending_size = 0
         else:
             self._head_out = True
-            self.down.respond(head.status, head.reason, downstream_headers(head.headers),
-                              length, self._response_bodyless, [], False)
+            self.down.respond(head.status, head.reason, headers,
+                              None if self._encoder is not None else length,
+                              self._response_bodyless, [], False)
+            if self._response_bodyless:
+                self._encoder = None  # HEAD: the head a GET would get, and no body
         self._set_deadline()
+
+    def _compression(self, status: int, headers: list[tuple[bytes, bytes]],
+                     length: int | None, offload: Offload) -> list[tuple[bytes, bytes]]:
+        """The answer's head as compression wants it; ``_encoder`` set when it is (a HEAD
+        gets the head a GET would get)."""
+        settings = offload.compression
+        method = "GET" if self.request.method == "HEAD" else self.request.method
+        if not compress.eligible(method, status, headers, length, settings):
+            return headers
+        accept: bytes | None = None
+        for name, value in self.request.headers:
+            if name.lower() == b"accept-encoding":
+                accept = value if accept is None else accept + b"," + value
+        coding = compress.accepted_coding(accept, compress.available())
+        if coding is None:
+            return compress.with_vary(headers)
+        self._encoder = compress.Encoder(coding, settings)
+        return compress.encoded_headers(headers, coding)
 
     def upstream_body(self, data: bytes) -> None:
         """A piece of the app's response body."""
         if self.state == _DONE:
             return
-        self.sent += len(data)
         if self._held is not None:
             self._pending.append(data)
             return
+        encoder = self._encoder
+        if encoder is not None:
+            data = encoder.chunk(data)
+        self.sent += len(data)
         self.down.respond_body([data], False)
+        if self._down_full and not self._paused_up:
+            self._hold_response(len(data))
 
     def upstream_end(self) -> None:
         """The app's response is complete."""
@@ -505,10 +714,18 @@ class Flow:
             self._head_out = True
             body = self._pending
             self._pending = []
-            self.down.respond(held.status, held.reason, downstream_headers(held.headers),
-                              held.content_length, False, body, True)
+            length = held.content_length
+            if self._encoder is not None:
+                body = [self._encoder.whole(b"".join(body))]
+                length = len(body[0])
+            for piece in body:
+                self.sent += len(piece)
+            self.down.respond(held.status, held.reason, self._held_headers, length, False,
+                              body, True)
         elif self._head_out:
-            self.down.respond_body([], True)
+            tail = self._encoder.finish() if self._encoder is not None else b""
+            self.sent += len(tail)
+            self.down.respond_body([tail] if tail else [], True)
         self._finish()
 
     def upstream_failed(self, exc: UpstreamError) -> None:
@@ -582,6 +799,63 @@ class Flow:
         self._finish(abort_upstream=True)
 
     # -- failures and the end -------------------------------------------------------------
+    # -- static files (proxy.edge.static) ----------------------------------------------
+    def _static_answer(self, location: StaticLocation, base: str, target: str, method: str,
+                       kept: list[tuple[bytes, bytes]] | None) -> None:
+        try:
+            found = static_answer(location, method, target, base, self.request.headers, kept)
+        except ProxyError as error:
+            self.fail(error)
+            return
+        self.status = found.status
+        self.state = _RESPONDING
+        self._head_out = True
+        if found.fd < 0:
+            self.sent = sum(len(piece) for piece in found.body)
+            self.down.respond(found.status, b"", found.headers, found.length,
+                              found.bodyless, found.body, True)
+            self._finish()
+            return
+        sender = FileSender(self, self.down, found.fd, found.offset, found.remaining,
+                            self.down.sendfile_transport())
+        self._static = sender
+        self.down.respond(found.status, b"", found.headers, found.length, False, [], False)
+        if self.state != _DONE:
+            sender.start()
+
+    def static_end(self, sent: int) -> None:
+        """A static file's body went out whole."""
+        self._static = None
+        self.sent = sent
+        self._finish()
+
+    def static_abort(self, sent: int) -> None:
+        """A static file's body broke off after its head: the client is cut off."""
+        self._static = None
+        self.sent = sent
+        self.down.abort()
+        self._finish(abort_upstream=True)
+
+    def _accel_redirect(self, value: bytes, kept: list[tuple[bytes, bytes]]) -> None:
+        """The app answered with X-Accel-Redirect: the file it names, not its body."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+            self.site.pool.release(conn)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        target = accel_target(value)
+        route = None if target is None else self.site.router.match(
+            self.request.host, normalised_path(decoded_path(target)))
+        if target is None or route is None or route.static is None:
+            self.fail(NotFound("X-Accel-Redirect names no static location",
+                               detail=value.decode("latin-1")))
+            return
+        method = "HEAD" if self.request.method == "HEAD" else "GET"
+        self._static_answer(route.static, route.path, target, method, kept)
+
     def _upstream_error(self, error: ProxyError) -> None:
         if isinstance(error, ConnectRefused | UpstreamGone) and self._attempt == 1 \
                 and self._other_ready():
@@ -629,6 +903,19 @@ class Flow:
         state = self.site.table.state(self.app)
         return state is not None and any(e.pid != self.pid for e in state.endpoints)
 
+    def _answer_health(self) -> None:
+        """The node's own health answer, for load balancers (``proxy.edge.health``)."""
+        health = self.site.health()
+        body = b"" if self.request.method == "HEAD" else health.body
+        self.status = health.status
+        self.sent = len(body)
+        self._head_out = True
+        self.down.respond(health.status, b"", [(b"Content-Type", b"text/plain; charset=utf-8"),
+                                               (b"Cache-Control", b"no-store")],
+                          len(health.body), self.request.method == "HEAD", [body] if body else [],
+                          True)
+        self._finish()
+
     def fail(self, error: ProxyError) -> None:
         """End the exchange with ``error``: its page when nothing went out, else a cut."""
         if self.state == _DONE:
@@ -666,16 +953,37 @@ class Flow:
             self.lease.release()
             self.lease = None
 
+    def _release_request(self) -> None:
+        if self._request_charged:
+            self.site.buffers.release(self._request_charged)
+            self._request_charged = 0
+
     def _finish(self, abort_upstream: bool = False) -> None:
         if self.state == _DONE:
             return
         incomplete = not self._body_end
         self.state = _DONE
         self.deadline = None
+        if self._static is not None:
+            self._static.close()
+            self._static = None
+        self._release_request()
+        if self._response_charged:
+            # Still in the client's buffer: its connection gives it back once drained.
+            held = Held(self.site.buffers, self._response_charged)
+            self._response_charged = 0
+            if abort_upstream:
+                held.release()
+            else:
+                self.down.hold(held)
         task = self._task
         if task is not None:
             self._task = None
             task.cancel()
+        hosted = self.hosted
+        if hosted is not None:
+            self.hosted = None
+            hosted.close(abort_upstream)
         conn = self.conn
         self.conn = None
         if conn is not None:

@@ -43,6 +43,7 @@ import httptools
 from . import h1state as st
 from . import strict
 from .accesslog import LogEntry
+from .buffers import Held
 from .codec import decoded_path, response_head, status_line
 from .errors import RequestRejected
 from .flow import BodyTooLarge, Flow, Request
@@ -86,7 +87,7 @@ class _Incoming:
 class H1Connection(asyncio.Protocol):
     """One HTTP/1.1 client connection."""
 
-    def __init__(self, site: Site, connections: Connections) -> None:
+    def __init__(self, site: Site, connections: Connections, client: tuple[str, int] | None = None) -> None:
         self.site = site
         self.connections = connections
         self.loop = asyncio.get_running_loop()
@@ -94,6 +95,8 @@ class H1Connection(asyncio.Protocol):
         self.state = st.FRESH
         self.draining = False
         self.client_ip = "127.0.0.1"
+        self.client_port = 0
+        self._client = client  # from a PROXY header: the client behind the balancer
         self._trusted = False
         self._client_cert: str | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -116,13 +119,18 @@ class H1Connection(asyncio.Protocol):
         self._in_head = False  # a head is arriving
         self._trailers = False  # llhttp's fields now are chunked trailers
         self._last: _Incoming | None = None  # the last head parsed
+        self._holding: list[Held] = []  # buffered answers' bytes still in the write buffer
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0])
+        if self._client is not None:
+            self.client_ip, self.client_port = self._client
+        else:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.client_ip = str(peer[0])
+                self.client_port = int(peer[1]) if len(peer) > 1 else 0
         self._trusted = self.site.trusted.contains(self.client_ip)
         if self.site.listener.tls is not None:
             ssl_object = transport.get_extra_info("ssl_object")
@@ -147,6 +155,8 @@ class H1Connection(asyncio.Protocol):
             active.flow.client_gone()
         self._active = None
         self._queue.clear()
+        if self._holding:
+            self._let_go()
         self.connections.closed(self)
 
     def data_received(self, data: bytes) -> None:
@@ -196,6 +206,8 @@ class H1Connection(asyncio.Protocol):
             active.flow.pause_response()
 
     def resume_writing(self) -> None:
+        if self._holding:
+            self._let_go()
         if self._tunnel is not None:
             self._tunnel.client_paused(False)
             return
@@ -305,7 +317,8 @@ class H1Connection(asyncio.Protocol):
         request = Request(method, verdict.target, host, decoded_path(verdict.target), headers,
                           self.client_ip, self._client_cert, verdict.content_length,
                           has_body, f"HTTP/{version_text}",
-                          upgrade=is_upgrade(method, headers), trusted=self._trusted)
+                          upgrade=is_upgrade(method, headers), trusted=self._trusted,
+                          client_port=self.client_port)
         keep_alive = parser.should_keep_alive() and not request.upgrade
         incoming = _Incoming(request, keep_alive, version == (1, 0))
         if has_body and version == (1, 1):
@@ -396,7 +409,8 @@ class H1Connection(asyncio.Protocol):
             self._keep_alive = False
         if end and not active.complete:
             self._keep_alive = False  # the rest of its body is never read
-        if self.draining:
+        if self.draining or self.site.node.draining:
+            # A stop, or the node drains (``bastion drain``): the client moves on.
             self._keep_alive = False
         if not self._keep_alive:
             framing += _CLOSE
@@ -431,6 +445,12 @@ class H1Connection(asyncio.Protocol):
             for piece in body:
                 transport.write(piece)
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        """The transport ``os.sendfile`` may write under: a plain one, framed by length."""
+        if self.site.listener.tls is not None or self._chunked_out:
+            return None
+        return self.transport
+
     def abort(self) -> None:
         """The answer broke off after its head: the client must see it is incomplete."""
         self._keep_alive = False
@@ -442,6 +462,21 @@ class H1Connection(asyncio.Protocol):
 
     def resume_request(self) -> None:
         self._resume_reading()
+
+    def hold(self, held: Held) -> None:
+        """A finished answer's buffered bytes: given back when the write buffer drains."""
+        transport = self.transport
+        if transport is None or self.state == st.CLOSED \
+                or not transport.get_write_buffer_size():
+            held.release()
+        else:
+            self._holding.append(held)
+
+    def _let_go(self) -> None:
+        holding = self._holding
+        self._holding = []
+        for held in holding:
+            held.release()
 
     def rearm(self) -> None:
         active = self._active

@@ -58,6 +58,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from .buffers import Held
 from .codec import decoded_path
 from .flow import Flow, Request
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
@@ -77,9 +78,14 @@ BUDGET_WINDOW = 10.0
 RESET_BUDGET = 200  # stream resets (received or sent) per window
 CONTROL_BUDGET = 1000  # PING, SETTINGS, PRIORITY, unknown frames per window
 EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
+# After a graceful GOAWAY, the connection stays open this long (or until the client
+# closes it): a request the client sent before it read the GOAWAY is refused with
+# REFUSED_STREAM, which it may safely retry on a new connection, instead of being cut
+# by a closed socket (whose reset could also destroy the GOAWAY on its way).
+GOAWAY_LINGER = 1.0
 
 
-class _Budget:
+class Budget:
     """Counts events per fixed window; ``spend`` is False once over the limit."""
 
     def __init__(self, limit: int, window: float = BUDGET_WINDOW) -> None:
@@ -156,6 +162,7 @@ class _Stream:
         self.blocked = False  # the outbox waits for the window (the app's reading paused)
         self.finished = False  # the flow is done
         self.timer: asyncio.TimerHandle | None = None
+        self.holding: list[Held] = []  # buffered bytes of a finished flow in the outbox
 
     # -- Downstream -------------------------------------------------------------------
     def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -163,6 +170,11 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
+        if proto.site.node.draining:
+            # The node drains: GOAWAY before this answer, so the client knows before the
+            # answer ends that its next request needs a new connection (through the
+            # balancer, to another node); this stream is still served.
+            proto.goaway()
         fields = [(n.decode("latin-1"), v.decode("latin-1"))
                   for n, v in (*headers, *proto.site.response_headers)]
         if bodyless and proto.request_method(self) != "HEAD":
@@ -190,6 +202,9 @@ class _Stream:
             self.end_pending = True
         self.pump()
 
+    def sendfile_transport(self) -> asyncio.Transport | None:
+        return None  # frames: never the raw socket
+
     def abort(self) -> None:
         self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
         self._lost()
@@ -212,6 +227,18 @@ class _Stream:
         if flow is not None and flow.deadline is not None:
             self.timer = self.proto.loop.call_later(
                 max(0.0, flow.deadline - time.monotonic()), flow.expire)
+
+    def hold(self, held: Held) -> None:
+        if self.gone or not self.outbox:
+            held.release()
+        else:
+            self.holding.append(held)
+
+    def _let_go(self) -> None:
+        holding = self.holding
+        self.holding = []
+        for held in holding:
+            held.release()
 
     def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
         conn.abort()  # never asked for over HTTP/2
@@ -260,6 +287,8 @@ class _Stream:
                 self.blocked = True
                 self.flow.pause_response()
         else:
+            if self.holding:
+                self._let_go()
             if self.blocked and self.flow is not None:
                 self.blocked = False
                 self.flow.resume_response()
@@ -282,6 +311,8 @@ class _Stream:
         self._maybe_close()
 
     def _maybe_close(self) -> None:
+        if self.holding and (self.gone or not self.outbox):
+            self._let_go()
         if self.finished and (self.gone or not self.outbox and not self.end_pending):
             self.proto.forget(self)
 
@@ -289,7 +320,7 @@ class _Stream:
 class H2Protocol(asyncio.Protocol):
     """One HTTP/2 connection from a client."""
 
-    def __init__(self, server: H2Server) -> None:
+    def __init__(self, server: H2Server, client: tuple[str, int] | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -299,17 +330,22 @@ class H2Protocol(asyncio.Protocol):
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,
-                validate_inbound_headers=True,
+                # Bastion checks every request head itself (h2translate), and builds
+                # response heads lower-case and clean (response_to_h2): h2's own
+                # validation would only repeat that, at a cost per request.
+                validate_inbound_headers=False,
                 normalize_inbound_headers=False,
-                validate_outbound_headers=True,
-                normalize_outbound_headers=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         self.streams: dict[int, _Stream] = {}
-        self.resets = _Budget(RESET_BUDGET)
-        self.control = _Budget(CONTROL_BUDGET)
-        self.empty_data = _Budget(EMPTY_DATA_BUDGET)
+        self.resets = Budget(RESET_BUDGET)
+        self.control = Budget(CONTROL_BUDGET)
+        self.empty_data = Budget(EMPTY_DATA_BUDGET)
         self.client_ip = "127.0.0.1"
+        self.client_port = 0
+        self._client = client  # from a PROXY header: the client behind the balancer
         self.client_cert: str | None = None
         self.closing = False  # GOAWAY sent: no new streams
         self.write_paused = False
@@ -317,14 +353,18 @@ class H2Protocol(asyncio.Protocol):
         self._frames = FrameTracker()
         self._stall: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
+        if self._client is not None:
+            self.client_ip, self.client_port = self._client
+        elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
+            self.client_port = int(peer[1]) if len(peer) > 1 else 0
         ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             der = ssl_object.getpeercert(binary_form=True)
@@ -350,7 +390,7 @@ class H2Protocol(asyncio.Protocol):
         self.server.open.discard(self)
         self.server.connections.closed(self)
         self.closing = True
-        for timer in (self._stall, self._idle):
+        for timer in (self._stall, self._idle, self._linger):
             if timer is not None:
                 timer.cancel()
         for stream in list(self.streams.values()):
@@ -450,7 +490,8 @@ class H2Protocol(asyncio.Protocol):
         has_body = not ended and h1.content_length != 0
         request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
                           self.client_cert, h1.content_length if has_body else None,
-                          has_body, "HTTP/2.0", trusted=self._trusted)
+                          has_body, "HTTP/2.0", trusted=self._trusted,
+                          client_port=self.client_port)
         flow = Flow(self.site, request, stream)
         stream.flow = flow
         flow.start()
@@ -524,7 +565,7 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
         if not self.streams:
             if self.closing:
-                self._close()
+                self._close_soon()
             else:
                 self._arm_idle()
 
@@ -537,6 +578,13 @@ class H2Protocol(asyncio.Protocol):
             if self.transport.get_write_buffer_size() > MAX_OUTBOUND:
                 log.info("h2 client %s does not read; connection aborted", self.client_ip)
                 self.transport.abort()
+
+    def _close_soon(self) -> None:
+        """GOAWAY went out and no stream is open: close after ``GOAWAY_LINGER``."""
+        if self._linger is None and self.transport is not None \
+                and not self.transport.is_closing():
+            self._disarm_idle()
+            self._linger = self._loop.call_later(GOAWAY_LINGER, self._close)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -615,7 +663,7 @@ class H2Protocol(asyncio.Protocol):
             frame.error_code = ErrorCodes.NO_ERROR
             self.transport.write(frame.serialize())
         if not self.streams:
-            self._close()
+            self._close_soon()
 
 
 class H2Server:
@@ -626,8 +674,8 @@ class H2Server:
         self.connections = connections
         self.open: set[H2Protocol] = set()
 
-    def __call__(self) -> H2Protocol:
-        return H2Protocol(self)
+    def __call__(self, client: tuple[str, int] | None = None) -> H2Protocol:
+        return H2Protocol(self, client)
 
     def goaway_all(self) -> None:
         """GOAWAY to every connection (a graceful stop); each closes when its streams

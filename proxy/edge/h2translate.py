@@ -12,9 +12,9 @@ is left to the server. Before anything is forwarded, :func:`request_from_h2` che
   origin-form (``*`` only for OPTIONS) with no space, control byte, non-ASCII byte or
   ``#``; ``:authority`` (or ``Host`` when absent) is ``host[:port]`` without userinfo,
   and a ``Host`` header that names another authority makes the request malformed;
-* field names are lower-case tokens, values carry no NUL/CR/LF and no surrounding
-  whitespace; connection-specific fields (RFC 9113 8.2.2) are refused, ``te`` only as
-  ``trailers``;
+* field names are lower-case tokens, values carry no control character (0x00-0x1f but
+  HTAB, and 0x7f: as on HTTP/1.1) and no surrounding whitespace; connection-specific
+  fields (RFC 9113 8.2.2) are refused, ``te`` only as ``trailers``;
 * ``content-length`` values agree and are digits; :func:`check_body_length` compares
   it with the DATA actually received.
 
@@ -41,7 +41,10 @@ CONNECTION_SPECIFIC = frozenset(
      "http2-settings"}
 )
 PSEUDO_REQUEST = frozenset({":method", ":scheme", ":path", ":authority"})
-_BAD_VALUE = re.compile(r"[\x00\r\n]")
+# NUL, CR, LF (RFC 9113 8.2.1) and the other controls but HTAB: the HTTP/1.1 edge refuses
+# them too, and the app gets HTTP/1.1.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_RESPONSE_VALUE = re.compile(r"[\x00\r\n]")
 _BAD_PATH = re.compile(r"[\x00-\x20\x7f-\xff#]")
 
 
@@ -164,7 +167,7 @@ def response_to_h2(
         low = name.lower()
         if low in CONNECTION_SPECIFIC or low in ("te", "content-length", "trailer"):
             continue
-        if not LOWER_TOKEN.fullmatch(low) or _BAD_VALUE.search(value):
+        if not LOWER_TOKEN.fullmatch(low) or _BAD_RESPONSE_VALUE.search(value):
             continue
         head.append((low.encode("latin-1"), value.strip(" \t").encode("latin-1")))
     if content_length is not None:

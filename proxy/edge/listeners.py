@@ -6,6 +6,12 @@ Each bound socket is served by the event loop's own accept loop
 (``loop.create_server``: uvloop accepts and runs TLS handshakes in C, with no task per
 connection), making an ``H1Connection`` per client, or on a TLS listener with
 ``http2`` an ``AlpnSelector`` that picks HTTP/2 or HTTP/1.1 once the handshake chose.
+HTTP/2 is served by the engine ``native.h2_engine`` names (``h2_server``): libnghttp2
+(``h2native``) when built, else the ``h2`` library (``h2server``).
+
+A listener with ``proxy_protocol`` is served by ``proxyaccept.ProxyAcceptor`` instead
+(its connections start with a PROXY header, read before TLS); it stops and resumes
+accepting the same way, and the protocols it makes take the header's client address.
 
 ``Connections`` counts this worker's open client connections against
 ``max_connections``. At the limit every server stops accepting (``Server.close``
@@ -30,13 +36,18 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..config.model import Config, Listener
 from .connections import Connections, Drainable
 from .h1 import H1Connection
 from .h2server import H2Server
+from .native import h2_engine
+from .proxyaccept import MakeProtocol, ProxyAcceptor
 from .site import Site
+
+if TYPE_CHECKING:
+    from .h2native import H2NativeServer
 
 log = logging.getLogger("bastion.proxy")
 
@@ -67,15 +78,15 @@ class AlpnSelector(asyncio.Protocol):
     connection was a failed handshake (the event loop reports those to nobody): it is
     counted then (``failed``)."""
 
-    __slots__ = ("_http1", "_http2", "_failed", "_made")
+    __slots__ = ("_http1", "_http2", "_failed", "_made", "_client")
 
-    def __init__(self, http1: Callable[[], asyncio.Protocol],
-                 http2: Callable[[], asyncio.Protocol] | None,
-                 failed: Callable[[], None] | None = None) -> None:
+    def __init__(self, http1: MakeProtocol, http2: MakeProtocol | None,
+                 failed: Callable[[], None] | None = None, client: tuple[str, int] | None = None) -> None:
         self._http1 = http1
         self._http2 = http2
         self._failed = failed
         self._made = False
+        self._client = client  # from a PROXY header
 
     def __del__(self) -> None:
         if not self._made and self._failed is not None:
@@ -85,7 +96,8 @@ class AlpnSelector(asyncio.Protocol):
         self._made = True
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        inner = self._http2() if alpn == "h2" and self._http2 is not None else self._http1()
+        inner = self._http2(self._client) if alpn == "h2" and self._http2 is not None \
+            else self._http1(self._client)
         transport.set_protocol(inner)
         inner.connection_made(transport)
 
@@ -96,10 +108,14 @@ class AlpnSelector(asyncio.Protocol):
 class _Served:
     """One listening socket and the server accepting on (a duplicate of) it."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
+    def __init__(self, sock: socket.socket, factory: MakeProtocol,
                  context: ssl.SSLContext | None) -> None:
         self.sock = sock
-        self.factory = factory
+
+        def direct() -> asyncio.Protocol:  # the peer is the client
+            return factory(None)
+
+        self.factory = direct
         self.context = context
         self.server: asyncio.AbstractServer | None = None
         self.stopped = False
@@ -127,12 +143,20 @@ def _nothing() -> None:
     return None
 
 
+def h2_server(site: Site, connections: Connections) -> H2Server | H2NativeServer:
+    """The HTTP/2 side of a TLS listener, on this process's engine."""
+    if h2_engine() == "ng2":
+        from .h2native import H2NativeServer
+        return H2NativeServer(site, connections)
+    return H2Server(site, connections)
+
+
 class ListenerSet:
     """The running listeners of one worker."""
 
     def __init__(self) -> None:
-        self._served: list[_Served] = []
-        self._h2: list[H2Server] = []
+        self._served: list[_Served | ProxyAcceptor] = []
+        self._h2: list[H2Server | H2NativeServer] = []
         self.connections = Connections(0, self._full)
         self._resume: asyncio.Task[None] | None = None
 
@@ -155,29 +179,33 @@ class ListenerSet:
         for listener, sock, context in sockets:
             site = sites[listener.address]
 
-            def http1(site: Site = site) -> asyncio.Protocol:
-                return H1Connection(site, connections)
+            def http1(client: tuple[str, int] | None = None, site: Site = site) -> asyncio.Protocol:
+                return H1Connection(site, connections, client)
 
-            def accepted(site: Site = site) -> asyncio.Protocol:
+            def accepted(client: tuple[str, int] | None = None, site: Site = site) -> asyncio.Protocol:
                 connections.arrive()
-                return H1Connection(site, connections)
+                return H1Connection(site, connections, client)
 
-            factory: Callable[[], asyncio.Protocol] = accepted
+            factory: MakeProtocol = accepted
             if context is not None:
-                h2: Callable[[], asyncio.Protocol] | None = None
+                h2: MakeProtocol | None = None
                 if listener.http2:
-                    h2_server = H2Server(site, connections)
-                    self._h2.append(h2_server)
-                    h2 = h2_server
+                    server = h2_server(site, connections)
+                    self._h2.append(server)
+                    h2 = server
 
-                def selector(h1: Callable[[], asyncio.Protocol] = http1,
-                             h2: Callable[[], asyncio.Protocol] | None = h2
-                             ) -> asyncio.Protocol:
+                def selector(client: tuple[str, int] | None = None, h1: MakeProtocol = http1,
+                             h2: MakeProtocol | None = h2) -> asyncio.Protocol:
                     connections.arrive()
-                    return AlpnSelector(h1, h2, failed)
+                    return AlpnSelector(h1, h2, failed, client)
 
                 factory = selector
-            served = _Served(sock, factory, context)
+            served: _Served | ProxyAcceptor
+            if listener.proxy_protocol:
+                served = ProxyAcceptor(sock, factory, context, site.trusted, connections,
+                                       site.metrics, config.limits.header_timeout)
+            else:
+                served = _Served(sock, factory, context)
             self._served.append(served)
             await served.start()
 
@@ -194,6 +222,12 @@ class ListenerSet:
                 await served.start()
         finally:
             self._resume = None
+
+    def goaway_http2(self) -> None:
+        """GOAWAY to every HTTP/2 connection (the node drains): each closes once its
+        streams are done, and its client opens a new connection, through the balancer."""
+        for h2_server in self._h2:
+            h2_server.goaway_all()
 
     def open_connections(self) -> int:
         """Client connections open now on these listeners."""
@@ -226,6 +260,10 @@ class ListenerSet:
             log.warning("stop: %d connection(s) still open after %gs; closing them",
                         len(open_now), grace)
             for conn in open_now:
+                close_now = getattr(conn, "close_now", None)
+                if close_now is not None:  # a PROXY header still on its way
+                    close_now()
+                    continue
                 transport = getattr(conn, "transport", None)
                 if transport is not None:
                     cast(asyncio.BaseTransport, transport).close()

@@ -2,9 +2,10 @@
 
 Each worker counts, per app, requests by status, a latency histogram and upstream
 errors, failed TLS handshakes, and has gauges: the open client connections and, per app,
-the requests in flight and queued. The counters are cumulative and plain JSON-able dicts
-(``snapshot``), so worker processes send them to the main process, which adds them up
-(``merge``) with the module's process figures and renders ``GET /metrics`` in the
+the requests in flight and queued, and the bytes held for slow clients
+(``proxy.edge.buffers``: now, the peak, the per-worker cap, how often it was reached).
+The counters are cumulative and plain JSON-able dicts (``snapshot``), so worker
+processes send them to the main process, which adds them up (``merge``) with the module's process figures and renders ``GET /metrics`` in the
 Prometheus text format (``render``), with ``bastion_build_info`` and the standard
 ``process_*`` figures of the main process. No I/O here but reading /proc for those.
 """
@@ -32,17 +33,34 @@ class Metrics:
         self.tls_handshake_errors = 0
         self.access_log_lost = 0  # access log lines a failed write lost
         self.open_connections = 0
+        self.proxy_refused: dict[str, int] = {}  # PROXY protocol refusals by reason
+        self.draining = 0  # 1 while this node drains (``bastion drain``, SIGTERM)
         self.in_flight: dict[str, int] = {}  # app -> requests being served now
         self.queued: dict[str, int] = {}  # app -> requests waiting for it now
+        self.buffered = 0  # bytes held for slow clients now (proxy.edge.buffers)
+        self.buffered_peak = 0
+        self.buffer_cap = 0  # limits.buffer_memory, per worker
+        self.buffer_refusals = 0  # times the cap was reached (streamed instead)
 
     def tls_handshake_failed(self) -> None:
         """Count one TLS handshake that failed (the data plane calls this)."""
         self.tls_handshake_errors += 1
 
+    def proxy_protocol_refused(self, reason: str) -> None:
+        """Count one connection refused on a ``proxy_protocol`` listener."""
+        self.proxy_refused[reason] = self.proxy_refused.get(reason, 0) + 1
+
     def set_load(self, app: str, in_flight: int, queued: int) -> None:
         """The requests ``app`` serves and has waiting, as this worker sees them now."""
         self.in_flight[app] = in_flight
         self.queued[app] = queued
+
+    def set_buffers(self, used: int, peak: int, cap: int, refusals: int) -> None:
+        """The worker's buffer budget as it stands now."""
+        self.buffered = used
+        self.buffered_peak = peak
+        self.buffer_cap = cap
+        self.buffer_refusals = refusals
 
     def observe(self, app: str, status: int, duration: float) -> None:
         """Count one finished request."""
@@ -66,14 +84,21 @@ class Metrics:
             "tls_handshake_errors": self.tls_handshake_errors,
             "access_log_lost": self.access_log_lost,
             "open_connections": self.open_connections,
+            "proxy_refused": dict(self.proxy_refused),
+            "draining": self.draining,
             "in_flight": dict(self.in_flight),
             "queued": dict(self.queued),
+            "buffered": self.buffered,
+            "buffered_peak": self.buffered_peak,
+            "buffer_cap": self.buffer_cap,
+            "buffer_refusals": self.buffer_refusals,
         }
 
 
 def retired(snapshot: dict[str, Any]) -> dict[str, Any]:
     """The snapshot of a worker that is gone: its counters stay, its gauges are 0."""
-    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}}
+    return {**snapshot, "open_connections": 0, "in_flight": {}, "queued": {}, "draining": 0,
+            "buffered": 0}
 
 
 def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -84,9 +109,12 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     errors: dict[str, int] = {}
     in_flight: dict[str, int] = {}
     queued: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    draining = 0
     handshakes = 0
     lost = 0
     connections = 0
+    buffered = peak = cap = refusals = 0
     for snap in snapshots:
         for app, status, n in snap.get("requests", []):
             requests[(app, status)] = requests.get((app, status), 0) + n
@@ -102,9 +130,16 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             in_flight[app] = in_flight.get(app, 0) + n
         for app, n in snap.get("queued", {}).items():
             queued[app] = queued.get(app, 0) + n
+        for reason, n in snap.get("proxy_refused", {}).items():
+            refused[reason] = refused.get(reason, 0) + n
+        draining = max(draining, snap.get("draining", 0))
         handshakes += snap.get("tls_handshake_errors", 0)
         lost += snap.get("access_log_lost", 0)
         connections += snap.get("open_connections", 0)
+        buffered += snap.get("buffered", 0)
+        peak = max(peak, snap.get("buffered_peak", 0))
+        cap = max(cap, snap.get("buffer_cap", 0))
+        refusals += snap.get("buffer_refusals", 0)
     return {
         "requests": [[a, s, n] for (a, s), n in requests.items()],
         "latency": latency,
@@ -113,8 +148,14 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "tls_handshake_errors": handshakes,
         "access_log_lost": lost,
         "open_connections": connections,
+        "proxy_refused": refused,
+        "draining": draining,
         "in_flight": in_flight,
         "queued": queued,
+        "buffered": buffered,
+        "buffered_peak": peak,
+        "buffer_cap": cap,
+        "buffer_refusals": refusals,
     }
 
 
@@ -217,9 +258,32 @@ def render(merged: dict[str, Any], status: dict[str, Any], workers: int,
     out += ["# HELP bastion_access_log_lost_lines_total Access log lines lost to failed writes.",
             "# TYPE bastion_access_log_lost_lines_total counter",
             f"bastion_access_log_lost_lines_total {merged.get('access_log_lost', 0)}"]
+    out += ["# HELP bastion_proxy_protocol_refused_total Connections refused on "
+            "proxy_protocol listeners, by reason.",
+            "# TYPE bastion_proxy_protocol_refused_total counter"]
+    for reason, n in sorted(merged.get("proxy_refused", {}).items()):
+        out.append(f'bastion_proxy_protocol_refused_total{{reason="{_label(reason)}"}} {n}')
+    out += ["# HELP bastion_draining 1 while the node drains (health answers 503).",
+            "# TYPE bastion_draining gauge",
+            f"bastion_draining {merged.get('draining', 0)}"]
     out += ["# HELP bastion_open_connections Client connections open now.",
             "# TYPE bastion_open_connections gauge",
             f"bastion_open_connections {merged['open_connections']}",
+            "# HELP bastion_buffered_bytes Bytes held for slow clients now, all workers.",
+            "# TYPE bastion_buffered_bytes gauge",
+            f"bastion_buffered_bytes {merged.get('buffered', 0)}",
+            "# HELP bastion_buffered_bytes_peak The most bytes one worker has held for "
+            "slow clients.",
+            "# TYPE bastion_buffered_bytes_peak gauge",
+            f"bastion_buffered_bytes_peak {merged.get('buffered_peak', 0)}",
+            "# HELP bastion_buffer_cap_bytes The cap on buffered bytes per worker "
+            "(limits.buffer_memory).",
+            "# TYPE bastion_buffer_cap_bytes gauge",
+            f"bastion_buffer_cap_bytes {merged.get('buffer_cap', 0)}",
+            "# HELP bastion_buffer_cap_reached_total Times buffering fell back to "
+            "streaming because a worker's cap was reached.",
+            "# TYPE bastion_buffer_cap_reached_total counter",
+            f"bastion_buffer_cap_reached_total {merged.get('buffer_refusals', 0)}",
             "# HELP bastion_workers Proxy worker processes.",
             "# TYPE bastion_workers gauge",
             f"bastion_workers {workers}"]

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The per-request path (``h1``, ``flow``, ``upstream``, ``strict``, ``codec``,
-``headers``) is ordinary, ``mypy --strict`` clean Python. mypyc compiles
+``headers``, and for HTTP/2 ``h2translate`` and ``h2native``) is ordinary,
+``mypy --strict`` clean Python. mypyc compiles
 those modules to C extensions that sit next to their sources; Python imports an
 extension before a source of the same name, so nothing else changes. Measured on the
 benchmark machine (``bench/``; ``workers: 1``, ``wrk -c32``): 59 us of CPU per request
@@ -15,32 +16,47 @@ mypy, gcc and the Python headers there). Without them the same modules run as Py
 and ``serve`` logs a warning (``warn_if_interpreted``).
 ``BASTION_INTERPRETED=1`` in the environment makes a process load the sources even when
 the extensions are built (``prefer_sources``): the tests run both ways.
+
+The same step builds the native HTTP/2 engine, ``_ng2`` (``_ng2.c``: a small C extension
+over libnghttp2, compiled by gcc in well under a second; ``build_ng2``). Which HTTP/2
+engine a process uses is decided here, once (``h2_engine``): ``ng2`` when the extension
+imports, else the pure-Python ``h2`` library, with one warning at start
+(``report_h2_engine``). ``BASTION_H2_ENGINE=h2`` forces the ``h2`` engine (tests run
+both; the benchmark compares them).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
-MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1")
+MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2native")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
+NG2 = "_ng2"
+H2_ENGINE_ENV = "BASTION_H2_ENGINE"
+NGHTTP2_HEADER = Path("/usr/include/nghttp2/nghttp2.h")
 
 
 def interpreted() -> list[str]:
-    """The modules of ``MODULES`` that run as Python in this process."""
+    """The modules of ``MODULES`` that run (or would run) as Python in this process.
+
+    Found, not imported: ``h2native`` imports only where the HTTP/2 extension is built."""
     slow = []
     for name in MODULES:
-        module = importlib.import_module(f"{PACKAGE}.{name}")
-        if str(getattr(module, "__file__", "")).endswith(".py"):
+        spec = importlib.util.find_spec(f"{PACKAGE}.{name}")
+        if spec is None or str(spec.origin or "").endswith(".py"):
             slow.append(name)
     return slow
 
@@ -129,11 +145,72 @@ def build() -> int:
     return done.returncode
 
 
+def ng2_stale() -> bool:
+    """Whether the HTTP/2 extension is missing or older than its source."""
+    built = _extensions(NG2)
+    return not built or built[0].stat().st_mtime < (HERE / f"{NG2}.c").stat().st_mtime
+
+
+def build_ng2() -> int:
+    """Compile ``_ng2.c`` next to it (gcc, the Python headers, libnghttp2-dev); 0 on
+    success. A failed build leaves no extension: Bastion then speaks HTTP/2 with ``h2``."""
+    for old in _extensions(NG2):
+        old.unlink()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    include = sysconfig.get_paths()["include"]
+    with tempfile.TemporaryDirectory(prefix="bastion-ng2-") as scratch:
+        target = Path(scratch, NG2 + suffix)
+        done = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", f"-I{include}",
+                               str(HERE / f"{NG2}.c"), "-lnghttp2", "-o", str(target)],
+                              check=False)
+        if done.returncode == 0:
+            shutil.move(str(target), HERE / target.name)
+    return done.returncode
+
+
+@functools.cache
+def h2_engine() -> str:
+    """``"ng2"`` (libnghttp2, compiled) or ``"h2"`` (the pure-Python library): the
+    HTTP/2 engine of this process. ``BASTION_H2_ENGINE=h2`` forces ``h2``."""
+    if os.environ.get(H2_ENGINE_ENV, "").strip().lower() == "h2":
+        return "h2"
+    try:
+        importlib.import_module(f"{PACKAGE}.{NG2}")
+    except ImportError:
+        return "h2"
+    return "ng2"
+
+
+def report_h2_engine(log: logging.Logger, http2: bool) -> None:
+    """At start, when HTTP/2 is served (``http2``): which engine, and a warning when it
+    is the slower ``h2`` because the native one is not built."""
+    if not http2:
+        return
+    if h2_engine() == "ng2":
+        from . import _ng2
+        log.info("HTTP/2 engine: ng2 (libnghttp2 %s)", _ng2.NGHTTP2_VERSION)
+    elif os.environ.get(H2_ENGINE_ENV, "").strip().lower() == "h2":
+        log.info("HTTP/2 engine: h2 (%s=h2)", H2_ENGINE_ENV)
+    else:
+        log.warning("HTTP/2 engine: h2, the pure-Python library: it works, at several times "
+                    "the CPU per request; the native engine (libnghttp2) is not built: "
+                    "`python -m bastion.proxy.edge.native` builds it (needs gcc, the Python "
+                    "headers and libnghttp2-dev)")
+
+
 def main() -> int:
-    """``python -m bastion.proxy.edge.native [--if-stale]``."""
-    if "--if-stale" in sys.argv[1:] and not stale():
-        return 0
-    return build()
+    """``python -m bastion.proxy.edge.native [--if-stale]``: build the compiled data
+    plane (mypyc) and the HTTP/2 engine; 1 when either could not be built."""
+    only_stale = "--if-stale" in sys.argv[1:]
+    status = 0
+    if not only_stale or stale():
+        status |= build()
+    if not only_stale or ng2_stale():
+        if build_ng2() != 0:
+            print("native: the HTTP/2 engine (_ng2) could not be built; HTTP/2 runs on h2",
+                  file=sys.stderr)
+            status |= 1
+    return status
 
 
 if __name__ == "__main__":

@@ -3,26 +3,33 @@
 A ``Site`` is made once per listener and worker generation. It holds nothing per
 request; the protocols (``proxy.edge.h1``, ``proxy.edge.h2server``) and the flows
 (``proxy.edge.flow``) read from it: the routes, the app specs by name, the endpoint
-table, the upstream pool, the headers every answer carries (``Server``, HSTS), the
-error pages, and the access log and metrics a finished request goes to.
+table, the upstream pool, the in-process apps (``host``), the headers every answer
+carries (``Server``, HSTS), the error pages, the access log and metrics a finished
+request goes to, each app's buffering and compression settings and the worker's buffer
+budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.module.spec import AppSpec
 
-from ..config.model import Config, Listener
+from ..config.model import Config, Listener, Offload
 from .accesslog import AccessLog, LogEntry
+from .buffers import BufferBudget
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import ProxyError
+from .health import HealthAnswer, NodeState, answer
 from .metrics import Metrics
 from .routing import Router
 from .trust import TrustedProxies
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .hosting.host import Host
 
 WAIT_MARGIN = 5.0
 
@@ -47,7 +54,8 @@ class Site:
 
     def __init__(self, listener: Listener, config: Config, router: Router,
                  table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, buffers: BufferBudget | None = None,
+                 host: Host | None = None, node: NodeState | None = None) -> None:
         self.listener = listener
         self.config = config
         self.limits = config.limits
@@ -56,10 +64,20 @@ class Site:
         self.pool = pool
         self.access_log = access_log
         self.metrics = metrics
+        self.host = host  # the worker's in-process apps (proxy.edge.hosting)
         self.scheme = "https" if listener.tls is not None else "http"
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        self.node = node if node is not None else NodeState()  # the drain, per worker
+        self.health_path = config.health.path  # answered here (None: not at all)
+        self._required = config.health.require_apps
+        self.accel = bool(config.statics)  # apps' X-Accel-Redirect is looked for
+        # Buffering and compression by app (its pool's); the worker's buffer budget.
+        self.offload: dict[str, Offload] = {spec.name: config.offload_of(spec.name)
+                                            for spec in config.apps}
+        self.buffers = buffers if buffers is not None \
+            else BufferBudget(config.limits.buffer_memory)
         self._redirects = listener.redirect_https
         self._https_port = config.https_port if listener.redirect_https else None
         # Like nginx, every answer names the edge, not the app's server software.
@@ -69,6 +87,10 @@ class Site:
         self.response_headers = extra
         self.extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra)
 
+    def health(self) -> HealthAnswer:
+        """The node's health answer now (``proxy.edge.health``)."""
+        return answer(self.node, self._required, self.table.state)
+
     def error_page(self, error: ProxyError) -> ErrorPage:
         """The page for ``error`` (never cached by anyone in front of us); the protocol
         adds ``response_headers`` as to every answer."""
@@ -77,6 +99,7 @@ class Site:
                    (b"Cache-Control", b"no-store")]
         if error.retry_after is not None:
             headers.append((b"Retry-After", b"%d" % error.retry_after))
+        headers.extend(error.extra_headers)
         return ErrorPage(error.status, headers, body)
 
     def redirect_location(self, host: str, target: str) -> bytes | None:

@@ -1,0 +1,59 @@
+"""CPU per MiB against ratio for each gzip level, on the HTML page the bench serves.
+
+    python bench/gzip_levels.py [--size 102400] [--rounds 20]
+
+The page is ``tests/apps/offload_wsgi.html`` (a product list, as a shop's pages are),
+compressed the way Bastion compresses a streamed answer (``zlib`` with the gzip header,
+flushed with ``Z_SYNC_FLUSH`` after every 64 KiB read from the app). For each level the
+best of ``rounds`` runs of process CPU time is reported, as ms per MiB of input, with the
+compressed size as a share of the input. ``compression.level``'s default comes from this
+table (docs/offload.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "apps"))
+from offload_wsgi import html  # noqa: E402
+
+PIECE = 64 * 1024
+
+
+def compress(page: bytes, level: int) -> int:
+    encoder = zlib.compressobj(level, zlib.DEFLATED, 31, 8)
+    size = 0
+    for start in range(0, len(page), PIECE):
+        size += len(encoder.compress(page[start:start + PIECE]))
+        size += len(encoder.flush(zlib.Z_SYNC_FLUSH))
+    return size + len(encoder.flush(zlib.Z_FINISH))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=100 * 1024)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    page = html(args.size)
+    repeat = max(1, (8 * 1024 * 1024) // len(page))  # about 8 MiB of input per round
+    print(f"page {len(page)} bytes, {repeat} pages per round, best of {args.rounds}")
+    print("| level | CPU ms per MiB | compressed size |")
+    print("|---|---|---|")
+    for level in range(1, 10):
+        best = float("inf")
+        size = 0
+        for _ in range(args.rounds):
+            started = time.process_time()
+            for _ in range(repeat):
+                size = compress(page, level)
+            best = min(best, time.process_time() - started)
+        per_mib = best * 1000 / (repeat * len(page) / (1024 * 1024))
+        print(f"| {level} | {per_mib:.2f} | {100 * size / len(page):.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The in-process apps of one proxy worker: loading, refusing, calling, reporting.
+
+Theory of operation
+-------------------
+A worker process makes one ``Host`` for the ``hosting_model: in_process`` apps of its
+configuration. ``start`` (after the worker dropped its privileges, before it takes a
+request) imports each app (``loader``), makes the WSGI thread pool or runs the ASGI
+lifespan startup, and tells the module what came of it (``HostedReport``: loaded, or
+failed with the traceback). One app failing leaves the others serving.
+
+The module stays the authority over whether an app may be called at all: the flow asks
+``refusal`` first, which applies the module's latest ``AppState`` (offline, stopped by
+the administrator, rapid-fail backoff: 503 as for an out-of-process app) before this
+worker's own record (a failed import: 502 with the reason, the traceback on the page
+only with ``detailed_errors``). A failed app is imported again by the next request (which waits
+for that attempt; ``loading``), at most once per ``RETRY_EVERY`` seconds, as an
+out-of-process app is started again by the next request; each failure counts in the module's rapid-fail window, which
+eventually answers 503 with ``Retry-After`` for everybody.
+
+``call`` builds the scope (``scope``) and starts an ``AsgiCall`` or ``WsgiCall`` for the
+flow. The worker's requests served and in flight per app go to the module as a
+``UsageReport`` for this worker's pid (``bastion status``, ``max_requests``) at most
+every ``REPORT_EVERY`` seconds, when they changed. ``stop`` runs the lifespan shutdown
+and lets the thread pools finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from bastion.module.messages import FromProxy, HostedReport, ProcessUsage, UsageReport
+from bastion.module.spec import AppSpec
+
+from ..errors import BadGateway, ProxyError, Unavailable
+from ..flow import normalised_path
+from . import scope as scopes
+from .asgi import AsgiCall, Lifespan
+from .loader import LoadFailed, load
+from .wsgi import WsgiCall
+
+if TYPE_CHECKING:
+    from ..endpoints import EndpointTable
+    from ..flow import Flow, HostedCall
+
+log = logging.getLogger("bastion.hosted")
+
+Send = Callable[[FromProxy], None]
+RETRY_EVERY = 0.5  # a failed import is tried again at most this often per worker
+REPORT_EVERY = 0.25
+SHUTDOWN_LIMIT = 10.0  # lifespan shutdown, at most
+
+
+class HostedApp:
+    """One in-process app in this worker."""
+
+    def __init__(self, spec: AppSpec) -> None:
+        self.spec = spec
+        self.target: Any = None  # the imported callable, once loaded
+        self.reason = ""  # why it failed, when it did
+        self.detail = ""
+        self.tried_at = 0.0
+        self.lifespan: Lifespan | None = None
+        self.state: dict[str, Any] = {}  # the lifespan's state, copied into each scope
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.served = 0
+        self.in_flight = 0
+        self.loading: asyncio.Future[bool] | None = None  # an attempt under way
+
+    @property
+    def loaded(self) -> bool:
+        """Imported (and its lifespan started, when it has one)."""
+        return self.target is not None
+
+
+class Host:
+    """The in-process apps of one worker."""
+
+    def __init__(self, specs: Iterable[AppSpec], table: EndpointTable, send: Send,
+                 worker: int = 0) -> None:
+        self.apps = {spec.name: HostedApp(spec) for spec in specs if spec.in_process}
+        self.table = table
+        self.send = send
+        self.worker = worker
+        self.pid = os.getpid()
+        self._dirty: set[str] = set()
+        self._reporter: asyncio.TimerHandle | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.apps)
+
+    # -- loading --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Import every app and start its lifespan (before the worker takes requests)."""
+        self.pid = os.getpid()
+        for hosted in self.apps.values():
+            await self._load(hosted)
+
+    async def _load(self, hosted: HostedApp) -> bool:
+        try:
+            return await self._import(hosted)
+        finally:
+            hosted.loading = None
+
+    async def _import(self, hosted: HostedApp) -> bool:
+        spec = hosted.spec
+        hosted.tried_at = time.monotonic()
+        try:
+            target = load(spec)
+        except LoadFailed as exc:
+            self._failed(hosted, exc.reason, exc.detail)
+            return False
+        if spec.interface == "asgi":
+            lifespan = Lifespan(spec.name, target, hosted.state)
+            error = await lifespan.startup(spec.settings.startup_time_limit)
+            if error is not None:
+                self._failed(hosted, f"lifespan startup failed: {error.splitlines()[0]}",
+                             error)
+                return False
+            hosted.lifespan = lifespan
+        elif hosted.pool is None:
+            hosted.pool = concurrent.futures.ThreadPoolExecutor(
+                spec.threads, thread_name_prefix=f"bastion-{spec.name}")
+        hosted.target = target
+        hosted.reason = hosted.detail = ""
+        log.info("app %s (%s %s) loaded in worker pid %d", spec.name, spec.interface,
+                 spec.app, self.pid)
+        self.send(HostedReport(spec.name, self.worker, self.pid, "loaded"))
+        return True
+
+    def _failed(self, hosted: HostedApp, reason: str, detail: str) -> None:
+        hosted.target = None
+        hosted.reason = reason
+        hosted.detail = detail
+        log.error("app %s failed to load in worker pid %d: %s\n%s", hosted.spec.name,
+                  self.pid, reason, detail)
+        self.send(HostedReport(hosted.spec.name, self.worker, self.pid, "failed", reason,
+                               detail))
+
+    # -- serving --------------------------------------------------------------------------
+    def refusal(self, app: str) -> ProxyError | None:
+        """Why ``app`` cannot be called now (an error for the client), else None."""
+        hosted = self.apps[app]
+        state = self.table.state(app)
+        if state is not None:
+            if state.state == "offline":
+                return Unavailable(state.reason or f"the app {app!r} is offline", app=app,
+                                   body=state.offline_body)
+            if state.state in ("draining", "stopped"):
+                return Unavailable(f"the app {app!r} is stopping", app=app, retry_after=1)
+            if state.state == "backoff" and state.retry_at is not None:
+                wait = state.retry_at - time.monotonic()
+                if wait > 0:
+                    return Unavailable(f"the app {app!r} failed too often and is resting",
+                                       app=app, detail=f"{state.reason}\n{state.detail}".strip(),
+                                       retry_after=max(1, int(wait + 0.999)))
+        if hosted.loaded or hosted.loading is not None:
+            return None
+        if time.monotonic() - hosted.tried_at < RETRY_EVERY:
+            return self.failure(app)
+        return None
+
+    def failure(self, app: str) -> ProxyError:
+        """The 502 of an app that failed to load in this worker."""
+        hosted = self.apps[app]
+        return BadGateway(f"the app {app!r} failed to load: {hosted.reason}", app=app,
+                          detail=hosted.detail)
+
+    def loading(self, app: str) -> asyncio.Future[bool] | None:
+        """None when ``app`` is loaded; else the attempt to load it (started now, or the
+        one under way), which a request waits for as for an app process's start."""
+        hosted = self.apps[app]
+        if hosted.loaded:
+            return None
+        if hosted.loading is None:
+            hosted.loading = asyncio.ensure_future(self._load(hosted))
+        return hosted.loading
+
+    def call(self, app: str, flow: Flow, pending: list[bytes], body_end: bool) -> HostedCall:
+        """Start ``flow``'s request in ``app`` (which ``refusal`` let through)."""
+        hosted = self.apps[app]
+        spec = hosted.spec
+        request = flow.request
+        site = flow.site
+        version = request.version[5:]
+        head = scopes.Head(request.method, request.target, normalised_path(request.path),
+                           request.headers,
+                           request.client_ip, request.client_port,
+                           "2" if version == "2.0" else version, request.trusted)
+        facts = scopes.Facts(site.scheme, scopes.host_name(request.host), site.port,
+                             spec.path_base)
+        hosted.in_flight += 1
+        self._changed(app)
+
+        def done() -> None:
+            hosted.in_flight -= 1
+            hosted.served += 1
+            self._changed(app)
+
+        if spec.interface == "wsgi":
+            assert hosted.pool is not None
+            return WsgiCall(app, hosted.target, scopes.wsgi_environ(head, facts), flow,
+                            pending, body_end, hosted.pool, done)
+        return AsgiCall(app, hosted.target, scopes.http_scope(head, facts, hosted.state),
+                        flow, pending, body_end, done=done)
+
+    # -- usage reports ----------------------------------------------------------------------
+    def _changed(self, app: str) -> None:
+        self._dirty.add(app)
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().call_later(REPORT_EVERY, self.flush)
+
+    def flush(self) -> None:
+        """Send the usage of every app whose counters changed."""
+        self._reporter = None
+        dirty, self._dirty = self._dirty, set()
+        for app in dirty:
+            hosted = self.apps[app]
+            self.send(UsageReport(app, self.worker, (
+                ProcessUsage(self.pid, hosted.served, hosted.in_flight),)))
+
+    def in_flight(self, app: str) -> int:
+        """Requests of ``app`` this worker is serving now."""
+        return self.apps[app].in_flight
+
+    # -- stopping -------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Lifespan shutdown of every ASGI app; the WSGI pools finish their threads."""
+        if self._reporter is not None:
+            self._reporter.cancel()
+        self.flush()
+        for hosted in self.apps.values():
+            if hosted.lifespan is not None:
+                error = await hosted.lifespan.shutdown(SHUTDOWN_LIMIT)
+                if error is not None:
+                    log.error("app %s: %s", hosted.spec.name, error)
+            if hosted.pool is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, hosted.pool.shutdown)

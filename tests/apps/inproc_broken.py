@@ -1,0 +1,3 @@
+"""An app that cannot be imported (in-process hosting tests)."""
+
+raise ImportError("this app is broken on purpose")
