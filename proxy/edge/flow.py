@@ -844,6 +844,8 @@ class Flow:
         route = None if target is None else self.site.router.match(
             self.request.host, normalised_path(decoded_path(target)))
         if target is None or route is None or route.static is None:
+            log.warning("app %r answered X-Accel-Redirect: %r, which no static location "
+                        "maps: 404", self.app, value.decode("latin-1"))
             self.fail(NotFound("X-Accel-Redirect names no static location",
                                detail=value.decode("latin-1")))
             return
