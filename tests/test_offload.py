@@ -5,11 +5,15 @@ slow clients (``pools.NAME.buffering``, ``limits.buffer_memory``)."""
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.client
+import json
 import socket
 import sys
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import brotli
 import pytest
@@ -181,3 +185,165 @@ def test_event_stream_not_compressed_by_default(site: BastionProcess) -> None:
 
 
 # -- buffering of slow clients -------------------------------------------------------------
+BIG = 8 * 1024 * 1024  # a response bigger than what loopback sockets hold on their own
+
+
+@pytest.fixture(scope="module")
+def slow_site(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[BastionProcess]:
+    """One gunicorn sync worker per app: ``/on`` buffered, ``/off`` not."""
+    tmp = tmp_path_factory.mktemp("slow")
+    config = {
+        "listen": [{"address": f"127.0.0.1:{free_port()}"},
+                   {"address": f"127.0.0.1:{free_port()}", "tls": tls_config(tls_ca, tmp / "tls")}],
+        "pools": {"buffered": {"buffering": {"request": "4m", "response": "16m"}},
+                  "streamed": {"buffering": "off"}},
+        "apps": {"on": {"command": gunicorn("--timeout", "60"), "path": "/on",
+                        "pool": "buffered"},
+                 "off": {"command": gunicorn("--timeout", "60"), "path": "/off",
+                         "pool": "streamed"}},
+    }
+    with BastionProcess(tmp, config, tls_ca=tls_ca) as proc:
+        assert proc.get("/on/fast").status == 200
+        assert proc.get("/off/fast").status == 200
+        yield proc
+
+
+def slow_reader(port: int, path: str) -> socket.socket:
+    """A client that asks for ``path`` and reads nothing for now."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    return sock
+
+
+def slow_uploader(port: int, path: str, body: bytes) -> socket.socket:
+    """A client that sends a head and the first 64 KiB of ``body``, then waits."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                 f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n"
+                 "\r\n".encode() + body[:65536])
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    sock.close()
+    return data
+
+
+def fast_answer(proc: BastionProcess, path: str, within: float) -> float | None:
+    """Seconds a fast client waited for ``path``, or None when not answered ``within``."""
+    conn = http.client.HTTPConnection("127.0.0.1", proc.port(), timeout=within)
+    started = time.monotonic()
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"fast"
+        return time.monotonic() - started
+    except TimeoutError:
+        return None
+    finally:
+        conn.close()
+
+
+def metrics(proc: BastionProcess) -> dict[str, float]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(proc.config["admin_socket"])
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: bastion\r\nConnection: close\r\n\r\n")
+    text = read_all(sock).partition(b"\r\n\r\n")[2].decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("bastion_buffer"):
+            name, _, value = line.partition(" ")
+            values[name] = float(value)
+    return values
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffering-on", "buffering-off"])
+def test_slow_readers(slow_site: BastionProcess, buffered: bool) -> None:
+    base = "/on" if buffered else "/off"
+    readers = [slow_reader(slow_site.port(), f"{base}/image?size={BIG}") for _ in range(2)]
+    try:
+        time.sleep(0.5)  # the app has started on the first
+        waited = fast_answer(slow_site, f"{base}/fast", within=3.0)
+        if buffered:
+            # The app gave both answers to Bastion at once and was free for this one.
+            assert waited is not None and waited < 2.0
+            assert metrics(slow_site)["bastion_buffered_bytes"] > 0
+        else:
+            assert waited is None  # the single sync worker is held by a slow reader
+    finally:
+        bodies = [read_all(sock) for sock in readers]
+    for data in bodies:  # every slow reader gets its whole answer in the end
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == BIG
+    assert fast_answer(slow_site, f"{base}/fast", within=10.0) is not None
+    if buffered:
+        assert metrics(slow_site)["bastion_buffered_bytes"] == 0  # all given back
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffering-on", "buffering-off"])
+def test_slow_uploaders(slow_site: BastionProcess, buffered: bool) -> None:
+    base = "/on" if buffered else "/off"
+    body = bytes(range(256)) * 2048  # 512 KiB
+    uploads = [slow_uploader(slow_site.port(), f"{base}/upload", body) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        waited = fast_answer(slow_site, f"{base}/fast", within=3.0)
+        if buffered:
+            assert waited is not None and waited < 2.0  # no app process is held by them
+        else:
+            assert waited is None  # the app reads the first upload as it comes
+    finally:
+        for sock in uploads:
+            sock.sendall(body[65536:])
+        answers = [read_all(sock) for sock in uploads]
+    for data in answers:
+        head, _, payload = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert json.loads(payload) == {"size": len(body),
+                                       "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_slow_reader_over_h2(slow_site: BastionProcess, tls_ca: trustme.CA) -> None:
+    # An HTTP/2 client that reads nothing: its stream window closes, Bastion buffers.
+    client = H2Client(slow_site.port(1), tls_ca)
+    try:
+        client.start("GET", f"/on/image?size={BIG}")
+        time.sleep(0.5)
+        waited = fast_answer(slow_site, "/on/fast", within=3.0)
+        assert waited is not None and waited < 2.0
+    finally:
+        client.close()
+
+
+def test_cap_reached_still_served(tmp_path: Path) -> None:
+    # A worker may hold 128 KiB in all: an 8 MiB answer to a slow reader goes on
+    # streamed, and so does an upload.
+    cap = 128 * 1024
+    config = {
+        "listen": [{"address": f"127.0.0.1:{free_port()}"}],
+        "limits": {"buffer_memory": cap},
+        "pools": {"default": {"buffering": {"request": "4m", "response": "16m"}}},
+        "apps": {"on": {"command": gunicorn(), "path": "/on"}},
+    }
+    with BastionProcess(tmp_path, config) as proc:
+        assert proc.get("/on/fast").status == 200
+        reader = slow_reader(proc.port(), f"/on/image?size={BIG}")
+        time.sleep(0.5)
+        figures = metrics(proc)
+        assert figures["bastion_buffer_cap_bytes"] == cap
+        assert figures["bastion_buffer_cap_reached_total"] >= 1
+        assert figures["bastion_buffered_bytes_peak"] <= cap
+        data = read_all(reader)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == BIG
+        upload = bytes(200) * 4096  # 800 KiB: more than the cap, streamed beyond it
+        answer = proc.request("POST", "/on/upload", body=upload)
+        assert answer.status == 200 and answer.json()["size"] == len(upload)
+        after = metrics(proc)
+        assert after["bastion_buffer_cap_reached_total"] > figures["bastion_buffer_cap_reached_total"]
+        assert after["bastion_buffered_bytes"] == 0 and after["bastion_buffered_bytes_peak"] <= cap

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import trustme
 from conftest import ca_pem_path, tls_config
-from harness import BastionProcess, app_command, free_port, wait_until
+from harness import APPS, BastionProcess, app_command, free_port, wait_until
 from test_admin import metrics
 from test_proxyproto import MALFORMED
 
@@ -261,3 +261,23 @@ def test_connections_waiting_for_their_header_do_not_block_others(
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_an_in_process_app_gets_the_headers_client_in_its_scope(
+        tmp_path: Path, tls_ca: trustme.CA) -> None:
+    config: dict[str, Any] = {
+        "listen": [{"address": f"127.0.0.1:{free_port()}", "proxy_protocol": True},
+                   {"address": f"127.0.0.1:{free_port()}", "proxy_protocol": True,
+                    "tls": tls_config(tls_ca, tmp_path / "tls")}],
+        "trusted_proxies": [f"{BALANCER}/32"],
+        "apps": {"star": {"path": "/star", "hosting_model": "in_process",
+                          "app": "inproc_starlette:app", "interface": "asgi",
+                          "cwd": str(APPS)}},
+    }
+    with BastionProcess(tmp_path, config, tls_ca=tls_ca) as running:
+        for listener, make, client in ((0, v2, ("203.0.113.20", 41000)),
+                                       (1, v1, ("2001:db8::20", 41001))):
+            status, got = exchange(running, listener, make(client[0], client[1], 443),
+                                   path="/star/info", tls=listener == 1)
+            assert status == 200, got
+            assert got["client"] == list(client)

@@ -5,7 +5,8 @@ port, state, uptime, requests, in flight, RSS, CPU; restarts; last exit; why an 
 offline or failed and until when), ``GET /metrics`` (Prometheus text), ``POST /reload``,
 ``POST /apps/NAME/recycle`` (overlapped), ``POST /apps/NAME/stop``,
 ``POST /apps/NAME/start``, ``POST /apps/NAME/restart`` (stop, then start) and
-``GET /apps/NAME/logs?lines=N[&follow=1]`` (the app's in-memory output tail as plain
+``POST /drain`` and ``POST /undrain`` (the node's health answers 503 / 200 for the load
+balancers, ``docs/scaling.md``), ``GET /apps/NAME/logs?lines=N[&follow=1]`` (the app's in-memory output tail as plain
 text; with ``follow`` the response goes on with live output until the client leaves).
 Every handler only calls the module's ``Supervisor``; nothing here touches a process.
 When the socket's directory cannot be created (the demo as a normal user with the
@@ -47,8 +48,12 @@ class Served(Protocol):
     @property
     def workers(self) -> Sized: ...
 
+    @property
+    def draining(self) -> bool: ...
+
     def status(self) -> dict[str, Any]: ...
     def metrics(self) -> dict[str, Any]: ...
+    def set_draining(self, draining: bool) -> None: ...
     async def reload(self) -> tuple[bool, list[str]]: ...
 
 
@@ -124,6 +129,11 @@ class AdminServer:
         status = 200 if applied else 400
         return web.json_response({"reloaded": applied, "problems": problems}, status=status)
 
+    async def _drain(self, request: web.Request) -> web.Response:
+        self.bastion.set_draining(request.path == "/drain")
+        log.info("admin: %s", request.path.lstrip("/"))
+        return web.json_response({"draining": self.bastion.draining})
+
     async def _app_action(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         action = request.match_info["action"]
@@ -152,6 +162,8 @@ class AdminServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/reload", self._reload)
+        app.router.add_post("/drain", self._drain)
+        app.router.add_post("/undrain", self._drain)
         app.router.add_post(r"/apps/{name}/{action:recycle|stop|start|restart}",
                             self._app_action)
         app.router.add_get("/apps/{name}/logs", self._logs)

@@ -26,6 +26,7 @@ METRICS = b"X"  # worker -> main: metrics snapshot as JSON
 READY = b"R"  # worker -> main: listening
 CERTIFICATES = b"T"  # main -> worker: new certificates in place (payload: pickled PEM bytes)
 HEARTBEAT = b"H"  # worker -> main: the worker's event loop runs (proxy/liveness.py)
+DRAIN = b"D"  # main -> worker: the node drains or not (payload: true/false as JSON)
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:

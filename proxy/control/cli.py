@@ -1,7 +1,8 @@
 """The ``bastion`` command line.
 
 ``serve``, ``check`` and ``config`` read a configuration file. The commands for a running
-Bastion (``status``, ``reload``, ``recycle``, ``stop``, ``start``, ``restart``, ``logs``)
+Bastion (``status``, ``reload``, ``recycle``, ``stop``, ``start``, ``restart``, ``logs``,
+``drain``, ``undrain``)
 only talk to its admin socket and never need a valid file: the socket is ``--socket
 PATH``, else ``BASTION_ADMIN_SOCKET``, else ``admin_socket`` read leniently from ``-c
 FILE`` (or ``BASTION_CONFIG``), else ``/run/bastion/admin.sock``.
@@ -162,6 +163,8 @@ def _format_status(data: dict[str, Any]) -> str:
              f"{len(data.get('workers', []))} worker(s)"]
     if data.get("config"):
         lines.append(f"config {data['config']}")
+    if data.get("draining"):
+        lines.append("DRAINING: health answers 503 (`bastion undrain` serves again)")
     lines.append(f"listening on {_listeners(data)}")
     if data.get("metrics_listen"):
         lines.append(f"metrics on http://{data['metrics_listen']}/metrics")
@@ -256,6 +259,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print("bastion reload: refused; the running configuration is unchanged", file=sys.stderr)
         return REFUSED
     print("reloaded")
+    return OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """``bastion drain`` / ``bastion undrain``: the node's health answers 503 (the load
+    balancers stop sending it new connections; every request it gets is still served)
+    or 200 again."""
+    answer = _ask(args, "POST", f"/{args.command}")
+    if answer is None:
+        return UNREACHABLE
+    status, data = answer
+    if status != 200:
+        print(f"bastion {args.command}: refused ({status})", file=sys.stderr)
+        return REFUSED
+    print("draining: health answers 503" if data.get("draining")
+          else "serving: health answers 200")
     return OK
 
 
@@ -355,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("app", help="the app's name")
         _admin_options(action)
         action.set_defaults(func=func)
+    for name, text in (
+        ("drain", "take this node out of its load balancer: health answers 503, clients "
+                  "are told to move, every request is still served"),
+        ("undrain", "put this node back: health answers 200"),
+    ):
+        drain = sub.add_parser(name, help=text)
+        _admin_options(drain)
+        drain.set_defaults(func=cmd_drain)
     logs = sub.add_parser("logs", help="an app's recent output (kept in memory), -f to follow")
     logs.add_argument("app", help="the app's name")
     logs.add_argument("-f", "--follow", action="store_true", help="go on with live output")

@@ -132,6 +132,7 @@ class WorkerHandle(abc.ABC):
     def __init__(self, worker_id: int) -> None:
         self.worker_id = worker_id
         self.metrics: dict[str, Any] = {}
+        self.draining = False  # what the worker was last told (``bastion drain``)
 
     @abc.abstractmethod
     def tell(self, state: ToProxy) -> None:
@@ -148,6 +149,11 @@ class WorkerHandle(abc.ABC):
     @abc.abstractmethod
     def reopen_logs(self) -> None:
         """Reopen the worker's log files."""
+
+    @abc.abstractmethod
+    def drain(self, draining: bool) -> None:
+        """The node drains (health 503, clients told to move) or serves again; a worker
+        not started yet starts so."""
 
     @abc.abstractmethod
     def reload_certificates(self, pems: PemFiles) -> None:
@@ -187,6 +193,10 @@ class LocalWorker(WorkerHandle):
 
     def reopen_logs(self) -> None:
         self.worker.reopen_logs()
+
+    def drain(self, draining: bool) -> None:
+        self.draining = draining
+        self.worker.set_draining(draining)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         return self.worker.metrics_snapshot()
@@ -248,7 +258,7 @@ class ProcessWorker(WorkerHandle):
         self.started_at = self.last_seen = time.monotonic()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         setup = WorkerSetup(self.config, self.worker_id, tuple(fds.items()),
-                            tuple(self.snapshot()), tuple(self.pems.items()))
+                            tuple(self.snapshot()), tuple(self.pems.items()), self.draining)
         self._writer.write(channel.frame(channel.SETUP, pickle.dumps(setup)))
         self._reader_task = asyncio.create_task(self._read(reader))
         ready = asyncio.ensure_future(self._ready.wait())
@@ -323,6 +333,11 @@ class ProcessWorker(WorkerHandle):
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(channel.frame(channel.REOPEN))
 
+    def drain(self, draining: bool) -> None:
+        self.draining = draining
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(channel.json_frame(channel.DRAIN, draining))
+
     def reload_certificates(self, pems: PemFiles) -> None:
         self.pems = dict(pems)
         if self._writer is not None and not self._writer.is_closing():
@@ -359,6 +374,7 @@ class Bastion:
         self._reloading = asyncio.Lock()
         self._liveness: asyncio.Task[None] | None = None
         self.stopping = False
+        self.draining = False  # ``bastion drain`` / the drain_delay at SIGTERM
         self.generation = 0
 
     # -- workers --------------------------------------------------------------------
@@ -399,6 +415,7 @@ class Bastion:
                                    self._replace, self.supervisor.snapshot, pems)
             worker.on_gone = self.supervisor.worker_gone
         self._handles[worker.worker_id] = worker
+        worker.drain(self.draining)  # before it serves: it starts in the node's state
         return worker
 
     def _forget(self, worker: WorkerHandle) -> None:
@@ -521,6 +538,17 @@ class Bastion:
         return (f"{len(self.workers)} worker(s), {len(self.config.apps)} app(s), "
                 f"generation {self.generation}")
 
+    def set_draining(self, draining: bool) -> None:
+        """``bastion drain`` / ``undrain``: every worker (and every later one: a
+        replacement, a reload's new generation) answers health with 503 and tells
+        clients to move, while serving every request it gets."""
+        if draining != self.draining:
+            log.info("%s", "draining: health answers 503, clients are told to move"
+                     if draining else "serving again: health answers 200")
+        self.draining = draining
+        for worker in self.workers:
+            worker.drain(draining)
+
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal-safe: only sets a flag)."""
         self._stop.set()
@@ -541,8 +569,15 @@ class Bastion:
     async def wait_and_stop(self) -> None:
         """Wait for a stop request, then stop everything in order."""
         await self._stop.wait()
-        self.stopping = True
         self.notifier.stopping()
+        delay = self.config.health.drain_delay
+        if delay > 0:
+            # Like Kubernetes' pre-stop delay: the balancer's checks see 503 and stop
+            # sending before the listeners close; meanwhile everything is served.
+            log.info("stopping: draining for %gs first (health answers 503)", delay)
+            self.set_draining(True)
+            await asyncio.sleep(delay)
+        self.stopping = True
         if self._liveness is not None:
             self._liveness.cancel()
         # New connections are refused from now on rather than completed by the kernel
@@ -714,7 +749,9 @@ class Bastion:
 
     def metrics(self) -> dict[str, Any]:
         """Every worker's metrics, past generations included, added up."""
-        return merge([self._retired, *(w.metrics_snapshot() for w in self.workers)])
+        merged = merge([self._retired, *(w.metrics_snapshot() for w in self.workers)])
+        merged["draining"] = int(self.draining)  # the node's state, not a worker's report
+        return merged
 
     def status(self) -> dict[str, Any]:
         """The module's status plus the host's own facts."""
@@ -727,6 +764,7 @@ class Bastion:
             for w in self.workers
         ]
         data["generation"] = self.generation
+        data["draining"] = self.draining
         data["config"] = self.config.source
         return data
 

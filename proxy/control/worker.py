@@ -51,6 +51,7 @@ from ..config.model import Config, Listener
 from ..edge.accesslog import AccessLog
 from ..edge.buffers import BufferBudget
 from ..edge.endpoints import EndpointTable, queue_limits
+from ..edge.health import NodeState
 from ..edge.hosting.host import Host
 from ..edge.listeners import ListenerSet
 from ..edge.metrics import Metrics
@@ -104,7 +105,7 @@ class ProxyWorker:
     """One worker's proxy: serves requests on the sockets it is given."""
 
     def __init__(self, config: Config, send: Send, worker_id: int = 0,
-                 pems: PemFiles | None = None) -> None:
+                 pems: PemFiles | None = None, draining: bool = False) -> None:
         self.config = config
         self.worker_id = worker_id
         self.pems = pems  # the generation's certificate bytes (None: read the files)
@@ -113,6 +114,8 @@ class ProxyWorker:
         self.pool = UpstreamPool()
         self.access_log = AccessLog(config.access_log, config.access_log_format)
         self.metrics = Metrics()
+        self.node = NodeState(draining)  # health 503 and Connection: close while draining
+        self.metrics.draining = int(draining)
         self.buffers = BufferBudget(config.limits.buffer_memory)  # shared by all listeners
         self.listeners = ListenerSet()
         self.tls: dict[str, TLSContextSet] = {}  # listener address -> its contexts
@@ -138,6 +141,15 @@ class ProxyWorker:
         if pems is not None:
             self.pems = pems
 
+    def set_draining(self, draining: bool) -> None:
+        """The node drains (health 503, clients told to move) or serves again."""
+        if draining == self.node.draining:
+            return
+        self.node.draining = draining
+        self.metrics.draining = int(draining)
+        if draining:
+            self.listeners.goaway_http2()
+
     def update(self, state: AppState) -> None:
         """A state snapshot from the module."""
         self.table.update(state)
@@ -154,6 +166,7 @@ class ProxyWorker:
             listener.address: Site(
                 listener, self.config, router, self.table, self.pool, self.access_log,
                 self.metrics, buffers=self.buffers, host=self.host if self.host else None,
+                node=self.node,
             )
             for listener in self.config.listeners
         }
@@ -214,6 +227,7 @@ class WorkerSetup:
     fds: tuple[tuple[str, int], ...]  # listener address -> inherited socket fd
     states: tuple[AppState, ...] = ()  # the module's snapshot when the worker was made
     pems: tuple[tuple[str, bytes], ...] = ()  # the generation's certificate files' bytes
+    draining: bool = False  # the node drains (``bastion drain``) when the worker starts
 
 
 def _preload() -> None:
@@ -253,7 +267,7 @@ async def _worker_process(channel_fd: int) -> None:
             writer.write(channel.json_frame(channel.MESSAGE, message.to_wire()))
 
     # Opens its logs while still root; its TLS contexts come from the generation's bytes.
-    worker = ProxyWorker(config, send, setup.worker_id, dict(setup.pems))
+    worker = ProxyWorker(config, send, setup.worker_id, dict(setup.pems), setup.draining)
     sockets = worker.bind(listening)
     if config.user:
         _preload()
@@ -284,6 +298,8 @@ async def _worker_process(channel_fd: int) -> None:
                     return
                 elif kind == channel.REOPEN:
                     worker.reopen_logs()
+                elif kind == channel.DRAIN:
+                    worker.set_draining(bool(json.loads(payload)))
                 elif kind == channel.CERTIFICATES:
                     try:
                         worker.reload_certificates(pickle.loads(payload) if payload else None)

@@ -443,6 +443,9 @@ class Flow:
     def _route(self) -> None:
         site = self.site
         request = self.request
+        if request.path == site.health_path:
+            self._answer_health()
+            return
         route = site.router.match(request.host, normalised_path(request.path))
         if route is None:
             raise NotFound("no application is configured for this address")
@@ -882,6 +885,19 @@ class Flow:
     def _other_ready(self) -> bool:
         state = self.site.table.state(self.app)
         return state is not None and any(e.pid != self.pid for e in state.endpoints)
+
+    def _answer_health(self) -> None:
+        """The node's own health answer, for load balancers (``proxy.edge.health``)."""
+        health = self.site.health()
+        body = b"" if self.request.method == "HEAD" else health.body
+        self.status = health.status
+        self.sent = len(body)
+        self._head_out = True
+        self.down.respond(health.status, b"", [(b"Content-Type", b"text/plain; charset=utf-8"),
+                                               (b"Cache-Control", b"no-store")],
+                          len(health.body), self.request.method == "HEAD", [body] if body else [],
+                          True)
+        self._finish()
 
     def fail(self, error: ProxyError) -> None:
         """End the exchange with ``error``: its page when nothing went out, else a cut."""

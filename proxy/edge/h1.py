@@ -86,7 +86,7 @@ class _Incoming:
 class H1Connection(asyncio.Protocol):
     """One HTTP/1.1 client connection."""
 
-    def __init__(self, site: Site, connections: Connections, client: str | None = None) -> None:
+    def __init__(self, site: Site, connections: Connections, client: tuple[str, int] | None = None) -> None:
         self.site = site
         self.connections = connections
         self.loop = asyncio.get_running_loop()
@@ -124,7 +124,7 @@ class H1Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         if self._client is not None:
-            self.client_ip = self._client
+            self.client_ip, self.client_port = self._client
         else:
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
@@ -408,7 +408,8 @@ class H1Connection(asyncio.Protocol):
             self._keep_alive = False
         if end and not active.complete:
             self._keep_alive = False  # the rest of its body is never read
-        if self.draining:
+        if self.draining or self.site.node.draining:
+            # A stop, or the node drains (``bastion drain``): the client moves on.
             self._keep_alive = False
         if not self._keep_alive:
             framing += _CLOSE

@@ -38,7 +38,7 @@ import base64
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _ng2
 from .buffers import Held
@@ -112,6 +112,11 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
+        if proto.site.node.draining:
+            # The node drains: GOAWAY before this answer, so the client knows before the
+            # answer ends that its next request needs a new connection (through the
+            # balancer, to another node); this stream is still served.
+            proto.goaway()
         fields = [(n.decode("latin-1"), v.decode("latin-1"))
                   for n, v in (*headers, *proto.site.response_headers)]
         if bodyless and proto.request_method(self) != "HEAD":
@@ -210,7 +215,7 @@ class _Stream:
 class H2NativeProtocol(asyncio.Protocol):
     """One HTTP/2 connection from a client, on the native engine."""
 
-    def __init__(self, server: H2NativeServer, client: str | None = None) -> None:
+    def __init__(self, server: H2NativeServer, client: tuple[str, int] | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -241,7 +246,7 @@ class H2NativeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if self._client is not None:
-            self.client_ip = self._client
+            self.client_ip, self.client_port = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
             self.client_port = int(peer[1]) if len(peer) > 1 else 0
@@ -313,7 +318,7 @@ class H2NativeProtocol(asyncio.Protocol):
         self.want_flush()
 
     # -- events -------------------------------------------------------------------------
-    def _on_events(self, events: list[tuple[int, int, object, object]]) -> None:
+    def _on_events(self, events: list[tuple[Any, ...]]) -> None:
         transport = self.transport
         assert transport is not None
         for event in events:
@@ -321,10 +326,9 @@ class H2NativeProtocol(asyncio.Protocol):
                 return
             kind = event[0]
             if kind == EV_REQUEST:
-                self._on_request(event[1], cast("list[tuple[bytes, bytes]]", event[2]),
-                                 bool(event[3]))
+                self._on_request(event[1], event[2], event[3])
             elif kind == EV_DATA:
-                self._on_data(event[1], cast(bytes, event[2]))
+                self._on_data(event[1], event[2])
             elif kind == EV_END:
                 self._on_end(event[1])
             elif kind == EV_CLOSED:
@@ -525,7 +529,7 @@ class H2NativeServer:
         self.connections = connections
         self.open: set[H2NativeProtocol] = set()
 
-    def __call__(self, client: str | None = None) -> H2NativeProtocol:
+    def __call__(self, client: tuple[str, int] | None = None) -> H2NativeProtocol:
         return H2NativeProtocol(self, client)
 
     def goaway_all(self) -> None:

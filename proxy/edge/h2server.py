@@ -78,6 +78,11 @@ BUDGET_WINDOW = 10.0
 RESET_BUDGET = 200  # stream resets (received or sent) per window
 CONTROL_BUDGET = 1000  # PING, SETTINGS, PRIORITY, unknown frames per window
 EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
+# After a graceful GOAWAY, the connection stays open this long (or until the client
+# closes it): a request the client sent before it read the GOAWAY is refused with
+# REFUSED_STREAM, which it may safely retry on a new connection, instead of being cut
+# by a closed socket (whose reset could also destroy the GOAWAY on its way).
+GOAWAY_LINGER = 1.0
 
 
 class Budget:
@@ -165,6 +170,11 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
+        if proto.site.node.draining:
+            # The node drains: GOAWAY before this answer, so the client knows before the
+            # answer ends that its next request needs a new connection (through the
+            # balancer, to another node); this stream is still served.
+            proto.goaway()
         fields = [(n.decode("latin-1"), v.decode("latin-1"))
                   for n, v in (*headers, *proto.site.response_headers)]
         if bodyless and proto.request_method(self) != "HEAD":
@@ -310,7 +320,7 @@ class _Stream:
 class H2Protocol(asyncio.Protocol):
     """One HTTP/2 connection from a client."""
 
-    def __init__(self, server: H2Server, client: str | None = None) -> None:
+    def __init__(self, server: H2Server, client: tuple[str, int] | None = None) -> None:
         self.server = server
         self.site = server.site
         self.limits = server.site.limits
@@ -343,6 +353,7 @@ class H2Protocol(asyncio.Protocol):
         self._frames = FrameTracker()
         self._stall: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     # -- connection ---------------------------------------------------------------------
@@ -350,7 +361,7 @@ class H2Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         if self._client is not None:
-            self.client_ip = self._client
+            self.client_ip, self.client_port = self._client
         elif isinstance(peer, tuple) and peer:
             self.client_ip = str(peer[0])
             self.client_port = int(peer[1]) if len(peer) > 1 else 0
@@ -379,7 +390,7 @@ class H2Protocol(asyncio.Protocol):
         self.server.open.discard(self)
         self.server.connections.closed(self)
         self.closing = True
-        for timer in (self._stall, self._idle):
+        for timer in (self._stall, self._idle, self._linger):
             if timer is not None:
                 timer.cancel()
         for stream in list(self.streams.values()):
@@ -554,7 +565,7 @@ class H2Protocol(asyncio.Protocol):
         self._flush()
         if not self.streams:
             if self.closing:
-                self._close()
+                self._close_soon()
             else:
                 self._arm_idle()
 
@@ -567,6 +578,13 @@ class H2Protocol(asyncio.Protocol):
             if self.transport.get_write_buffer_size() > MAX_OUTBOUND:
                 log.info("h2 client %s does not read; connection aborted", self.client_ip)
                 self.transport.abort()
+
+    def _close_soon(self) -> None:
+        """GOAWAY went out and no stream is open: close after ``GOAWAY_LINGER``."""
+        if self._linger is None and self.transport is not None \
+                and not self.transport.is_closing():
+            self._disarm_idle()
+            self._linger = self._loop.call_later(GOAWAY_LINGER, self._close)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -645,7 +663,7 @@ class H2Protocol(asyncio.Protocol):
             frame.error_code = ErrorCodes.NO_ERROR
             self.transport.write(frame.serialize())
         if not self.streams:
-            self._close()
+            self._close_soon()
 
 
 class H2Server:
@@ -656,7 +674,7 @@ class H2Server:
         self.connections = connections
         self.open: set[H2Protocol] = set()
 
-    def __call__(self, client: str | None = None) -> H2Protocol:
+    def __call__(self, client: tuple[str, int] | None = None) -> H2Protocol:
         return H2Protocol(self, client)
 
     def goaway_all(self) -> None:

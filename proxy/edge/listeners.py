@@ -81,7 +81,7 @@ class AlpnSelector(asyncio.Protocol):
     __slots__ = ("_http1", "_http2", "_failed", "_made", "_client")
 
     def __init__(self, http1: MakeProtocol, http2: MakeProtocol | None,
-                 failed: Callable[[], None] | None = None, client: str | None = None) -> None:
+                 failed: Callable[[], None] | None = None, client: tuple[str, int] | None = None) -> None:
         self._http1 = http1
         self._http2 = http2
         self._failed = failed
@@ -179,10 +179,10 @@ class ListenerSet:
         for listener, sock, context in sockets:
             site = sites[listener.address]
 
-            def http1(client: str | None = None, site: Site = site) -> asyncio.Protocol:
+            def http1(client: tuple[str, int] | None = None, site: Site = site) -> asyncio.Protocol:
                 return H1Connection(site, connections, client)
 
-            def accepted(client: str | None = None, site: Site = site) -> asyncio.Protocol:
+            def accepted(client: tuple[str, int] | None = None, site: Site = site) -> asyncio.Protocol:
                 connections.arrive()
                 return H1Connection(site, connections, client)
 
@@ -194,7 +194,7 @@ class ListenerSet:
                     self._h2.append(server)
                     h2 = server
 
-                def selector(client: str | None = None, h1: MakeProtocol = http1,
+                def selector(client: tuple[str, int] | None = None, h1: MakeProtocol = http1,
                              h2: MakeProtocol | None = h2) -> asyncio.Protocol:
                     connections.arrive()
                     return AlpnSelector(h1, h2, failed, client)
@@ -222,6 +222,12 @@ class ListenerSet:
                 await served.start()
         finally:
             self._resume = None
+
+    def goaway_http2(self) -> None:
+        """GOAWAY to every HTTP/2 connection (the node drains): each closes once its
+        streams are done, and its client opens a new connection, through the balancer."""
+        for h2_server in self._h2:
+            h2_server.goaway_all()
 
     def open_connections(self) -> int:
         """Client connections open now on these listeners."""

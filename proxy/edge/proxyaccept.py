@@ -58,9 +58,9 @@ LOG_EVERY = 10.0
 STOP_GRACE = 2.0  # at a stop, for a header still on its way
 HANDSHAKE_TIMEOUT = 10.0
 
-# A protocol for a client connection; the argument is the client address the header
-# gave (None: the peer itself is the client).
-MakeProtocol = Callable[[str | None], asyncio.Protocol]
+# A protocol for a client connection; the argument is the client address and port the
+# header gave (None: the peer itself is the client).
+MakeProtocol = Callable[[tuple[str, int] | None], asyncio.Protocol]
 
 
 class _RefusalLog:
@@ -144,13 +144,13 @@ class ProxyAcceptor:
 
     def serve(self, conn: socket.socket, header: ProxyHeader) -> None:
         """The header is in: the loop serves the connection from here on."""
-        client = header.source[0] if header.source is not None else None
+        client = header.source
         loop = self._loop
         assert loop is not None
         loop.create_task(self._connect(loop, conn, client))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                       client: str | None) -> None:
+                       client: tuple[str, int] | None) -> None:
         make = self.make
         try:
             if self.context is not None:

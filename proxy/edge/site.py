@@ -22,6 +22,7 @@ from .buffers import BufferBudget
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import ProxyError
+from .health import HealthAnswer, NodeState, answer
 from .metrics import Metrics
 from .routing import Router
 from .trust import TrustedProxies
@@ -54,7 +55,7 @@ class Site:
     def __init__(self, listener: Listener, config: Config, router: Router,
                  table: EndpointTable, pool: UpstreamPool, access_log: AccessLog,
                  metrics: Metrics | None = None, buffers: BufferBudget | None = None,
-                 host: Host | None = None) -> None:
+                 host: Host | None = None, node: NodeState | None = None) -> None:
         self.listener = listener
         self.config = config
         self.limits = config.limits
@@ -68,6 +69,9 @@ class Site:
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        self.node = node if node is not None else NodeState()  # the drain, per worker
+        self.health_path = config.health.path  # answered here (None: not at all)
+        self._required = config.health.require_apps
         self.accel = bool(config.statics)  # apps' X-Accel-Redirect is looked for
         # Buffering and compression by app (its pool's); the worker's buffer budget.
         self.offload: dict[str, Offload] = {spec.name: config.offload_of(spec.name)
@@ -82,6 +86,10 @@ class Site:
             extra.append((b"Strict-Transport-Security", b"max-age=%d" % listener.tls.hsts))
         self.response_headers = extra
         self.extra_head = b"".join(n + b": " + v + b"\r\n" for n, v in extra)
+
+    def health(self) -> HealthAnswer:
+        """The node's health answer now (``proxy.edge.health``)."""
+        return answer(self.node, self._required, self.table.state)
 
     def error_page(self, error: ProxyError) -> ErrorPage:
         """The page for ``error`` (never cached by anyone in front of us); the protocol
