@@ -79,6 +79,7 @@ from .site import WAIT_MARGIN, Site
 from .static import ACCEL_KEPT, FileSender, accel_target
 from .static import answer as static_answer
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
+from .websocket import AppEnd
 
 log = logging.getLogger("bastion.proxy")
 
@@ -197,7 +198,7 @@ class Downstream(Protocol):
     def rearm(self) -> None:
         """The flow's deadline changed."""
 
-    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
         """A WebSocket upgrade was accepted: ``head`` goes to the client, then both
         connections become one byte pipe (``rest``: the app's first tunnelled bytes)."""
 
@@ -481,7 +482,8 @@ class Flow:
     def _route_hosted(self) -> None:
         host = self.site.host
         assert host is not None
-        self.request.upgrade = False  # a WebSocket upgrade goes on as a plain request
+        if self.request.upgrade and not host.websockets(self.app):
+            self.request.upgrade = False  # goes on as a plain request (a WSGI app)
         error = host.refusal(self.app)
         if error is not None:
             raise error
@@ -521,6 +523,20 @@ class Flow:
         self.hosted = host.call(self.app, self, pending, self._body_end)
         self._resume_down()
         self._set_deadline()
+
+    def hosted_switched(self, headers: list[tuple[bytes, bytes]], end: AppEnd) -> None:
+        """The in-process app accepted the WebSocket: the 101 with ``headers`` goes to
+        the client, then the connection's bytes go to ``end``."""
+        if self.state == _DONE:
+            end.abort()
+            return
+        self.state = _RESPONDING
+        self.status = 101
+        self._head_out = True
+        lines = [b"HTTP/1.1 101 Switching Protocols"] + [n + b": " + v for n, v in headers]
+        data = b"\r\n".join(lines) + b"\r\n" + self.site.extra_head + b"\r\n"
+        self._set_deadline()
+        self.down.switch(data, b"", end)
 
     def hosted_failed(self, error: ProxyError) -> None:
         """The in-process app failed: its error page before the head, a cut after it."""

@@ -55,7 +55,7 @@ from .h2server import (
     Budget,
 )
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
-from .upstream import UpstreamConnection
+from .websocket import AppEnd
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -179,7 +179,7 @@ class _Stream:
             self.timer = self.proto.loop.call_later(
                 max(0.0, flow.deadline - time.monotonic()), flow.expire)
 
-    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
         conn.abort()  # never asked for over HTTP/2
         self.abort()
 
