@@ -9,14 +9,17 @@ reload.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 import trustme
@@ -126,6 +129,50 @@ def test_http2(served: BastionProcess, ca: trustme.CA) -> None:
         assert download["status"] == 200 and len(download["body"]) == 2000000
     finally:
         client.close()
+
+
+# -- WebSockets ---------------------------------------------------------------------------
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websocket_echo(served: BastionProcess, ca: trustme.CA, tls: bool) -> None:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    base = (f"wss://127.0.0.1:{served.port(1)}" if tls
+            else f"ws://127.0.0.1:{served.port(0)}")
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{base}/star/ws",
+                                          ssl=context if tls else False) as sock:
+                for i in range(10):
+                    await sock.send_str(f"hello {i} ✓")
+                    assert await sock.receive_str() == f"hello {i} ✓"
+                blob = bytes(range(256)) * 1024
+                await sock.send_bytes(blob)
+                assert await sock.receive_bytes() == blob
+                await sock.ping(b"are you there")
+                await sock.send_str("after ping")
+                assert await sock.receive_str() == "after ping"
+                await sock.close(code=4001)
+            assert sock.close_code == 4001
+            # a WSGI app takes no upgrade: the request goes on as a plain one
+            async with session.get(f"{base}/flask/hello", ssl=context if tls else False,
+                                   headers={"Upgrade": "websocket",
+                                            "Connection": "Upgrade",
+                                            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                            "Sec-WebSocket-Version": "13"}) as plain:
+                assert plain.status == 200 and await plain.text() == "hello flask"
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_websocket_refused_by_the_app_is_403(served: BastionProcess) -> None:
+    async def go() -> None:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+                await session.ws_connect(f"ws://127.0.0.1:{served.port(0)}/star/nowhere")
+            assert caught.value.status == 403
+
+    asyncio.run(asyncio.wait_for(go(), 30))
 
 
 # -- bodies both ways, memory flat -----------------------------------------------------------

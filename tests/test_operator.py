@@ -416,8 +416,8 @@ def test_configuration_reference_names_every_key() -> None:
 
     text = (REPO / "docs" / "configuration.md").read_text()
     tables = (c._TOP_RULES, c._POOL_RULES, c._APP_RULES, c._LIMIT_RULES, c._RECYCLE_RULES,
-              c._LISTEN_RULES, c._TLS_RULES, c._CERT_RULES)
-    keys = {key for table in tables for key in table} | {"listen", "apps", "pools"}
+              c._LISTEN_RULES, c._TLS_RULES, c._CERT_RULES, c._STATIC_RULES)
+    keys = {key for table in tables for key in table} | {"listen", "apps", "pools", "static"}
     missing = sorted(key for key in keys if f"`{key}`" not in text)
     assert not missing, missing
     readme = (REPO / "README.md").read_text()

@@ -29,7 +29,12 @@ request sent to the response head (504).
 Retries only where nothing was sent: a refused connection goes once to another process
 of the app that was already ready; a kept-alive connection that the app closed before
 answering is retried on a new one for an idempotent request without a body (and if that
-process refuses it, once on another ready process).
+process refuses it, once on another ready process). When the app's only process refuses
+a new connection (it is gone), the request waits up to ``GONE_WAIT`` for the module to
+withdraw that process, then for the restart like any request for an app that is not
+ready: a request that arrives just after a crash is served by the new process. A request
+sent on a kept-alive connection that broke is not sent to the restart: the process may
+have died of it.
 
 The answer's head is held back while the body is known to be small (``SMALL_BODY``), so
 a small answer goes out in one write and a body cut short is still a clean 502; other
@@ -79,10 +84,12 @@ from .site import WAIT_MARGIN, Site
 from .static import ACCEL_KEPT, FileSender, accel_target
 from .static import answer as static_answer
 from .upstream import Closed, ResponseHead, UpstreamConnection, UpstreamError
+from .websocket import AppEnd
 
 log = logging.getLogger("bastion.proxy")
 
 PREFETCH = 64 * 1024  # body bytes read before the app is asked
+GONE_WAIT = 1.0  # how long a request that found the only process gone waits for the module
 SMALL_BODY = 64 * 1024  # a body up to this size goes with its head in one write
 PENDING_HIGH = 256 * 1024  # body bytes buffered before reading from the client pauses
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -197,7 +204,7 @@ class Downstream(Protocol):
     def rearm(self) -> None:
         """The flow's deadline changed."""
 
-    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
         """A WebSocket upgrade was accepted: ``head`` goes to the client, then both
         connections become one byte pipe (``rest``: the app's first tunnelled bytes)."""
 
@@ -481,7 +488,8 @@ class Flow:
     def _route_hosted(self) -> None:
         host = self.site.host
         assert host is not None
-        self.request.upgrade = False  # a WebSocket upgrade goes on as a plain request
+        if self.request.upgrade and not host.websockets(self.app):
+            self.request.upgrade = False  # goes on as a plain request (a WSGI app)
         error = host.refusal(self.app)
         if error is not None:
             raise error
@@ -521,6 +529,20 @@ class Flow:
         self.hosted = host.call(self.app, self, pending, self._body_end)
         self._resume_down()
         self._set_deadline()
+
+    def hosted_switched(self, headers: list[tuple[bytes, bytes]], end: AppEnd) -> None:
+        """The in-process app accepted the WebSocket: the 101 with ``headers`` goes to
+        the client, then the connection's bytes go to ``end``."""
+        if self.state == _DONE:
+            end.abort()
+            return
+        self.state = _RESPONDING
+        self.status = 101
+        self._head_out = True
+        lines = [b"HTTP/1.1 101 Switching Protocols"] + [n + b": " + v for n, v in headers]
+        data = b"\r\n".join(lines) + b"\r\n" + self.site.extra_head + b"\r\n"
+        self._set_deadline()
+        self.down.switch(data, b"", end)
 
     def hosted_failed(self, error: ProxyError) -> None:
         """The in-process app failed: its error page before the head, a cut after it."""
@@ -844,6 +866,8 @@ class Flow:
         route = None if target is None else self.site.router.match(
             self.request.host, normalised_path(decoded_path(target)))
         if target is None or route is None or route.static is None:
+            log.warning("app %r answered X-Accel-Redirect: %r, which no static location "
+                        "maps: 404", self.app, value.decode("latin-1"))
             self.fail(NotFound("X-Accel-Redirect names no static location",
                                detail=value.decode("latin-1")))
             return
@@ -864,7 +888,34 @@ class Flow:
             except ProxyError as again:
                 self.fail(again)
             return
+        if isinstance(error, ConnectRefused) and self._attempt == 1:
+            # Nothing reached the app and its only process is gone (killed a moment ago):
+            # the request waits for the module to withdraw it and goes the way of any
+            # request for an app that is not ready (it waits for the restart), instead of
+            # a 502 for a request that arrived after the crash. (Not after a broken
+            # kept-alive connection: that request may have been the one it died on.)
+            self._attempt = 2
+            pid = self.pid
+            self._drop_upstream(failed=str(error))
+            self.state = _WAIT_LEASE
+            self._reused = False
+            self._task = asyncio.get_running_loop().create_task(self._after_gone(pid, error))
+            return
         self.fail(error)
+
+    async def _after_gone(self, pid: int, error: ProxyError) -> None:
+        withdrawn = await self.site.table.withdrawn(self.app, pid, GONE_WAIT)
+        self._task = None
+        if self.state == _DONE:
+            return
+        if not withdrawn:
+            self.fail(error)
+            return
+        self.state = _PREFETCH
+        try:
+            self._route()
+        except ProxyError as again:
+            self.fail(again)
 
     def _other_ready(self) -> bool:
         state = self.site.table.state(self.app)

@@ -47,8 +47,7 @@ from .buffers import Held
 from .codec import decoded_path, response_head, status_line
 from .errors import RequestRejected
 from .flow import BodyTooLarge, Flow, Request
-from .upstream import UpstreamConnection
-from .websocket import Tunnel, is_upgrade
+from .websocket import AppEnd, Tunnel, is_upgrade
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -483,7 +482,7 @@ class H1Connection(asyncio.Protocol):
         if active is not None and active.flow is not None:
             self._arm(active.flow.deadline)
 
-    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
         """The app accepted a WebSocket upgrade: from now on, a byte pipe."""
         transport = self.transport
         active = self._active

@@ -38,7 +38,7 @@ import base64
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _ng2
 from .buffers import Held
@@ -55,7 +55,7 @@ from .h2server import (
     Budget,
 )
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
-from .upstream import UpstreamConnection
+from .websocket import AppEnd
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -179,7 +179,7 @@ class _Stream:
             self.timer = self.proto.loop.call_later(
                 max(0.0, flow.deadline - time.monotonic()), flow.expire)
 
-    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
         conn.abort()  # never asked for over HTTP/2
         self.abort()
 
@@ -318,7 +318,7 @@ class H2NativeProtocol(asyncio.Protocol):
         self.want_flush()
 
     # -- events -------------------------------------------------------------------------
-    def _on_events(self, events: list[tuple[int, int, object, object]]) -> None:
+    def _on_events(self, events: list[tuple[Any, ...]]) -> None:
         transport = self.transport
         assert transport is not None
         for event in events:
@@ -326,10 +326,9 @@ class H2NativeProtocol(asyncio.Protocol):
                 return
             kind = event[0]
             if kind == EV_REQUEST:
-                self._on_request(event[1], cast("list[tuple[bytes, bytes]]", event[2]),
-                                 bool(event[3]))
+                self._on_request(event[1], event[2], event[3])
             elif kind == EV_DATA:
-                self._on_data(event[1], cast(bytes, event[2]))
+                self._on_data(event[1], event[2])
             elif kind == EV_END:
                 self._on_end(event[1])
             elif kind == EV_CLOSED:

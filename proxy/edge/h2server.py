@@ -62,7 +62,7 @@ from .buffers import Held
 from .codec import decoded_path
 from .flow import Flow, Request
 from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
-from .upstream import UpstreamConnection
+from .websocket import AppEnd
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -240,7 +240,7 @@ class _Stream:
         for held in holding:
             held.release()
 
-    def switch(self, head: bytes, rest: bytes, conn: UpstreamConnection) -> None:
+    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
         conn.abort()  # never asked for over HTTP/2
         self.abort()
 

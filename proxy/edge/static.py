@@ -27,7 +27,8 @@ registration is untouched); over TLS and HTTP/2 it is read with ``os.pread`` in
 ``CHUNK`` pieces, each handed to the protocol, pausing while the protocol says the
 client is behind (``pause``/``resume``). Either way at most ``TICK`` bytes go per turn
 of the event loop, so one fast download does not starve the other connections, and
-memory stays flat whatever the file's size. Failures to open or read map to statuses in
+memory stays flat whatever the file's size; a client that takes nothing for
+``SEND_TIMEOUT`` seconds is cut off. Failures to open or read map to statuses in
 ``errors.from_file_error``.
 """
 
@@ -56,6 +57,7 @@ SMALL = 64 * 1024  # a body up to this size is read at once and sent with its he
 CHUNK = 256 * 1024  # pread size over TLS and HTTP/2
 SENDFILE_MAX = 4 * 1024 * 1024  # bytes asked of one sendfile call
 TICK = 8 * 1024 * 1024  # bytes sent per turn of the event loop before yielding
+SEND_TIMEOUT = 60.0  # seconds a client may take no byte of a file (nginx's send_timeout)
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 # The header fields of an app's answer kept when X-Accel-Redirect replaces its body
 # (those nginx keeps: its upstream header table's "redirect" flag).
@@ -357,6 +359,9 @@ class FileSender:
         self.closed = False
         self.scheduled: asyncio.Handle | None = None
         self.watching = False
+        self.progress_at = time.monotonic()
+        self.watchdog: asyncio.TimerHandle | None = self.loop.call_later(
+            SEND_TIMEOUT, self._check_progress)
 
     def start(self) -> None:
         """Begin sending (the head went out already)."""
@@ -389,6 +394,9 @@ class FileSender:
         if self.scheduled is not None:
             self.scheduled.cancel()
             self.scheduled = None
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.watching:
             self.loop.remove_writer(self.sock)
             self.watching = False
@@ -412,6 +420,7 @@ class FileSender:
             self.offset += len(data)
             self.remaining -= len(data)
             self.sent += len(data)
+            self.progress_at = time.monotonic()
             last = self.remaining == 0
             self.down.respond_body([data], last)
             if last:
@@ -443,6 +452,7 @@ class FileSender:
             self.offset += count
             self.remaining -= count
             self.sent += count
+            self.progress_at = time.monotonic()
             if self.remaining == 0:
                 self._end()
                 return
@@ -450,6 +460,19 @@ class FileSender:
             if budget <= 0:
                 self.scheduled = self.loop.call_soon(self._sendfile)
                 return
+
+    def _check_progress(self) -> None:
+        """A client that took nothing for ``SEND_TIMEOUT`` seconds is cut off. (Over TLS
+        and HTTP/2, progress is a piece handed to the protocol, which happens only
+        when the client took the ones before.)"""
+        self.watchdog = None
+        if self.closed:
+            return
+        idle = time.monotonic() - self.progress_at
+        if idle >= SEND_TIMEOUT:
+            self._abort()
+            return
+        self.watchdog = self.loop.call_later(SEND_TIMEOUT - idle, self._check_progress)
 
     def _writable(self) -> None:
         if self.watching:

@@ -17,10 +17,10 @@ and when either side closes, the other is closed (a client's half-close is passe
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .headers import connection_listed
-from .upstream import ResponseHead, UpstreamConnection, UpstreamError
+from .upstream import ResponseHead, Sink, UpstreamError
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -37,10 +37,35 @@ def is_upgrade(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
     return b"websocket" in tokens and b"upgrade" in connection_listed(headers)
 
 
+class AppEnd(Protocol):
+    """The app's end of a tunnel: an ``UpstreamConnection`` to an app process, or an
+    in-process app's WebSocket (``proxy.edge.hosting.websocket``)."""
+
+    sink: Sink | None  # told what comes from the app
+
+    def write(self, data: bytes) -> None:
+        """Bytes from the client."""
+
+    def write_eof(self) -> None:
+        """The client will send nothing more."""
+
+    def pause_reading(self) -> None:
+        """The client cannot take more for now."""
+
+    def resume_reading(self) -> None:
+        """The client can take more again."""
+
+    def close(self) -> None:
+        """The tunnel is over."""
+
+    def abort(self) -> None:
+        """Drop it at once."""
+
+
 class Tunnel:
     """The byte pipe between a client and an app after a 101; the app connection's sink."""
 
-    def __init__(self, client: asyncio.Transport, app: UpstreamConnection, flow: Flow) -> None:
+    def __init__(self, client: asyncio.Transport, app: AppEnd, flow: Flow) -> None:
         self.client = client
         self.app = app
         self.flow = flow

@@ -42,6 +42,7 @@ from ..flow import normalised_path
 from . import scope as scopes
 from .asgi import AsgiCall, Lifespan
 from .loader import LoadFailed, load
+from .websocket import WebSocketCall
 from .wsgi import WsgiCall
 
 if TYPE_CHECKING:
@@ -181,6 +182,10 @@ class Host:
             hosted.loading = asyncio.ensure_future(self._load(hosted))
         return hosted.loading
 
+    def websockets(self, app: str) -> bool:
+        """Whether ``app`` takes WebSocket upgrades itself (an ASGI app)."""
+        return self.apps[app].spec.interface == "asgi"
+
     def call(self, app: str, flow: Flow, pending: list[bytes], body_end: bool) -> HostedCall:
         """Start ``flow``'s request in ``app`` (which ``refusal`` let through)."""
         hosted = self.apps[app]
@@ -202,6 +207,12 @@ class Host:
             hosted.served += 1
             self._changed(app)
 
+        if request.upgrade:
+            key = next((v for n, v in request.headers
+                        if n.lower() == b"sec-websocket-key"), b"")
+            return WebSocketCall(app, hosted.target,
+                                 scopes.websocket_scope(head, facts, hosted.state), flow,
+                                 key, done)
         if spec.interface == "wsgi":
             assert hosted.pool is not None
             return WsgiCall(app, hosted.target, scopes.wsgi_environ(head, facts), flow,
