@@ -12,6 +12,7 @@ then run 2, ...) and the report takes the median of every figure.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +34,35 @@ import measure  # noqa: E402  (the psutil helpers: process split, RSS, CPU)
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("direct", "nginx", "b1", "bauto")
-LABELS = {"direct": "direct (app)", "nginx": "nginx", "b1": "Bastion workers=1", "bauto": "Bastion workers=auto"}
+# bh2: Bastion workers=auto with BASTION_H2_ENGINE=h2 (the fallback engine), HTTP/2 cells only
+COLUMNS = (*TARGETS, "bh2")
+H2_TARGETS = (*TARGETS[1:], "bh2")
+LABELS = {"direct": "direct (app)", "nginx": "nginx", "b1": "Bastion workers=1", "bauto": "Bastion workers=auto",
+          "bh2": "Bastion auto, h2 engine"}
 CELLS: dict[str, dict[str, Any]] = {
     "http": {"label": "HTTP/1.1 keep-alive (wrk -t2 -c32)", "targets": TARGETS},
     "tls": {"label": "TLS keep-alive (wrk -t2 -c32)", "targets": TARGETS[1:]},
     "handshake": {"label": "TLS new connection per request (wrk -c32, Connection: close)", "targets": TARGETS[1:]},
-    "h2": {"label": "HTTP/2 over TLS (h2load -c10 -m10)", "targets": TARGETS[1:]},
+    "h2": {"label": "HTTP/2 over TLS (h2load -c10 -m10)", "targets": H2_TARGETS},
     "c1": {"label": "one connection (wrk -t1 -c1)", "targets": TARGETS},
     "stream": {"label": "1 GiB download (curl, HTTP/1.1)", "targets": TARGETS},
+    "h2stream": {"label": "1 GiB download over HTTP/2 (curl --http2, TLS)", "targets": H2_TARGETS},
     # Opt-in (CELLS="static static-big"): the same files served by nginx and by Bastion's
     # static locations (run.sh: /files/ on both), no app involved.
     "static": {"label": "static 1 KiB file, keep-alive (wrk -t2 -c32)", "targets": TARGETS[1:],
                "optin": True},
     "static-big": {"label": "static 1 GiB file (curl, HTTP/1.1)", "targets": TARGETS[1:],
                    "optin": True},
+    # Opt-in (CELLS="gzip slow"): bench/app.py's 100 KiB HTML page gzip'd by nginx
+    # (gzip on, gzip_comp_level 4) and by Bastion's compression; a gunicorn sync worker
+    # (bench/wsgi_app.py, 1 worker) behind Bastion with slow clients, buffering on and off.
+    "gzip": {"label": "100 KiB HTML page gzip'd (wrk -t2 -c32, Accept-Encoding: gzip)",
+             "targets": TARGETS[1:], "optin": True},
+    "slow": {"label": "20 slow uploaders + 20 slow readers, one gunicorn sync worker",
+             "targets": ("slow-on", "slow-off"), "optin": True},
 }
+SLOW_LABELS = {"slow-on": "Bastion workers=1, buffering on (defaults + request: 1m)",
+               "slow-off": "Bastion workers=1, buffering: off"}
 
 
 class Stop(Exception):
@@ -147,13 +163,127 @@ def h2load(url: str, seconds: float, warmup: float) -> dict[str, Any]:
     return data
 
 
-def curl_stream(url: str, timeout: float) -> dict[str, Any]:
-    out = _run(["curl", "-s", "-o", "/dev/null", "--max-time", str(timeout), "-w",
-                "%{http_code} %{size_download} %{speed_download} %{time_total}", url], timeout + 10)
-    code, size, speed, total = out.split()
+def curl_stream(url: str, timeout: float, http2: bool = False) -> dict[str, Any]:
+    extra = ["--http2", "-k"] if http2 else []
+    out = _run(["curl", "-s", *extra, "-o", "/dev/null", "--max-time", str(timeout), "-w",
+                "%{http_code} %{size_download} %{speed_download} %{time_total} %{http_version}", url],
+               timeout + 10)
+    code, size, speed, total, version = out.split()
     if code != "200":
         raise RuntimeError(f"stream answered {code}")
+    if http2 and version != "2":
+        raise RuntimeError(f"curl did not speak HTTP/2 (HTTP/{version})")
     return {"bytes": int(size), "mb_s": float(speed) / 1e6, "seconds": float(total), "requests": 1}
+
+
+def gzip_check(url: str) -> dict[str, Any]:
+    """One request with ``Accept-Encoding: gzip``: the answer must be gzip'd."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        body = resp.read()
+        coding = resp.headers.get("Content-Encoding")
+    if coding != "gzip":
+        raise RuntimeError(f"{url} answered Content-Encoding {coding!r}, not gzip")
+    return {"page_bytes": len(gzip.decompress(body)), "gzip_bytes": len(body)}
+
+
+def slow_clients(port: int, host: str, seconds: float, uploaders: int = 20, readers: int = 20,
+                 size: int = 512 * 1024, rate: int = 64 * 1024) -> dict[str, Any]:
+    """``uploaders`` clients each POST ``size`` bytes at ``rate`` bytes/s, ``readers``
+    clients each GET ``size`` bytes read at ``rate``, over and over for ``seconds``;
+    meanwhile a fast client GETs ``/fast`` on a new connection every 0.1 s. The fast
+    client's latencies are the result (it starts after 1 s, once the slow ones are on)."""
+    stop = time.monotonic() + seconds
+    piece = 8192
+    done = {"uploads": 0, "downloads": 0, "errors": 0}
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def count(key: str) -> None:
+        with lock:
+            done[key] += 1
+
+    def paced(started: float, moved: int) -> None:
+        delay = started + moved / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def uploader() -> None:
+        head = (f"POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n"
+                "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n").encode()
+        while time.monotonic() < stop:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                    sock.sendall(head)
+                    started, sent = time.monotonic(), 0
+                    while sent < size and time.monotonic() < stop:
+                        sock.sendall(b"u" * min(piece, size - sent))
+                        sent += min(piece, size - sent)
+                        paced(started, sent)
+                    if sent < size:
+                        return
+                    if not sock.recv(4096).startswith(b"HTTP/1.1 200"):
+                        raise OSError("not 200")
+                count("uploads")
+            except OSError:
+                count("errors")
+                time.sleep(0.1)
+
+    def reader() -> None:
+        request = (f"GET /download?size={size} HTTP/1.1\r\nHost: {host}\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        while time.monotonic() < stop:
+            try:
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                    sock.settimeout(30)
+                    sock.connect(("127.0.0.1", port))
+                    sock.sendall(request)
+                    started, got = time.monotonic(), 0
+                    while time.monotonic() < stop:
+                        data = sock.recv(piece)
+                        if not data:
+                            break
+                        got += len(data)
+                        paced(started, got)
+                    if got >= size:
+                        count("downloads")
+            except OSError:
+                count("errors")
+                time.sleep(0.1)
+
+    def fast() -> None:
+        time.sleep(min(1.0, seconds / 4))
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+                conn.request("GET", "/fast", headers={"Host": host})
+                ok = conn.getresponse().read() == b"fast"
+                conn.close()
+            except OSError:
+                ok = False
+            if ok:
+                with lock:
+                    latencies.append(time.monotonic() - started)
+            else:
+                count("errors")
+            time.sleep(max(0.0, started + 0.1 - time.monotonic()))
+
+    threads = [threading.Thread(target=uploader, daemon=True) for _ in range(uploaders)]
+    threads += [threading.Thread(target=reader, daemon=True) for _ in range(readers)]
+    threads.append(threading.Thread(target=fast, daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(0.0, stop + 20 - time.monotonic()))
+    if not latencies:
+        raise RuntimeError("the fast client got no answer")
+    latencies.sort()
+    return {"fast_p50_ms": statistics.median(latencies) * 1000,
+            "fast_p90_ms": latencies[int(0.9 * (len(latencies) - 1))] * 1000,
+            "fast_max_ms": latencies[-1] * 1000, "fast_requests": len(latencies),
+            "requests": len(latencies), **done}
 
 
 # --- admin socket and raw HTTP -----------------------------------------------------------
@@ -391,6 +521,10 @@ def cmd_run(setup_file: str, out: str) -> None:
             url = t["http"].rstrip("/") + f"/big?size={size}"
             with Sampler(kind, t["pid"], app_pid) as s:
                 r = curl_stream(url, float(setup["stream_timeout"]))
+        elif cell == "h2stream":
+            url = t["https"].rstrip("/") + f"/big?size={size}"
+            with Sampler(kind, t["pid"], app_pid) as s:
+                r = curl_stream(url, float(setup["stream_timeout"]), http2=True)
         elif cell == "static":
             url = t["http"].rstrip("/") + "/files/1k.bin"
             if warm:
@@ -401,6 +535,18 @@ def cmd_run(setup_file: str, out: str) -> None:
             url = t["http"].rstrip("/") + "/files/big.bin"
             with Sampler(kind, t["pid"], app_pid) as s:
                 r = curl_stream(url, float(setup["stream_timeout"]))
+        elif cell == "gzip":
+            url = t["http"].rstrip("/") + "/page"
+            extra = ["-H", "Accept-Encoding: gzip"]
+            sizes = gzip_check(url)
+            if warm:
+                wrk(url, warmup, 2, 32, extra)
+            with Sampler(kind, t["pid"], app_pid) as s:
+                r = wrk(url, seconds, 2, 32, extra)
+            r.update(sizes)
+        elif cell == "slow":
+            with Sampler("bastion", t["pid"], None) as s:
+                r = slow_clients(t["http_port"], t["host"], float(setup.get("slow_seconds") or seconds))
         else:
             raise ValueError(cell)
         r.update(s.result)
@@ -414,13 +560,16 @@ def cmd_run(setup_file: str, out: str) -> None:
                 if cell not in only:
                     continue
                 for name in spec["targets"]:
+                    if name not in targets:
+                        continue  # not started (bh2 runs only for the HTTP/2 cells)
                     try:
                         r = one(cell, name, warm=(run == 0))
                     except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
                         log(f"{cell} {name} run {run + 1}: FAILED: {exc}")
                         r = {"failed": str(exc)}
                     results["cells"].setdefault(cell, {}).setdefault(name, []).append(r)
-                    brief = (f"{r['rps']:,.0f} req/s" if "rps" in r else
+                    brief = (f"fast client p50 {r['fast_p50_ms']:.1f} ms" if "fast_p50_ms" in r else
+                             f"{r['rps']:,.0f} req/s" if "rps" in r else
                              f"{r['mb_s']:,.0f} MB/s" if "mb_s" in r else r.get("failed", "?"))
                     log(f"run {run + 1}/{runs} {cell:9s} {name:6s} {brief}")
                     (out_dir / "matrix.json").write_text(json.dumps(results, indent=1))
@@ -508,6 +657,8 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         ("wrk -c1 p99 latency ms", "c1", "p99_us", 1e-3, 3, False),
         ("1 GiB stream MB/s", "stream", "mb_s", 1, 0, True),
         ("1 GiB stream: proxy RSS growth MiB", "stream", "rss_growth", 1 / 1048576, 1, False),
+        ("1 GiB over HTTP/2 MB/s", "h2stream", "mb_s", 1, 0, True),
+        ("1 GiB over HTTP/2: proxy RSS growth MiB", "h2stream", "rss_growth", 1 / 1048576, 1, False),
         ("proxy CPU µs/request, HTTP/1.1", "http", "cpu_us_per_req", 1, 1, False),
         ("proxy CPU µs/request, TLS keep-alive", "tls", "cpu_us_per_req", 1, 1, False),
         ("proxy CPU µs/request, TLS handshakes", "handshake", "cpu_us_per_req", 1, 1, False),
@@ -522,6 +673,10 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         rows += [("static file stream MB/s", "static-big", "mb_s", 1, 0, True),
                  ("static file stream: RSS growth MiB", "static-big", "rss_growth", 1 / 1048576,
                   1, False)]
+    if "gzip" in cells:
+        rows += [("100 KiB HTML page gzip'd req/s", "gzip", "rps", 1, 0, True),
+                 ("proxy CPU µs/request, gzip'd page", "gzip", "cpu_us_per_req", 1, 1, False),
+                 ("gzip'd page bytes (of 102400)", "gzip", "gzip_bytes", 1, 0, False)]
     for cell in cells.values():
         for runs in cell.values():
             for r in runs:
@@ -534,12 +689,13 @@ def cmd_report(out: str, doc: str, png: str) -> None:
             return max(vals) if vals else None
         return med(cell, name, key)
 
-    head = "| measure | " + " | ".join(LABELS[t] for t in TARGETS) + " |"
-    table = [head, "|---|" + "---:|" * len(TARGETS)]
+    columns = [c for c in COLUMNS if c != "bh2" or "bh2" in setup["targets"]]
+    head = "| measure | " + " | ".join(LABELS[t] for t in columns) + " |"
+    table = [head, "|---|" + "---:|" * len(columns)]
     for label, cell, key, scale, digits, _ in rows:
         n = value(cell, "nginx", key)
         parts = []
-        for name in TARGETS:
+        for name in columns:
             v = value(cell, name, key)
             if v is None or (name == "direct" and key in ("cpu_us_per_req", "rss_peak", "rss_growth")):
                 parts.append("–")
@@ -595,6 +751,16 @@ def cmd_report(out: str, doc: str, png: str) -> None:
     t.append(("TLS handshakes/s ≥ 0.9× nginx's (workers=auto)", _pct(r), cmp(r, ">=", 0.9)))
     r = ratio("h2", "rps")
     t.append(("HTTP/2 (h2load -m10), workers=auto: ≥ 0.4× nginx's", _pct(r), cmp(r, ">=", 0.4)))
+    r = ratio("h2", "cpu_us_per_req")
+    t.append(("… proxy CPU per request ≤ 2.5× nginx's", f"{r:.2f}×" if r else "–", cmp(r, "<", 2.5001)))
+    r = ratio("h2", "rps", "bh2")
+    t.append(("… with the h2 engine (fallback; for the record, no target)", _pct(r), None))
+    r = ratio("h2stream", "mb_s")
+    t.append(("1 GiB over HTTP/2 ≥ 0.8× nginx's rate (workers=auto)", f"{r:.3f}×" if r else "–",
+              cmp(r, ">=", 0.8)))
+    g2 = med("h2stream", "bauto", "rss_growth")
+    g2 = g2 / 1048576 if g2 is not None else None
+    t.append(("… with Bastion's RSS growing < 32 MB", f"{_fmt(g2, 1)} MiB", cmp(g2, "<", 32 * 1e6 / 1048576)))
     r = ratio("stream", "mb_s")
     spread = {n: [x["mb_s"] for x in cells.get("stream", {}).get(n, []) if "mb_s" in x] for n in ("nginx", "bauto")}
     t.append(("1 GiB stream at least as fast as through nginx (workers=auto)",
@@ -623,6 +789,32 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         g = grow / 1048576 if grow is not None else None
         t.append(("… with Bastion's RSS flat (growing < 32 MB)", f"{_fmt(g, 1)} MiB",
                   cmp(g, "<", 32 * 1e6 / 1048576)))
+    if "gzip" in cells:
+        r = ratio("gzip", "rps")
+        t.append(("compression: a 100 KiB HTML page gzip'd ≥ 0.5× nginx's `gzip on` "
+                  "throughput (workers=auto)", _pct(r), cmp(r, ">=", 0.5)))
+    slow: list[str] = []
+    if "slow" in cells:
+        names = ("slow-on", "slow-off")
+        slow = ["| measure | " + " | ".join(SLOW_LABELS[n] for n in names) + " |",
+                "|---|---:|---:|"]
+        for label, key, digits in (("fast client, median ms", "fast_p50_ms", 1),
+                                   ("fast client, p90 ms", "fast_p90_ms", 1),
+                                   ("fast client, slowest ms", "fast_max_ms", 1),
+                                   ("fast requests answered", "fast_requests", 0),
+                                   ("uploads completed", "uploads", 0),
+                                   ("downloads completed", "downloads", 0),
+                                   ("client errors", "errors", 0),
+                                   ("Bastion peak RSS MiB", "rss_peak", 1)):
+            scale = 1 / 1048576 if key == "rss_peak" else 1
+            slow.append(f"| {label} | " + " | ".join(
+                _fmt(v * scale if (v := med("slow", n, key)) is not None else None, digits)
+                for n in names) + " |")
+        p50 = med("slow", "slow-on", "fast_p50_ms")
+        off = med("slow", "slow-off", "fast_p50_ms")
+        t.append(("slow clients: a fast client's median < 100 ms with buffering "
+                  "(workers=1; buffering off for comparison)",
+                  f"{_fmt(p50, 1)} ms (off: {_fmt(off, 1)} ms)", cmp(p50, "<", 100)))
     targets = ["| target (Bastion workers=auto vs nginx) | measured | |", "|---|---:|---|"]
     targets += [f"| {a} | {b} | {check(c)} |" for a, b, c in t]
 
@@ -658,7 +850,8 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         f"- date: {when}; the run took {duration:.1f} min",
         f"- machine: {_machine()[0]}; load average before {lb[0]:.2f}, after {la[0]:.2f} "
         "(anything above ~0 means other work shared the cores during the run)",
-        f"- Bastion {setup.get('bastion_version', '?')}, Python {platform.python_version()}; "
+        f"- Bastion {setup.get('bastion_version', '?')} (HTTP/2 engine: {setup.get('h2_engine', '?')}), "
+        f"Python {platform.python_version()}; "
         f"{_version(['nginx', '-v']).replace('nginx version: ', '')}; "
         f"{' '.join(_version(['wrk', '-v']).split()[:2])}; {_version(['h2load', '--version'])}; "
         f"{' '.join(_version(['curl', '--version']).split()[:2])}",
@@ -680,6 +873,11 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         "",
         f"![req/s per cell]({Path(png).name})",
         "",
+        *(["## Slow clients in front of a gunicorn sync worker", "",
+           "`bench/wsgi_app.py` under gunicorn, one sync worker, behind Bastion `workers: 1`; "
+           "20 clients upload 512 KiB each at 64 KiB/s and 20 read a 512 KiB answer at "
+           "64 KiB/s, over and over, while a fast client asks for a 4-byte answer every "
+           "0.1 s on a new connection.", "", *slow, ""] if slow else []),
         "## App lifecycle through Bastion",
         "",
         *life,
@@ -718,16 +916,18 @@ def _chart(cells: dict[str, Any], png: str) -> None:
 
     groups = [("http", "HTTP/1.1"), ("tls", "TLS\nkeep-alive"), ("handshake", "TLS new conn\nper request"),
               ("h2", "HTTP/2\n-c10 -m10"), ("c1", "wrk -c1")]
-    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "b1": "#90caf9", "bauto": "#1565c0"}
+    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "b1": "#90caf9", "bauto": "#1565c0", "bh2": "#ef6c00"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [4, 1]})
-    width = 0.2
-    for i, name in enumerate(TARGETS):
+    width = 0.16
+    for i, name in enumerate(COLUMNS):
         xs, ys = [], []
         for j, (cell, _) in enumerate(groups):
             v = _median(cells.get(cell, {}).get(name), "rps")
             if v is not None:
-                xs.append(j + (i - 1.5) * width)
+                xs.append(j + (i - 2) * width)
                 ys.append(v)
+        if not ys:
+            continue
         bars = ax.bar(xs, ys, width, label=LABELS[name], color=colors[name])
         ax.bar_label(bars, labels=[f"{y / 1000:.1f}k" for y in ys], fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(groups)), [g[1] for g in groups])
