@@ -6,7 +6,8 @@ It answers every request with 200 and a 13-byte text body, keeps connections ali
 and stops on SIGTERM/SIGINT. ``GET /big?size=N`` streams N bytes (Content-Length N, in
 256 KiB writes of one preallocated buffer) for the download benchmark. Every response
 carries ``X-App-Pid`` so the crash-recovery measurement can tell a new process from the
-old one. It uses aiohttp's low-level server (compiled HTTP parser)
+old one. ``GET /page`` is the 100 KiB HTML page of the gzip cell (``wsgi_app.page``).
+It uses aiohttp's low-level server (compiled HTTP parser)
 and uvloop when installed, so that the proxy in front of it, not the app, is what the
 benchmark measures as far as one Python process allows. Bastion launches the same file
 with ``{port}`` substituted; the BASTION_* environment it gets is ignored.
@@ -20,6 +21,7 @@ import os
 import signal
 
 from aiohttp import web
+from wsgi_app import PAGE  # the gzip cell's 100 KiB HTML page (same folder)
 
 BODY = b"Hello, world\n"
 CHUNK = b"x" * (256 * 1024)
@@ -50,6 +52,9 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         await request.read()
     if request.path == "/big":
         return await big(request)
+    if request.path == "/page":
+        return web.Response(body=PAGE, content_type="text/html", charset="utf-8",
+                            headers=HEADERS)
     return web.Response(body=BODY, content_type="text/plain", headers=HEADERS)
 
 

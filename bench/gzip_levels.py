@@ -2,7 +2,8 @@
 
     python bench/gzip_levels.py [--size 102400] [--rounds 20]
 
-The page is ``tests/apps/offload_wsgi.html`` (a product list, as a shop's pages are),
+The page is ``bench/wsgi_app.page`` (a product list, as a shop's pages are; the page
+of the ``gzip`` bench cell),
 compressed the way Bastion compresses a streamed answer (``zlib`` with the gzip header,
 flushed with ``Z_SYNC_FLUSH`` after every 64 KiB read from the app). For each level the
 best of ``rounds`` runs of process CPU time is reported, as ms per MiB of input, with the
@@ -18,17 +19,17 @@ import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "apps"))
-from offload_wsgi import html  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wsgi_app import page  # noqa: E402
 
 PIECE = 64 * 1024
 
 
-def compress(page: bytes, level: int) -> int:
+def compress(text: bytes, level: int) -> int:
     encoder = zlib.compressobj(level, zlib.DEFLATED, 31, 8)
     size = 0
-    for start in range(0, len(page), PIECE):
-        size += len(encoder.compress(page[start:start + PIECE]))
+    for start in range(0, len(text), PIECE):
+        size += len(encoder.compress(text[start:start + PIECE]))
         size += len(encoder.flush(zlib.Z_SYNC_FLUSH))
     return size + len(encoder.flush(zlib.Z_FINISH))
 
@@ -38,9 +39,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=100 * 1024)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    page = html(args.size)
-    repeat = max(1, (8 * 1024 * 1024) // len(page))  # about 8 MiB of input per round
-    print(f"page {len(page)} bytes, {repeat} pages per round, best of {args.rounds}")
+    text = page(args.size)
+    repeat = max(1, (8 * 1024 * 1024) // len(text))  # about 8 MiB of input per round
+    print(f"page {len(text)} bytes, {repeat} pages per round, best of {args.rounds}")
     print("| level | CPU ms per MiB | compressed size |")
     print("|---|---|---|")
     for level in range(1, 10):
@@ -49,10 +50,10 @@ def main() -> None:
         for _ in range(args.rounds):
             started = time.process_time()
             for _ in range(repeat):
-                size = compress(page, level)
+                size = compress(text, level)
             best = min(best, time.process_time() - started)
-        per_mib = best * 1000 / (repeat * len(page) / (1024 * 1024))
-        print(f"| {level} | {per_mib:.2f} | {100 * size / len(page):.1f}% |")
+        per_mib = best * 1000 / (repeat * len(text) / (1024 * 1024))
+        print(f"| {level} | {per_mib:.2f} | {100 * size / len(text):.1f}% |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ then run 2, ...) and the report takes the median of every figure.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,16 @@ CELLS: dict[str, dict[str, Any]] = {
                "optin": True},
     "static-big": {"label": "static 1 GiB file (curl, HTTP/1.1)", "targets": TARGETS[1:],
                    "optin": True},
+    # Opt-in (CELLS="gzip slow"): bench/app.py's 100 KiB HTML page gzip'd by nginx
+    # (gzip on, gzip_comp_level 4) and by Bastion's compression; a gunicorn sync worker
+    # (bench/wsgi_app.py, 1 worker) behind Bastion with slow clients, buffering on and off.
+    "gzip": {"label": "100 KiB HTML page gzip'd (wrk -t2 -c32, Accept-Encoding: gzip)",
+             "targets": TARGETS[1:], "optin": True},
+    "slow": {"label": "20 slow uploaders + 20 slow readers, one gunicorn sync worker",
+             "targets": ("slow-on", "slow-off"), "optin": True},
 }
+SLOW_LABELS = {"slow-on": "Bastion workers=1, buffering on (defaults + request: 1m)",
+               "slow-off": "Bastion workers=1, buffering: off"}
 
 
 class Stop(Exception):
@@ -154,6 +165,116 @@ def curl_stream(url: str, timeout: float) -> dict[str, Any]:
     if code != "200":
         raise RuntimeError(f"stream answered {code}")
     return {"bytes": int(size), "mb_s": float(speed) / 1e6, "seconds": float(total), "requests": 1}
+
+
+def gzip_check(url: str) -> dict[str, Any]:
+    """One request with ``Accept-Encoding: gzip``: the answer must be gzip'd."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        body = resp.read()
+        coding = resp.headers.get("Content-Encoding")
+    if coding != "gzip":
+        raise RuntimeError(f"{url} answered Content-Encoding {coding!r}, not gzip")
+    return {"page_bytes": len(gzip.decompress(body)), "gzip_bytes": len(body)}
+
+
+def slow_clients(port: int, host: str, seconds: float, uploaders: int = 20, readers: int = 20,
+                 size: int = 512 * 1024, rate: int = 64 * 1024) -> dict[str, Any]:
+    """``uploaders`` clients each POST ``size`` bytes at ``rate`` bytes/s, ``readers``
+    clients each GET ``size`` bytes read at ``rate``, over and over for ``seconds``;
+    meanwhile a fast client GETs ``/fast`` on a new connection every 0.1 s. The fast
+    client's latencies are the result (it starts after 1 s, once the slow ones are on)."""
+    stop = time.monotonic() + seconds
+    piece = 8192
+    done = {"uploads": 0, "downloads": 0, "errors": 0}
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def count(key: str) -> None:
+        with lock:
+            done[key] += 1
+
+    def paced(started: float, moved: int) -> None:
+        delay = started + moved / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def uploader() -> None:
+        head = (f"POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\n"
+                "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n").encode()
+        while time.monotonic() < stop:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                    sock.sendall(head)
+                    started, sent = time.monotonic(), 0
+                    while sent < size and time.monotonic() < stop:
+                        sock.sendall(b"u" * min(piece, size - sent))
+                        sent += min(piece, size - sent)
+                        paced(started, sent)
+                    if sent < size:
+                        return
+                    if not sock.recv(4096).startswith(b"HTTP/1.1 200"):
+                        raise OSError("not 200")
+                count("uploads")
+            except OSError:
+                count("errors")
+                time.sleep(0.1)
+
+    def reader() -> None:
+        request = (f"GET /download?size={size} HTTP/1.1\r\nHost: {host}\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        while time.monotonic() < stop:
+            try:
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                    sock.settimeout(30)
+                    sock.connect(("127.0.0.1", port))
+                    sock.sendall(request)
+                    started, got = time.monotonic(), 0
+                    while time.monotonic() < stop:
+                        data = sock.recv(piece)
+                        if not data:
+                            break
+                        got += len(data)
+                        paced(started, got)
+                    if got >= size:
+                        count("downloads")
+            except OSError:
+                count("errors")
+                time.sleep(0.1)
+
+    def fast() -> None:
+        time.sleep(min(1.0, seconds / 4))
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+                conn.request("GET", "/fast", headers={"Host": host})
+                ok = conn.getresponse().read() == b"fast"
+                conn.close()
+            except OSError:
+                ok = False
+            if ok:
+                with lock:
+                    latencies.append(time.monotonic() - started)
+            else:
+                count("errors")
+            time.sleep(max(0.0, started + 0.1 - time.monotonic()))
+
+    threads = [threading.Thread(target=uploader, daemon=True) for _ in range(uploaders)]
+    threads += [threading.Thread(target=reader, daemon=True) for _ in range(readers)]
+    threads.append(threading.Thread(target=fast, daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(0.0, stop + 20 - time.monotonic()))
+    if not latencies:
+        raise RuntimeError("the fast client got no answer")
+    latencies.sort()
+    return {"fast_p50_ms": statistics.median(latencies) * 1000,
+            "fast_p90_ms": latencies[int(0.9 * (len(latencies) - 1))] * 1000,
+            "fast_max_ms": latencies[-1] * 1000, "fast_requests": len(latencies),
+            "requests": len(latencies), **done}
 
 
 # --- admin socket and raw HTTP -----------------------------------------------------------
@@ -401,6 +522,18 @@ def cmd_run(setup_file: str, out: str) -> None:
             url = t["http"].rstrip("/") + "/files/big.bin"
             with Sampler(kind, t["pid"], app_pid) as s:
                 r = curl_stream(url, float(setup["stream_timeout"]))
+        elif cell == "gzip":
+            url = t["http"].rstrip("/") + "/page"
+            extra = ["-H", "Accept-Encoding: gzip"]
+            sizes = gzip_check(url)
+            if warm:
+                wrk(url, warmup, 2, 32, extra)
+            with Sampler(kind, t["pid"], app_pid) as s:
+                r = wrk(url, seconds, 2, 32, extra)
+            r.update(sizes)
+        elif cell == "slow":
+            with Sampler("bastion", t["pid"], None) as s:
+                r = slow_clients(t["http_port"], t["host"], float(setup.get("slow_seconds") or seconds))
         else:
             raise ValueError(cell)
         r.update(s.result)
@@ -420,7 +553,8 @@ def cmd_run(setup_file: str, out: str) -> None:
                         log(f"{cell} {name} run {run + 1}: FAILED: {exc}")
                         r = {"failed": str(exc)}
                     results["cells"].setdefault(cell, {}).setdefault(name, []).append(r)
-                    brief = (f"{r['rps']:,.0f} req/s" if "rps" in r else
+                    brief = (f"fast client p50 {r['fast_p50_ms']:.1f} ms" if "fast_p50_ms" in r else
+                             f"{r['rps']:,.0f} req/s" if "rps" in r else
                              f"{r['mb_s']:,.0f} MB/s" if "mb_s" in r else r.get("failed", "?"))
                     log(f"run {run + 1}/{runs} {cell:9s} {name:6s} {brief}")
                     (out_dir / "matrix.json").write_text(json.dumps(results, indent=1))
@@ -522,6 +656,10 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         rows += [("static file stream MB/s", "static-big", "mb_s", 1, 0, True),
                  ("static file stream: RSS growth MiB", "static-big", "rss_growth", 1 / 1048576,
                   1, False)]
+    if "gzip" in cells:
+        rows += [("100 KiB HTML page gzip'd req/s", "gzip", "rps", 1, 0, True),
+                 ("proxy CPU µs/request, gzip'd page", "gzip", "cpu_us_per_req", 1, 1, False),
+                 ("gzip'd page bytes (of 102400)", "gzip", "gzip_bytes", 1, 0, False)]
     for cell in cells.values():
         for runs in cell.values():
             for r in runs:
@@ -623,6 +761,32 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         g = grow / 1048576 if grow is not None else None
         t.append(("… with Bastion's RSS flat (growing < 32 MB)", f"{_fmt(g, 1)} MiB",
                   cmp(g, "<", 32 * 1e6 / 1048576)))
+    if "gzip" in cells:
+        r = ratio("gzip", "rps")
+        t.append(("compression: a 100 KiB HTML page gzip'd ≥ 0.5× nginx's `gzip on` "
+                  "throughput (workers=auto)", _pct(r), cmp(r, ">=", 0.5)))
+    slow: list[str] = []
+    if "slow" in cells:
+        names = ("slow-on", "slow-off")
+        slow = ["| measure | " + " | ".join(SLOW_LABELS[n] for n in names) + " |",
+                "|---|---:|---:|"]
+        for label, key, digits in (("fast client, median ms", "fast_p50_ms", 1),
+                                   ("fast client, p90 ms", "fast_p90_ms", 1),
+                                   ("fast client, slowest ms", "fast_max_ms", 1),
+                                   ("fast requests answered", "fast_requests", 0),
+                                   ("uploads completed", "uploads", 0),
+                                   ("downloads completed", "downloads", 0),
+                                   ("client errors", "errors", 0),
+                                   ("Bastion peak RSS MiB", "rss_peak", 1)):
+            scale = 1 / 1048576 if key == "rss_peak" else 1
+            slow.append(f"| {label} | " + " | ".join(
+                _fmt(v * scale if (v := med("slow", n, key)) is not None else None, digits)
+                for n in names) + " |")
+        p50 = med("slow", "slow-on", "fast_p50_ms")
+        off = med("slow", "slow-off", "fast_p50_ms")
+        t.append(("slow clients: a fast client's median < 100 ms with buffering "
+                  "(workers=1; buffering off for comparison)",
+                  f"{_fmt(p50, 1)} ms (off: {_fmt(off, 1)} ms)", cmp(p50, "<", 100)))
     targets = ["| target (Bastion workers=auto vs nginx) | measured | |", "|---|---:|---|"]
     targets += [f"| {a} | {b} | {check(c)} |" for a, b, c in t]
 
@@ -680,6 +844,11 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         "",
         f"![req/s per cell]({Path(png).name})",
         "",
+        *(["## Slow clients in front of a gunicorn sync worker", "",
+           "`bench/wsgi_app.py` under gunicorn, one sync worker, behind Bastion `workers: 1`; "
+           "20 clients upload 512 KiB each at 64 KiB/s and 20 read a 512 KiB answer at "
+           "64 KiB/s, over and over, while a fast client asks for a 4-byte answer every "
+           "0.1 s on a new connection.", "", *slow, ""] if slow else []),
         "## App lifecycle through Bastion",
         "",
         *life,

@@ -6,6 +6,7 @@
 #   RUNS=5 DURATION=10 bench/run.sh
 #   CELLS="http h2" bench/run.sh    # only some load cells (http tls handshake h2 c1 stream)
 #   CELLS="static static-big" bench/run.sh  # static files, nginx vs Bastion (opt-in cells)
+#   CELLS="gzip slow" bench/run.sh  # compression vs nginx's gzip; slow clients vs a sync worker
 #   NO_DOC=1 bench/run.sh           # write bench/results/latest.{md,png}, not docs/performance.*
 #
 # Targets: the app directly (bench/app.py), nginx -> app, Bastion workers=1 -> app and
@@ -34,6 +35,7 @@ LIFECYCLE_SAMPLES="${LIFECYCLE_SAMPLES:-5}" # start-up and crash samples per Bas
 PROFILE_SECONDS="${PROFILE_SECONDS:-5}"     # py-spy on a Bastion worker
 NGINX_WORKERS="${NGINX_WORKERS:-auto}"
 MAX_SECONDS="${MAX_SECONDS:-900}"           # the whole run, including installs
+SLOW_SECONDS="${SLOW_SECONDS:-20}"          # each run of the slow cell (uploads take 8 s each)
 
 APP_PORT=18080                 # the standalone upstream (direct and nginx)
 NGINX_HTTP=18081
@@ -82,6 +84,10 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 if ! "$PY" -c 'import bastion.proxy.control.main, aiohttp, psutil' 2>/dev/null; then
     log "installing Bastion into $PY"
     timeout 300 "$PY" -m pip install -q -e "$ROOT"
+fi
+if [[ " ${CELLS:-} " == *" slow "* ]] && ! "$PY" -c 'import gunicorn' 2>/dev/null; then
+    log "installing gunicorn into $PY (the slow cell's sync app)"
+    timeout 120 "$PY" -m pip install -q gunicorn
 fi
 if ! "$PY" -c 'import trustme' 2>/dev/null; then
     log "installing trustme into $PY"
@@ -209,6 +215,19 @@ http {
         location /files/ {
             alias $WORK/files/;
         }
+        location = /page {
+            gzip on;
+            gzip_comp_level 4;
+            gzip_min_length 1024;
+            gzip_types text/html;
+            gzip_vary on;
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -233,9 +252,34 @@ PIDS+=("$NGINX_PID")
 # Three apps, each Bastion launching its own copies of bench/app.py: "hello" (any host,
 # always running) takes the load; "cold" (Host: cold.bench, on demand, stops after 2 s
 # idle) is woken for the start-up latency; "crash" (Host: crash.bench, always) is killed with -9.
+# With the slow cell, Bastion workers=1 also runs bench/wsgi_app.py under gunicorn (one sync
+# worker) twice: slow-on.bench with buffering (request: 1m, response: 1m), slow-off.bench
+# without (buffering: off).
+SLOW_POOLS=""
+SLOW_APPS=""
+if [[ " ${CELLS:-} " == *" slow "* ]]; then
+    SLOW_POOLS="pools:
+  buffered:
+    buffering: {request: 1m, response: 1m}
+  streamed:
+    buffering: off"
+    for mode in on off; do
+        pool=buffered; [[ $mode == off ]] && pool=streamed
+        SLOW_APPS+="
+  slow-$mode:
+    hosts: [\"slow-$mode.bench\"]
+    pool: $pool
+    command: [\"$PY\", \"-m\", \"gunicorn\", \"--chdir\", \"$HERE\", \"wsgi_app:app\", \"--workers\", \"1\", \"--timeout\", \"120\", \"--bind\", \"127.0.0.1:{port}\"]
+    start_mode: always
+    startup_time_limit: 20s"
+    done
+fi
+
 # start_bastion NAME WORKERS HTTP_PORT HTTPS_PORT  (sets LAST_PID)
 start_bastion() {
     local name=$1 workers=$2 http=$3 https=$4
+    local pools="" slow_apps=""
+    if [[ $name == b1 ]]; then pools=$SLOW_POOLS; slow_apps=$SLOW_APPS; fi
     cat >"$WORK/$name.yaml" <<EOF
 listen:
   - address: "127.0.0.1:$http"
@@ -250,7 +294,8 @@ static:
   files:
     path: /files
     root: "$WORK/files"
-apps:
+$pools
+apps:$slow_apps
   hello:
     command: ["$PY", "$HERE/app.py", "--port", "{port}"]
     start_mode: always
@@ -290,11 +335,14 @@ cat >"$WORK/setup.json" <<EOF
  "stream_size": $STREAM_SIZE, "stream_timeout": 120, "lifecycle_samples": $LIFECYCLE_SAMPLES,
  "profile_seconds": $PROFILE_SECONDS, "nginx_workers": "$NGINX_WORKERS",
  "bastion_version": "$BASTION_VERSION (git $GIT_REV)", "cells": "${CELLS:-}",
+ "slow_seconds": $SLOW_SECONDS,
  "targets": {
   "direct": {"pid": $APP_PID, "http": "http://127.0.0.1:$APP_PORT/"},
   "nginx": {"pid": $NGINX_PID, "http": "http://127.0.0.1:$NGINX_HTTP/", "https": "https://127.0.0.1:$NGINX_HTTPS/"},
   "b1": {"pid": $B1_PID, "http": "http://127.0.0.1:$B1_HTTP/", "https": "https://127.0.0.1:$B1_HTTPS/",
          "http_port": $B1_HTTP, "admin": "$WORK/b1-admin.sock"},
+  "slow-on": {"pid": $B1_PID, "http_port": $B1_HTTP, "host": "slow-on.bench"},
+  "slow-off": {"pid": $B1_PID, "http_port": $B1_HTTP, "host": "slow-off.bench"},
   "bauto": {"pid": $BA_PID, "http": "http://127.0.0.1:$BA_HTTP/", "https": "https://127.0.0.1:$BA_HTTPS/",
             "http_port": $BA_HTTP, "admin": "$WORK/bauto-admin.sock"}
  }

@@ -102,6 +102,14 @@ class BastionProcess:
                 except TimeoutError:
                     if time.monotonic() > deadline:
                         raise
+        admin = self.config.get("admin_socket")
+        if admin:  # the listeners accept a moment before the admin socket does
+            while not _accepts_unix(str(admin)):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"bastion exited {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the admin socket {admin} never accepted:\n{self.log()}")
+                time.sleep(0.01)
         return self
 
     def log(self) -> str:
@@ -279,6 +287,16 @@ def simple_config(apps: dict[str, dict[str, Any]], *, tls: dict[str, Any] | None
     if tls is not None:
         listen.append({"address": f"127.0.0.1:{free_port()}", "tls": tls})
     return {"listen": listen, "apps": apps, **top}
+
+
+def _accepts_unix(path: str) -> bool:
+    """True when a Unix socket at ``path`` accepts a connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:

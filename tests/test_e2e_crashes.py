@@ -180,6 +180,35 @@ def test_kill9_during_request_gives_502_then_a_new_process_with_new_pid_port_tok
           f"{restart_time * 1000:.0f} ms")
 
 
+def test_requests_arriving_just_after_kill9_wait_for_the_restart(
+        crashes: Crashes, tmp_path: Path) -> None:
+    """Requests that arrive right after the only process died, before Bastion has seen it
+    go, are refused by its port: they reached no app, so they wait for the restart and are
+    served by the new process (as a request for an app not started yet waits), not
+    answered 502. (A request the process was serving when it died is not sent again: see
+    the test above.) The app closes every connection after its answer (HTTP/1.0), so no
+    kept-alive connection to the old process is left to break. Bastion's main process
+    (the module) is stopped for a moment so that the proxy workers surely see the dead
+    port before the module has seen the exit."""
+    b = crashes.start({"plain": {
+        "command": app_command("python", "flaky_start.py", "{port}"),
+        "environment": {"FAIL_FLAG": str(tmp_path / "never")}, "startup_time_limit": 5}},
+        workers=2)
+    assert b.get("/", timeout=15).status == 200
+    old = only_process(b, "plain")["pid"]
+    crashes.pause(b.pid)
+    os.kill(old, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(old), timeout=5, interval=0.005)  # ports closed
+    replies = [Background(lambda: b.get("/", timeout=15)) for _ in range(4)]
+    time.sleep(0.3)
+    os.kill(b.pid, signal.SIGCONT)
+    for reply in replies:
+        response = reply.result(timeout=20)
+        assert response.status == 200, response.body
+        assert response.json()["pid"] != old
+    assert b.status()["apps"]["plain"]["restarts"] == 1
+
+
 # -- 2. exit at once: 502, then rapid-fail 503 with Retry-After -----------------------
 def _exit_at_once(crashes: Crashes, **top: Any) -> BastionProcess:
     return crashes.start({"bad": {

@@ -403,6 +403,8 @@ def test_accel_to_unmapped_path(bastion: BastionProcess) -> None:
     got = raw_request(bastion.port(), "/dj/missing")
     assert got.status == 404
     assert b"the app's own body" not in got.body
+    assert "X-Accel-Redirect: '/nowhere/file.txt', which no static location maps" \
+        in bastion.log()
 
 
 def test_apps_still_proxied(bastion: BastionProcess) -> None:

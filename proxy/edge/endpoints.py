@@ -95,6 +95,8 @@ class _AppView:
     in_flight: dict[int, int] = field(default_factory=dict)  # pid -> requests
     served: dict[int, int] = field(default_factory=dict)  # pid -> requests, since start
     suspended: dict[int, float] = field(default_factory=dict)  # pid -> until (monotonic)
+    # requests waiting for the module to withdraw a process they found gone: (pid, future)
+    watching: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
 
 class Lease:
@@ -160,6 +162,11 @@ class EndpointTable:
             return  # out of order: keep the newer picture
         view.state = state
         live = {e.pid for e in state.endpoints}
+        if view.watching:
+            for pid, future in [w for w in view.watching if w[0] not in live]:
+                view.watching.remove((pid, future))
+                if not future.done():
+                    future.set_result(None)
         for pid in [p for p, n in view.in_flight.items() if p not in live and n == 0]:
             del view.in_flight[pid]
             view.served.pop(pid, None)
@@ -307,6 +314,23 @@ class EndpointTable:
             self._release(app, future.result().pid, waiter.ticket)
         else:
             self.send(SlotFreed(app, self.worker, waiter.ticket))
+
+    async def withdrawn(self, app: str, pid: int, wait_limit: float) -> bool:
+        """Wait until the module's state of ``app`` no longer lists ``pid`` (a process a
+        request found gone, reported with ``Lease.failed``); False after ``wait_limit``."""
+        view = self._apps.get(app)
+        if view is None or all(e.pid != pid for e in view.state.endpoints):
+            return True
+        entry = (pid, asyncio.get_running_loop().create_future())
+        view.watching.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry[1]), wait_limit)
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                view.watching.remove(entry)
+        return True
 
     def suspend(self, app: str, pid: int) -> None:
         """Send ``pid`` nothing for ``SUSPEND_FOR`` seconds while others can serve (like

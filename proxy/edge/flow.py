@@ -29,7 +29,12 @@ request sent to the response head (504).
 Retries only where nothing was sent: a refused connection goes once to another process
 of the app that was already ready; a kept-alive connection that the app closed before
 answering is retried on a new one for an idempotent request without a body (and if that
-process refuses it, once on another ready process).
+process refuses it, once on another ready process). When the app's only process refuses
+a new connection (it is gone), the request waits up to ``GONE_WAIT`` for the module to
+withdraw that process, then for the restart like any request for an app that is not
+ready: a request that arrives just after a crash is served by the new process. A request
+sent on a kept-alive connection that broke is not sent to the restart: the process may
+have died of it.
 
 The answer's head is held back while the body is known to be small (``SMALL_BODY``), so
 a small answer goes out in one write and a body cut short is still a clean 502; other
@@ -84,6 +89,7 @@ from .websocket import AppEnd
 log = logging.getLogger("bastion.proxy")
 
 PREFETCH = 64 * 1024  # body bytes read before the app is asked
+GONE_WAIT = 1.0  # how long a request that found the only process gone waits for the module
 SMALL_BODY = 64 * 1024  # a body up to this size goes with its head in one write
 PENDING_HIGH = 256 * 1024  # body bytes buffered before reading from the client pauses
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -860,6 +866,8 @@ class Flow:
         route = None if target is None else self.site.router.match(
             self.request.host, normalised_path(decoded_path(target)))
         if target is None or route is None or route.static is None:
+            log.warning("app %r answered X-Accel-Redirect: %r, which no static location "
+                        "maps: 404", self.app, value.decode("latin-1"))
             self.fail(NotFound("X-Accel-Redirect names no static location",
                                detail=value.decode("latin-1")))
             return
@@ -880,7 +888,34 @@ class Flow:
             except ProxyError as again:
                 self.fail(again)
             return
+        if isinstance(error, ConnectRefused) and self._attempt == 1:
+            # Nothing reached the app and its only process is gone (killed a moment ago):
+            # the request waits for the module to withdraw it and goes the way of any
+            # request for an app that is not ready (it waits for the restart), instead of
+            # a 502 for a request that arrived after the crash. (Not after a broken
+            # kept-alive connection: that request may have been the one it died on.)
+            self._attempt = 2
+            pid = self.pid
+            self._drop_upstream(failed=str(error))
+            self.state = _WAIT_LEASE
+            self._reused = False
+            self._task = asyncio.get_running_loop().create_task(self._after_gone(pid, error))
+            return
         self.fail(error)
+
+    async def _after_gone(self, pid: int, error: ProxyError) -> None:
+        withdrawn = await self.site.table.withdrawn(self.app, pid, GONE_WAIT)
+        self._task = None
+        if self.state == _DONE:
+            return
+        if not withdrawn:
+            self.fail(error)
+            return
+        self.state = _PREFETCH
+        try:
+            self._route()
+        except ProxyError as again:
+            self.fail(again)
 
     def _other_ready(self) -> bool:
         state = self.site.table.state(self.app)
