@@ -34,14 +34,19 @@ import measure  # noqa: E402  (the psutil helpers: process split, RSS, CPU)
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("direct", "nginx", "b1", "bauto")
-LABELS = {"direct": "direct (app)", "nginx": "nginx", "b1": "Bastion workers=1", "bauto": "Bastion workers=auto"}
+# bh2: Bastion workers=auto with BASTION_H2_ENGINE=h2 (the fallback engine), HTTP/2 cells only
+COLUMNS = (*TARGETS, "bh2")
+H2_TARGETS = (*TARGETS[1:], "bh2")
+LABELS = {"direct": "direct (app)", "nginx": "nginx", "b1": "Bastion workers=1", "bauto": "Bastion workers=auto",
+          "bh2": "Bastion auto, h2 engine"}
 CELLS: dict[str, dict[str, Any]] = {
     "http": {"label": "HTTP/1.1 keep-alive (wrk -t2 -c32)", "targets": TARGETS},
     "tls": {"label": "TLS keep-alive (wrk -t2 -c32)", "targets": TARGETS[1:]},
     "handshake": {"label": "TLS new connection per request (wrk -c32, Connection: close)", "targets": TARGETS[1:]},
-    "h2": {"label": "HTTP/2 over TLS (h2load -c10 -m10)", "targets": TARGETS[1:]},
+    "h2": {"label": "HTTP/2 over TLS (h2load -c10 -m10)", "targets": H2_TARGETS},
     "c1": {"label": "one connection (wrk -t1 -c1)", "targets": TARGETS},
     "stream": {"label": "1 GiB download (curl, HTTP/1.1)", "targets": TARGETS},
+    "h2stream": {"label": "1 GiB download over HTTP/2 (curl --http2, TLS)", "targets": H2_TARGETS},
     # Opt-in (CELLS="static static-big"): the same files served by nginx and by Bastion's
     # static locations (run.sh: /files/ on both), no app involved.
     "static": {"label": "static 1 KiB file, keep-alive (wrk -t2 -c32)", "targets": TARGETS[1:],
@@ -158,12 +163,16 @@ def h2load(url: str, seconds: float, warmup: float) -> dict[str, Any]:
     return data
 
 
-def curl_stream(url: str, timeout: float) -> dict[str, Any]:
-    out = _run(["curl", "-s", "-o", "/dev/null", "--max-time", str(timeout), "-w",
-                "%{http_code} %{size_download} %{speed_download} %{time_total}", url], timeout + 10)
-    code, size, speed, total = out.split()
+def curl_stream(url: str, timeout: float, http2: bool = False) -> dict[str, Any]:
+    extra = ["--http2", "-k"] if http2 else []
+    out = _run(["curl", "-s", *extra, "-o", "/dev/null", "--max-time", str(timeout), "-w",
+                "%{http_code} %{size_download} %{speed_download} %{time_total} %{http_version}", url],
+               timeout + 10)
+    code, size, speed, total, version = out.split()
     if code != "200":
         raise RuntimeError(f"stream answered {code}")
+    if http2 and version != "2":
+        raise RuntimeError(f"curl did not speak HTTP/2 (HTTP/{version})")
     return {"bytes": int(size), "mb_s": float(speed) / 1e6, "seconds": float(total), "requests": 1}
 
 
@@ -512,6 +521,10 @@ def cmd_run(setup_file: str, out: str) -> None:
             url = t["http"].rstrip("/") + f"/big?size={size}"
             with Sampler(kind, t["pid"], app_pid) as s:
                 r = curl_stream(url, float(setup["stream_timeout"]))
+        elif cell == "h2stream":
+            url = t["https"].rstrip("/") + f"/big?size={size}"
+            with Sampler(kind, t["pid"], app_pid) as s:
+                r = curl_stream(url, float(setup["stream_timeout"]), http2=True)
         elif cell == "static":
             url = t["http"].rstrip("/") + "/files/1k.bin"
             if warm:
@@ -547,6 +560,8 @@ def cmd_run(setup_file: str, out: str) -> None:
                 if cell not in only:
                     continue
                 for name in spec["targets"]:
+                    if name not in targets:
+                        continue  # not started (bh2 runs only for the HTTP/2 cells)
                     try:
                         r = one(cell, name, warm=(run == 0))
                     except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
@@ -558,6 +573,13 @@ def cmd_run(setup_file: str, out: str) -> None:
                              f"{r['mb_s']:,.0f} MB/s" if "mb_s" in r else r.get("failed", "?"))
                     log(f"run {run + 1}/{runs} {cell:9s} {name:6s} {brief}")
                     (out_dir / "matrix.json").write_text(json.dumps(results, indent=1))
+        if only & {"h2", "h2stream"}:
+            log("HTTP/2 engines alone (bench/h2_engines.py)")
+            try:
+                out = _run([setup["python"], str(HERE / "h2_engines.py"), "--json", "20000"], 300)
+                results["h2_engines"] = json.loads(out.strip().splitlines()[-1])
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+                log(f"h2_engines FAILED: {exc}")
         samples = int(setup["lifecycle_samples"])
         log(f"app's own start time, {samples} samples")
         results["app_start_ms"] = app_own_start(setup["python"], samples)
@@ -620,6 +642,13 @@ def _machine() -> list[str]:
             f"Linux {platform.release()}"]
 
 
+def _engines_table(figures: Any) -> list[str]:
+    if not figures:
+        return ["(not measured in this run: it runs with the h2 or h2stream cell)"]
+    return ["| engine | CPU µs / request |", "|---|---:|",
+            *(f"| {name} | {us:.1f} |" for name, us in figures)]
+
+
 def cmd_report(out: str, doc: str, png: str) -> None:
     d = Path(out)
     res = json.loads((d / "matrix.json").read_text())
@@ -642,6 +671,8 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         ("wrk -c1 p99 latency ms", "c1", "p99_us", 1e-3, 3, False),
         ("1 GiB stream MB/s", "stream", "mb_s", 1, 0, True),
         ("1 GiB stream: proxy RSS growth MiB", "stream", "rss_growth", 1 / 1048576, 1, False),
+        ("1 GiB over HTTP/2 MB/s", "h2stream", "mb_s", 1, 0, True),
+        ("1 GiB over HTTP/2: proxy RSS growth MiB", "h2stream", "rss_growth", 1 / 1048576, 1, False),
         ("proxy CPU µs/request, HTTP/1.1", "http", "cpu_us_per_req", 1, 1, False),
         ("proxy CPU µs/request, TLS keep-alive", "tls", "cpu_us_per_req", 1, 1, False),
         ("proxy CPU µs/request, TLS handshakes", "handshake", "cpu_us_per_req", 1, 1, False),
@@ -672,12 +703,13 @@ def cmd_report(out: str, doc: str, png: str) -> None:
             return max(vals) if vals else None
         return med(cell, name, key)
 
-    head = "| measure | " + " | ".join(LABELS[t] for t in TARGETS) + " |"
-    table = [head, "|---|" + "---:|" * len(TARGETS)]
+    columns = [c for c in COLUMNS if c != "bh2" or "bh2" in setup["targets"]]
+    head = "| measure | " + " | ".join(LABELS[t] for t in columns) + " |"
+    table = [head, "|---|" + "---:|" * len(columns)]
     for label, cell, key, scale, digits, _ in rows:
         n = value(cell, "nginx", key)
         parts = []
-        for name in TARGETS:
+        for name in columns:
             v = value(cell, name, key)
             if v is None or (name == "direct" and key in ("cpu_us_per_req", "rss_peak", "rss_growth")):
                 parts.append("–")
@@ -733,6 +765,16 @@ def cmd_report(out: str, doc: str, png: str) -> None:
     t.append(("TLS handshakes/s ≥ 0.9× nginx's (workers=auto)", _pct(r), cmp(r, ">=", 0.9)))
     r = ratio("h2", "rps")
     t.append(("HTTP/2 (h2load -m10), workers=auto: ≥ 0.4× nginx's", _pct(r), cmp(r, ">=", 0.4)))
+    r = ratio("h2", "cpu_us_per_req")
+    t.append(("… proxy CPU per request ≤ 2.5× nginx's", f"{r:.2f}×" if r else "–", cmp(r, "<", 2.5001)))
+    r = ratio("h2", "rps", "bh2")
+    t.append(("… with the h2 engine (fallback; for the record, no target)", _pct(r), None))
+    r = ratio("h2stream", "mb_s")
+    t.append(("1 GiB over HTTP/2 ≥ 0.8× nginx's rate (workers=auto)", f"{r:.3f}×" if r else "–",
+              cmp(r, ">=", 0.8)))
+    g2 = med("h2stream", "bauto", "rss_growth")
+    g2 = g2 / 1048576 if g2 is not None else None
+    t.append(("… with Bastion's RSS growing < 32 MB", f"{_fmt(g2, 1)} MiB", cmp(g2, "<", 32 * 1e6 / 1048576)))
     r = ratio("stream", "mb_s")
     spread = {n: [x["mb_s"] for x in cells.get("stream", {}).get(n, []) if "mb_s" in x] for n in ("nginx", "bauto")}
     t.append(("1 GiB stream at least as fast as through nginx (workers=auto)",
@@ -822,7 +864,8 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         f"- date: {when}; the run took {duration:.1f} min",
         f"- machine: {_machine()[0]}; load average before {lb[0]:.2f}, after {la[0]:.2f} "
         "(anything above ~0 means other work shared the cores during the run)",
-        f"- Bastion {setup.get('bastion_version', '?')}, Python {platform.python_version()}; "
+        f"- Bastion {setup.get('bastion_version', '?')} (HTTP/2 engine: {setup.get('h2_engine', '?')}), "
+        f"Python {platform.python_version()}; "
         f"{_version(['nginx', '-v']).replace('nginx version: ', '')}; "
         f"{' '.join(_version(['wrk', '-v']).split()[:2])}; {_version(['h2load', '--version'])}; "
         f"{' '.join(_version(['curl', '--version']).split()[:2])}",
@@ -861,6 +904,17 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         "",
         *where,
         "",
+        "## HTTP/2 engines",
+        "",
+        "HTTP/2 is served by libnghttp2 (`ng2`: framing, HPACK, flow control and stream state "
+        "in C, through Bastion's own extension `proxy/edge/_ng2.c`), or by the `h2` library "
+        "where the extension is not built (the column \"Bastion auto, h2 engine\" runs with "
+        "`BASTION_H2_ENGINE=h2`). Both apply the same checks and bounds. The engines alone "
+        "(`bench/h2_engines.py`: a client's HEADERS for GET requests, ten streams per read, "
+        "answered with a 13-byte body; no sockets, no app), CPU µs per request:",
+        "",
+        *_engines_table(res.get("h2_engines")),
+        "",
         "## Caveats",
         "",
         "- One 2-core machine runs wrk/h2load/curl, the proxy and the app, so they compete for the "
@@ -887,16 +941,18 @@ def _chart(cells: dict[str, Any], png: str) -> None:
 
     groups = [("http", "HTTP/1.1"), ("tls", "TLS\nkeep-alive"), ("handshake", "TLS new conn\nper request"),
               ("h2", "HTTP/2\n-c10 -m10"), ("c1", "wrk -c1")]
-    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "b1": "#90caf9", "bauto": "#1565c0"}
+    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "b1": "#90caf9", "bauto": "#1565c0", "bh2": "#ef6c00"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [4, 1]})
-    width = 0.2
-    for i, name in enumerate(TARGETS):
+    width = 0.16
+    for i, name in enumerate(COLUMNS):
         xs, ys = [], []
         for j, (cell, _) in enumerate(groups):
             v = _median(cells.get(cell, {}).get(name), "rps")
             if v is not None:
-                xs.append(j + (i - 1.5) * width)
+                xs.append(j + (i - 2) * width)
                 ys.append(v)
+        if not ys:
+            continue
         bars = ax.bar(xs, ys, width, label=LABELS[name], color=colors[name])
         ax.bar_label(bars, labels=[f"{y / 1000:.1f}k" for y in ys], fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(groups)), [g[1] for g in groups])

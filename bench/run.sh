@@ -4,15 +4,17 @@
 #   bench/run.sh                    # RUNS=3 DURATION=5 (seconds per run), median of the runs
 #   QUICK=1 bench/run.sh            # RUNS=1 DURATION=2, 64 MiB stream: about 2 minutes, a smoke test
 #   RUNS=5 DURATION=10 bench/run.sh
-#   CELLS="http h2" bench/run.sh    # only some load cells (http tls handshake h2 c1 stream)
+#   CELLS="http h2" bench/run.sh    # only some load cells (http tls handshake h2 c1 stream h2stream)
 #   CELLS="static static-big" bench/run.sh  # static files, nginx vs Bastion (opt-in cells)
 #   CELLS="gzip slow" bench/run.sh  # compression vs nginx's gzip; slow clients vs a sync worker
 #   NO_DOC=1 bench/run.sh           # write bench/results/latest.{md,png}, not docs/performance.*
 #
 # Targets: the app directly (bench/app.py), nginx -> app, Bastion workers=1 -> app and
-# Bastion workers=auto -> app. Cells: HTTP/1.1 keep-alive, TLS keep-alive, TLS with a new
-# connection (full handshake) per request, HTTP/2 (h2load -c10 -m10), one connection
-# (wrk -c1, latency) and a 1 GiB download; the proxies' CPU per request and peak RSS; the
+# Bastion workers=auto -> app; in the HTTP/2 cells also Bastion workers=auto on the
+# fallback HTTP/2 engine (bh2: BASTION_H2_ENGINE=h2). Cells: HTTP/1.1 keep-alive, TLS
+# keep-alive, TLS with a new connection (full handshake) per request, HTTP/2 (h2load -c10
+# -m10), one connection (wrk -c1, latency), a 1 GiB download over HTTP/1.1 and one over
+# HTTP/2 (curl --http2); the proxies' CPU per request and peak RSS (growth for the downloads); the
 # start-up latency of an on-demand app and the time to recover from kill -9 of an app, each
 # against the app's own start time; a py-spy profile of a Bastion worker under load.
 # Writes docs/performance.md + docs/performance.png and bench/results/ (raw JSON, profile).
@@ -44,6 +46,8 @@ B1_HTTP=18082                  # Bastion workers: 1
 B1_HTTPS=18444
 BA_HTTP=18083                  # Bastion workers: auto
 BA_HTTPS=18445
+BH2_HTTP=18084                 # Bastion workers: auto, HTTP/2 on the h2 engine (BASTION_H2_ENGINE=h2)
+BH2_HTTPS=18446
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
@@ -147,7 +151,7 @@ trap 'exit 143' TERM
 ) &
 PIDS+=($!)
 
-for port in $APP_PORT $NGINX_HTTP $NGINX_HTTPS $B1_HTTP $B1_HTTPS $BA_HTTP $BA_HTTPS; do
+for port in $APP_PORT $NGINX_HTTP $NGINX_HTTPS $B1_HTTP $B1_HTTPS $BA_HTTP $BA_HTTPS $BH2_HTTP $BH2_HTTPS; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         die "port $port on 127.0.0.1 is already in use"
     fi
@@ -248,7 +252,7 @@ PIDS+=("$NGINX_PID")
 "$PY" "$HERE/measure.py" wait "http://127.0.0.1:$NGINX_HTTP/" 20
 "$PY" "$HERE/measure.py" wait "https://127.0.0.1:$NGINX_HTTPS/" 20
 
-# --- Bastion, twice -----------------------------------------------------------------------
+# --- Bastion, twice (three times with the HTTP/2 cells) -------------------------------------
 # Three apps, each Bastion launching its own copies of bench/app.py: "hello" (any host,
 # always running) takes the load; "cold" (Host: cold.bench, on demand, stops after 2 s
 # idle) is woken for the start-up latency; "crash" (Host: crash.bench, always) is killed with -9.
@@ -275,9 +279,10 @@ if [[ " ${CELLS:-} " == *" slow "* ]]; then
     done
 fi
 
-# start_bastion NAME WORKERS HTTP_PORT HTTPS_PORT  (sets LAST_PID)
+# start_bastion NAME WORKERS HTTP_PORT HTTPS_PORT [VAR=VALUE...]  (sets LAST_PID)
 start_bastion() {
     local name=$1 workers=$2 http=$3 https=$4
+    local env=("${@:5}")
     local pools="" slow_apps=""
     if [[ $name == b1 ]]; then pools=$SLOW_POOLS; slow_apps=$SLOW_APPS; fi
     cat >"$WORK/$name.yaml" <<EOF
@@ -314,8 +319,8 @@ apps:$slow_apps
     rapid_fails_per_minute: 100
 EOF
     "$PY" -m bastion check -c "$WORK/$name.yaml" >/dev/null
-    log "starting Bastion $name (workers: $workers) on :$http and :$https"
-    "$PY" -m bastion serve -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
+    log "starting Bastion $name (workers: $workers${env[*]:+, ${env[*]}}) on :$http and :$https"
+    env "${env[@]}" "$PY" -m bastion serve -c "$WORK/$name.yaml" >"$WORK/$name.log" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
     "$PY" "$HERE/measure.py" wait "http://127.0.0.1:$http/" 30 \
@@ -326,6 +331,15 @@ start_bastion b1 1 "$B1_HTTP" "$B1_HTTPS"
 B1_PID=$LAST_PID
 start_bastion bauto auto "$BA_HTTP" "$BA_HTTPS"
 BA_PID=$LAST_PID
+H2_ENGINE="$(grep -o 'HTTP/2 engine: [^;]*' "$WORK/bauto.log" | head -1 | sed 's/^HTTP\/2 engine: //' || true)"
+# The fallback HTTP/2 engine, for comparison in the HTTP/2 cells only.
+BH2_TARGET=""
+if [[ -z "${CELLS:-}" || " $CELLS " == *" h2 "* || " $CELLS " == *" h2stream "* ]]; then
+    start_bastion bh2 auto "$BH2_HTTP" "$BH2_HTTPS" BASTION_H2_ENGINE=h2
+    BH2_TARGET=",
+  \"bh2\": {\"pid\": $LAST_PID, \"http\": \"http://127.0.0.1:$BH2_HTTP/\", \"https\": \"https://127.0.0.1:$BH2_HTTPS/\",
+          \"http_port\": $BH2_HTTP, \"admin\": \"$WORK/bh2-admin.sock\"}"
+fi
 
 BASTION_VERSION="$("$PY" -c 'from importlib.metadata import version; print(version("bastion"))' 2>/dev/null || echo '?')"
 GIT_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -335,6 +349,7 @@ cat >"$WORK/setup.json" <<EOF
  "stream_size": $STREAM_SIZE, "stream_timeout": 120, "lifecycle_samples": $LIFECYCLE_SAMPLES,
  "profile_seconds": $PROFILE_SECONDS, "nginx_workers": "$NGINX_WORKERS",
  "bastion_version": "$BASTION_VERSION (git $GIT_REV)", "cells": "${CELLS:-}",
+ "h2_engine": "${H2_ENGINE:-?}",
  "slow_seconds": $SLOW_SECONDS,
  "targets": {
   "direct": {"pid": $APP_PID, "http": "http://127.0.0.1:$APP_PORT/"},
@@ -344,7 +359,7 @@ cat >"$WORK/setup.json" <<EOF
   "slow-on": {"pid": $B1_PID, "http_port": $B1_HTTP, "host": "slow-on.bench"},
   "slow-off": {"pid": $B1_PID, "http_port": $B1_HTTP, "host": "slow-off.bench"},
   "bauto": {"pid": $BA_PID, "http": "http://127.0.0.1:$BA_HTTP/", "https": "https://127.0.0.1:$BA_HTTPS/",
-            "http_port": $BA_HTTP, "admin": "$WORK/bauto-admin.sock"}
+            "http_port": $BA_HTTP, "admin": "$WORK/bauto-admin.sock"}$BH2_TARGET
  }
 }
 EOF

@@ -23,7 +23,11 @@ Theory of operation
 * each app without a ``cwd`` gets its own empty temporary one (``offline()`` writes
   ``app_offline.htm`` there), and its command is wrapped in
   ``python -m bastion.proxy.pytest_plugin_shim FLAG -- argv...``, which fails one start when
-  ``fail_next_start()`` created FLAG and otherwise execs the command (same pid).
+  ``fail_next_start()`` created FLAG and otherwise execs the command (same pid);
+* each in-process app (``in_process="module:attr"``, or ``hosting_model: in_process`` in
+  the config) is loaded through ``bastion.proxy.pytest_plugin_hosted``, which fails one
+  load when ``fail_next_import()`` created FLAG and otherwise imports the real app;
+  ``kill_worker()`` kills a proxy worker as a crashing in-process app would.
 
 The factory returns once every listener accepts and the admin socket answers (and, with
 ``warmup="/path"``, once a request to that path was answered without a 5xx). At teardown
@@ -63,6 +67,8 @@ LOOPBACK = "127.0.0.1"
 SERVER_NAMES = ("127.0.0.1", "::1", "localhost")
 OFFLINE_FILE = "app_offline.htm"
 SHIM_MODULE = "bastion.proxy.pytest_plugin_shim"
+HOSTED_MODULE = "bastion.proxy.pytest_plugin_hosted"
+HOSTED_ENV = "BASTION_TEST_HOSTED"
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux
 
 
@@ -176,6 +182,9 @@ class BastionHandle:
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("BASTION_DATA_DIR", str(directory / "data"))
         self.env.pop("BASTION_CONFIG", None)
+        hosted = directory / "hosted.json"
+        if hosted.exists():
+            self.env[HOSTED_ENV] = str(hosted)
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self._log_file: Any = None
@@ -437,8 +446,13 @@ class BastionHandle:
         self._seen.update(p["pid"] for p in procs if p.get("pid"))
         return procs
 
+    def in_process(self, app: str) -> bool:
+        """Whether ``app`` is hosted in process (its processes are Bastion's workers)."""
+        return self._app(app).get("hosting_model") == "in_process"
+
     def pids(self, app: str) -> list[int]:
-        """Pids of the ready processes of ``app`` (empty when it is not running)."""
+        """Pids of the ready processes of ``app`` (empty when it is not running); for an
+        in-process app, the worker processes that loaded it."""
         return [p["pid"] for p in self.processes(app) if p["state"] == "ready"]
 
     def ports(self, app: str) -> list[int]:
@@ -476,11 +490,56 @@ class BastionHandle:
             raise TimeoutError(f"Bastion still lists {pids} of {app!r} after signal {sig}")
         return pids
 
+    def kill_worker(self, app: str | None = None, sig: int = signal.SIGKILL, *,
+                    wait: bool = True) -> int:
+        """SIGKILL one proxy worker (one hosting ``app`` when given), as an in-process app
+        that crashes its process would; return its pid. With ``wait``, return once a
+        replacement worker is listed (and, with ``app``, has loaded it)."""
+        if app is not None:
+            candidates = self.pids(app)
+        else:
+            candidates = [w["pid"] for w in self.status().get("workers", [])
+                          if w["pid"] != self.pid]
+        if not candidates:
+            raise RuntimeError("no worker process to kill"
+                               + (f" hosting {app!r}" if app is not None else ""))
+        victim = candidates[0]
+        before = {w["pid"] for w in self.status().get("workers", [])}
+        os.kill(victim, sig)
+        if not wait:
+            return victim
+
+        def replaced() -> bool:
+            workers = {w["pid"] for w in self.status().get("workers", [])}
+            if victim in workers or len(workers) < len(before):
+                return False
+            return app is None or (victim not in self.pids(app)
+                                   and len(self.pids(app)) >= len(candidates))
+
+        if not wait_until(replaced, timeout=30):
+            raise TimeoutError(f"worker {victim} was not replaced:\n{self.log()}")
+        return victim
+
+    def fail_next_import(self, app: str) -> None:
+        """Make the next load of the in-process ``app`` (in any worker) raise ImportError."""
+        if not self.in_process(app):
+            raise RuntimeError(f"app {app!r} is not in process (use fail_next_start)")
+        flag = self._flags[app]
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.write_text("fail the next import\n")
+
     def hang(self, app: str) -> list[int]:
-        """SIGSTOP every process of ``app`` (its whole process group); return the pids."""
+        """SIGSTOP every process of ``app`` (its whole process group); return the pids.
+        For an in-process app: its worker processes (so the worker watchdog acts)."""
         pids = self.pids(app)
         if not pids:
             raise RuntimeError(f"app {app!r} has no running process to hang")
+        if self.in_process(app):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    self._hung.setdefault(app, set()).add(-pid)
+            return pids
         groups = self._hung.setdefault(app, set())
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -495,7 +554,10 @@ class BastionHandle:
         for name in names:
             for pgid in self._hung.pop(name, set()):
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGCONT)
+                    if pgid < 0:  # a worker process (in-process app): not its group
+                        os.kill(-pgid, signal.SIGCONT)
+                    else:
+                        os.killpg(pgid, signal.SIGCONT)
 
     def fail_next_start(self, app: str) -> None:
         """Make the next start of ``app`` exit with status 1 before it listens."""
@@ -591,17 +653,26 @@ def _load(config: dict[str, Any] | str | os.PathLike[str]) -> tuple[dict[str, An
 
 def build_config(directory: Path, config: dict[str, Any] | str | os.PathLike[str] | None = None,
                  *, command: list[str] | None = None, app: str = "app", path: str = "/",
-                 tls: bool = True, **app_settings: Any
+                 tls: bool = True, in_process: str | None = None, **app_settings: Any
                  ) -> tuple[dict[str, Any], Path | None, dict[str, Path]]:
     """The configuration a test Bastion runs with, the CA file, and each app's flag file."""
     if config is None:
-        if command is None:
-            raise TypeError("bastion() needs a config or a command")
-        config = {"apps": {app: {"command": list(command), "path": path, **app_settings}}}
+        if command is not None and in_process is not None:
+            raise TypeError("give command= or in_process=, not both")
+        if in_process is not None:
+            entry = {"hosting_model": "in_process", "app": in_process, "path": path,
+                     **app_settings}
+            config = {"apps": {app: entry}}
+        elif command is None:
+            raise TypeError("bastion() needs a config, a command or in_process")
+        else:
+            config = {"apps": {app: {"command": list(command), "path": path,
+                                     **app_settings}}}
         base: Path | None = None
     else:
-        if command is not None or app_settings:
-            raise TypeError("give either a config or command=/app settings, not both")
+        if command is not None or in_process is not None or app_settings:
+            raise TypeError("give either a config or command=/in_process=/app settings, "
+                            "not both")
         config, base = _load(config)
     config.setdefault("apps", {})
     listen = config.get("listen")
@@ -609,6 +680,7 @@ def build_config(directory: Path, config: dict[str, Any] | str | os.PathLike[str
         listen = [{"address": ""}] + ([{"address": "", "tls": {}}] if tls else [])
     ca_path: Path | None = None
     flags: dict[str, Path] = {}
+    hosted: dict[str, dict[str, str]] = {}  # shim attribute -> real app and flag
     new_listen: list[dict[str, Any]] = []
     for entry in listen:
         listener: dict[str, Any] = dict(entry)
@@ -641,17 +713,24 @@ def build_config(directory: Path, config: dict[str, Any] | str | os.PathLike[str
         flag = directory / "flags" / f"{name}.fail"
         flags[name] = flag
         command_argv = spec.get("command")
-        if isinstance(command_argv, list) and command_argv:
+        if spec.get("hosting_model") == "in_process" and isinstance(spec.get("app"), str):
+            attribute = f"app{len(hosted)}"
+            hosted[attribute] = {"target": spec["app"], "flag": str(flag), "name": name}
+            spec["app"] = f"{HOSTED_MODULE}:{attribute}"
+        elif isinstance(command_argv, list) and command_argv:
             spec["command"] = [sys.executable, "-m", SHIM_MODULE, str(flag), "--",
                                *[str(a) for a in command_argv]]
         config["apps"][name] = spec
+    if hosted:
+        (directory / "hosted.json").write_text(json.dumps(hosted, indent=2))
     return config, ca_path, flags
 
 
 def start_bastion(directory: Path, config: dict[str, Any] | str | os.PathLike[str] | None = None,
                   *, command: list[str] | None = None, app: str = "app", path: str = "/",
                   tls: bool = True, warmup: str | None = None, start_timeout: float = 30.0,
-                  env: dict[str, str] | None = None, **app_settings: Any) -> BastionHandle:
+                  env: dict[str, str] | None = None, in_process: str | None = None,
+                  **app_settings: Any) -> BastionHandle:
     """Build a config in ``directory``, start Bastion and wait for it (see :func:`bastion`).
 
     For module- or session-scoped fixtures; the caller must call ``close()`` (or use it as
@@ -659,7 +738,8 @@ def start_bastion(directory: Path, config: dict[str, Any] | str | os.PathLike[st
     """
     directory.mkdir(parents=True, exist_ok=True)
     full, ca_path, flags = build_config(directory, config, command=command, app=app,
-                                        path=path, tls=tls, **app_settings)
+                                        path=path, tls=tls, in_process=in_process,
+                                        **app_settings)
     handle = BastionHandle(directory, full, ca_path=ca_path, env=env, flags=flags)
     try:
         handle.start(timeout=start_timeout, warmup=warmup)
@@ -676,17 +756,21 @@ class BastionFactory(Protocol):
     def __call__(self, config: dict[str, Any] | str | os.PathLike[str] | None = None, *,
                  command: list[str] | None = None, app: str = "app", path: str = "/",
                  tls: bool = True, warmup: str | None = None, start_timeout: float = 30.0,
-                 env: dict[str, str] | None = None, **app_settings: Any) -> BastionHandle: ...
+                 env: dict[str, str] | None = None, in_process: str | None = None,
+                 **app_settings: Any) -> BastionHandle: ...
 
 
 @pytest.fixture
 def bastion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionFactory]:
     """Factory: ``bastion(config=None, *, command=None, app="app", path="/", tls=True,
-    warmup=None, start_timeout=30, env=None, **app_settings) -> BastionHandle``.
+    warmup=None, start_timeout=30, env=None, in_process=None, **app_settings)
+    -> BastionHandle``.
 
     ``config`` is a dict or the path of a YAML file (its relative paths are taken from its
     directory); without one, ``command`` (argv, ``{port}`` substituted) becomes the single
-    app ``app`` at ``path`` with ``app_settings`` (e.g. ``request_timeout=2``). Every
+    app ``app`` at ``path`` with ``app_settings`` (e.g. ``request_timeout=2``), or
+    ``in_process="module:attribute"`` makes it an in-process app (``interface="wsgi"``,
+    ``cwd=...`` among the settings). Every
     Bastion started is stopped at teardown, and the test fails if any of its processes
     outlives it.
     """
@@ -695,11 +779,12 @@ def bastion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionFactory
     def factory(config: dict[str, Any] | str | os.PathLike[str] | None = None, *,
                 command: list[str] | None = None, app: str = "app", path: str = "/",
                 tls: bool = True, warmup: str | None = None, start_timeout: float = 30.0,
-                env: dict[str, str] | None = None, **app_settings: Any) -> BastionHandle:
+                env: dict[str, str] | None = None, in_process: str | None = None,
+                **app_settings: Any) -> BastionHandle:
         directory = tmp_path_factory.mktemp("bastion")
         handle = start_bastion(directory, config, command=command, app=app, path=path,
                                tls=tls, warmup=warmup, start_timeout=start_timeout, env=env,
-                               **app_settings)
+                               in_process=in_process, **app_settings)
         handles.append(handle)
         return handle
 

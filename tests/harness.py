@@ -92,12 +92,16 @@ class BastionProcess:
         )
         deadline = time.monotonic() + timeout
         for listener in self.config["listen"]:
-            port = int(listener["address"].rsplit(":", 1)[1])
+            host, _, port_text = listener["address"].rpartition(":")
+            host = host.strip("[]")
+            if host in ("0.0.0.0", "::", ""):
+                host = "127.0.0.1" if host != "::" else "::1"
+            port = int(port_text)
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"bastion exited {self.proc.returncode}:\n{self.log()}")
                 try:
-                    wait_port(port, timeout=0.2)
+                    wait_port(port, timeout=0.2, host=host)
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:

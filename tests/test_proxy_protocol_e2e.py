@@ -281,3 +281,32 @@ def test_an_in_process_app_gets_the_headers_client_in_its_scope(
                                    path="/star/info", tls=listener == 1)
             assert status == 200, got
             assert got["client"] == list(client)
+
+
+def test_connections_waiting_for_their_header_count_in_max_connections(
+        tmp_path: Path, tls_ca: trustme.CA) -> None:
+    config: dict[str, Any] = {
+        "listen": [{"address": f"127.0.0.1:{free_port()}", "proxy_protocol": True}],
+        "trusted_proxies": ["127.0.0.0/8"],
+        "limits": {"max_connections": 2, "header_timeout": "30s"},
+        "apps": {"echo": {"command": app_command("uvicorn", "echo_asgi:app")}},
+    }
+    with BastionProcess(tmp_path, config) as running:
+        time.sleep(0.3)  # the start's own probe connection is gone
+        silent = [connect(running, 0) for _ in range(2)]
+        try:
+            late = connect(running, 0)  # completed by the kernel, not accepted
+            late.sendall(v2("203.0.113.5", 7, 8) + b"GET /info HTTP/1.1\r\nHost: x\r\n"
+                         b"Connection: close\r\n\r\n")
+            late.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                late.recv(1)  # nothing while two headers are awaited
+            silent.pop().close()  # one gives up: the late one is accepted and served
+            late.settimeout(20)
+            data = read_all(late)
+            late.close()
+            assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+            assert b'"client": "203.0.113.5"' in data
+        finally:
+            for sock in silent:
+                sock.close()

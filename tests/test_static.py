@@ -10,6 +10,7 @@ as written (no client normalises it).
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 import trustme
+import yaml
 from conftest import ca_pem_path, tls_config
 from harness import BastionProcess, app_command, free_port, wait_port
 
@@ -182,6 +184,8 @@ def test_small_file(bastion: BastionProcess, tree: dict[str, Path]) -> None:
     assert got.headers["etag"] == f'"{int(info.st_mtime):x}-{info.st_size:x}"'
     assert got.headers["last-modified"].endswith(" GMT")
     assert got.headers["server"] == "bastion"
+    assert abs(email.utils.parsedate_to_datetime(got.headers["date"]).timestamp()
+               - time.time()) < 5
 
 
 def test_keep_alive_serves_several(bastion: BastionProcess) -> None:
@@ -559,3 +563,30 @@ def test_directory_redirect_like_nginx(bastion: BastionProcess, nginx: int) -> N
     assert raw_request(bastion.port(), "/static/empty/").status == \
         raw_request(nginx, "/static/empty/").status == 403
 
+
+
+# -- reload ------------------------------------------------------------------------------
+def test_reload_moves_a_location(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, text in ((first, b"first root\n"), (second, b"second root\n")):
+        folder.mkdir()
+        (folder / "which.txt").write_bytes(text)
+    config: dict[str, Any] = {
+        "listen": [{"address": f"127.0.0.1:{free_port()}"}],
+        "apps": {"plain": {"path": "/app",
+                           "command": app_command("python", "plain_app.py", "{port}")}},
+        "static": {"files": {"path": "/files", "root": str(first)}},
+    }
+    with BastionProcess(tmp_path, config) as proc:
+        assert raw_request(proc.port(), "/files/which.txt").body == b"first root\n"
+        assert raw_request(proc.port(), "/moved/which.txt").status == 404
+        proc.config["static"] = {"files": {"path": "/moved", "root": str(second)}}
+        proc.path.write_text(yaml.safe_dump(proc.config))
+        status, body = proc.admin_post("/reload")
+        assert status == 200, body
+        deadline = time.monotonic() + 10
+        while raw_request(proc.port(), "/moved/which.txt").status != 200:
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.05)
+        assert raw_request(proc.port(), "/moved/which.txt").body == b"second root\n"
+        assert raw_request(proc.port(), "/files/which.txt").status == 404
