@@ -10,6 +10,7 @@ as written (no client normalises it).
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
 import os
@@ -183,6 +184,8 @@ def test_small_file(bastion: BastionProcess, tree: dict[str, Path]) -> None:
     assert got.headers["etag"] == f'"{int(info.st_mtime):x}-{info.st_size:x}"'
     assert got.headers["last-modified"].endswith(" GMT")
     assert got.headers["server"] == "bastion"
+    assert abs(email.utils.parsedate_to_datetime(got.headers["date"]).timestamp()
+               - time.time()) < 5
 
 
 def test_keep_alive_serves_several(bastion: BastionProcess) -> None:

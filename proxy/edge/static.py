@@ -39,6 +39,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Protocol
 
 from ..config.model import StaticLocation
@@ -192,6 +193,23 @@ class SmallFiles:
 SMALL_FILES = SmallFiles()  # one per worker process
 
 
+class _Clock:
+    """The ``Date`` field of the current second."""
+
+    second = -1
+    field = (b"Date", b"")
+
+
+def date_field() -> tuple[bytes, bytes]:
+    """``Date`` (RFC 9110 6.6.1: an origin server with a clock sends it), made once a
+    second."""
+    now = int(time.time())
+    if _Clock.second != now:
+        _Clock.second = now
+        _Clock.field = (b"Date", formatdate(now, usegmt=True).encode("ascii"))
+    return _Clock.field
+
+
 def _resolve(location: StaticLocation, target: str, base: str,
              accept: str | None) -> _Found | FileAnswer:
     """The file ``target`` names (open), or the 301 of a directory without its ``/``;
@@ -209,7 +227,8 @@ def _resolve(location: StaticLocation, target: str, base: str,
         os.close(fd)
         if not relative.trailing_slash:
             location_value = rules.redirect_to_directory(target).encode("latin-1")
-            return FileAnswer(301, [(b"Location", location_value)], 0, False, [])
+            return FileAnswer(301, [(b"Location", location_value), date_field()], 0, False,
+                              [])
         if location.index is None:
             raise Forbidden("directory listings are not served")
         path = f"{path}/{location.index}" if path else location.index
@@ -277,7 +296,7 @@ def _reply(found: _Found, location: StaticLocation, method: str,
            headers: list[tuple[bytes, bytes]],
            kept: list[tuple[bytes, bytes]] | None) -> FileAnswer:
     """The answer for a resolved file; its descriptor (if any) is the answer's, or closed."""
-    fields: list[tuple[bytes, bytes]] = []
+    fields: list[tuple[bytes, bytes]] = [date_field()]
     kind = found.kind
     for name, value in kept or ():
         if name.lower() == b"content-type":
