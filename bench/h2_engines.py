@@ -1,6 +1,8 @@
 """CPU per request of the two HTTP/2 engines alone: framing, HPACK, stream state.
 
-    python bench/h2_engines.py [REQUESTS]      (default 20000 per engine and variant)
+    python bench/h2_engines.py [--json] [REQUESTS]   (default 20000 per engine and variant)
+
+``--json`` prints ``[[variant, µs], ...]`` (``bench/matrix.py`` runs it for the report).
 
 No sockets, no app: a client's bytes (made once by an ``h2`` client: HEADERS with
 HPACK's dynamic table in use, as a browser or h2load sends them, ten streams per read
@@ -23,6 +25,7 @@ Variants:
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -121,7 +124,9 @@ def measure(serve: Callable[[list[bytes]], int], total: int) -> float:
 
 
 def main() -> None:
-    total = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    args = [a for a in sys.argv[1:] if a != "--json"]
+    as_json = "--json" in sys.argv[1:]
+    total = int(args[0]) if args else 20000
     variants: list[tuple[str, Callable[[list[bytes]], int]]] = [
         ("h2, its validation on", lambda r: serve_h2(r, True, False)),
         ("h2, its validation off", lambda r: serve_h2(r, False, False)),
@@ -130,10 +135,14 @@ def main() -> None:
     try:
         importlib.import_module("bastion.proxy.edge._ng2")
     except ImportError:
-        print("(ng2 is not built: python -m bastion.proxy.edge.native builds it)")
+        if not as_json:
+            print("(ng2 is not built: python -m bastion.proxy.edge.native builds it)")
     else:
         variants += [("ng2 (libnghttp2)", lambda r: serve_ng2(r, False)),
                      ("ng2 + Bastion's checks", lambda r: serve_ng2(r, True))]
+    if as_json:
+        print(json.dumps([[name, round(measure(serve, total), 2)] for name, serve in variants]))
+        return
     print(f"CPU µs per request (framing + HPACK + stream state; {total} requests, "
           f"{BATCH} streams per read)")
     for name, serve in variants:

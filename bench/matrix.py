@@ -573,6 +573,13 @@ def cmd_run(setup_file: str, out: str) -> None:
                              f"{r['mb_s']:,.0f} MB/s" if "mb_s" in r else r.get("failed", "?"))
                     log(f"run {run + 1}/{runs} {cell:9s} {name:6s} {brief}")
                     (out_dir / "matrix.json").write_text(json.dumps(results, indent=1))
+        if only & {"h2", "h2stream"}:
+            log("HTTP/2 engines alone (bench/h2_engines.py)")
+            try:
+                out = _run([setup["python"], str(HERE / "h2_engines.py"), "--json", "20000"], 300)
+                results["h2_engines"] = json.loads(out.strip().splitlines()[-1])
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+                log(f"h2_engines FAILED: {exc}")
         samples = int(setup["lifecycle_samples"])
         log(f"app's own start time, {samples} samples")
         results["app_start_ms"] = app_own_start(setup["python"], samples)
@@ -633,6 +640,13 @@ def _machine() -> list[str]:
     mem = _version(["sh", "-c", "free -h | awk '/^Mem:/ {print $2}'"])
     return [f"{platform.node()}: {_version(['nproc'])} CPUs ({lscpu}), {mem} memory, "
             f"Linux {platform.release()}"]
+
+
+def _engines_table(figures: Any) -> list[str]:
+    if not figures:
+        return ["(not measured in this run: it runs with the h2 or h2stream cell)"]
+    return ["| engine | CPU µs / request |", "|---|---:|",
+            *(f"| {name} | {us:.1f} |" for name, us in figures)]
 
 
 def cmd_report(out: str, doc: str, png: str) -> None:
@@ -889,6 +903,17 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         "## Where the time goes",
         "",
         *where,
+        "",
+        "## HTTP/2 engines",
+        "",
+        "HTTP/2 is served by libnghttp2 (`ng2`: framing, HPACK, flow control and stream state "
+        "in C, through Bastion's own extension `proxy/edge/_ng2.c`), or by the `h2` library "
+        "where the extension is not built (the column \"Bastion auto, h2 engine\" runs with "
+        "`BASTION_H2_ENGINE=h2`). Both apply the same checks and bounds. The engines alone "
+        "(`bench/h2_engines.py`: a client's HEADERS for GET requests, ten streams per read, "
+        "answered with a 13-byte body; no sockets, no app), CPU µs per request:",
+        "",
+        *_engines_table(res.get("h2_engines")),
         "",
         "## Caveats",
         "",

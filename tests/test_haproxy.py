@@ -1,8 +1,8 @@
 """Two Bastion nodes behind a real HAProxy (layer 4, ``send-proxy-v2``, HTTP health
 checks on Bastion's health path), all on loopback.
 
-Node A listens on 127.0.0.11, node B on 127.0.0.12 (plain and TLS, both with
-``proxy_protocol``); HAProxy connects to them from 127.0.0.1, the only trusted proxy,
+Node A listens on 127.0.0.11 (its proxy in the main process), node B on 127.0.0.12
+(two worker processes), plain and TLS, both with ``proxy_protocol``; HAProxy connects to them from 127.0.0.1, the only trusted proxy,
 and the load generator sends from 127.0.0.55. The TLS backend tracks the plain
 backend's checks. Skipped without the ``haproxy`` program (``./run test`` installs the
 Debian package when root).
@@ -98,6 +98,8 @@ class Node:
                  "tls": self.tls},
             ],
             "trusted_proxies": ["127.0.0.1/32"],
+            # Node a serves from its main process, node b from two worker processes.
+            "workers": 1 if self.name == "a" else 2,
             "health": {"require_apps": ["echo"], "drain_delay": "0.2s"},
             "limits": {"header_timeout": "5s"},
             "apps": {"echo": {"command": app_command("uvicorn", "echo_asgi:app"),

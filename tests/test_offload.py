@@ -19,7 +19,7 @@ import brotli
 import pytest
 import trustme
 from conftest import tls_config
-from harness import APPS, BastionProcess, app_command, free_port
+from harness import APPS, BastionProcess, app_command, free_port, wait_until
 from test_http2 import H2Client
 
 sys.path.insert(0, str(APPS))
@@ -185,7 +185,8 @@ def test_event_stream_not_compressed_by_default(site: BastionProcess) -> None:
 
 
 # -- buffering of slow clients -------------------------------------------------------------
-BIG = 8 * 1024 * 1024  # a response bigger than what loopback sockets hold on their own
+# A response far bigger than what loopback sockets hold on their own (a few MiB each way).
+BIG = 24 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,8 @@ def slow_site(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
     config = {
         "listen": [{"address": f"127.0.0.1:{free_port()}"},
                    {"address": f"127.0.0.1:{free_port()}", "tls": tls_config(tls_ca, tmp / "tls")}],
-        "pools": {"buffered": {"buffering": {"request": "4m", "response": "16m"}},
+        "limits": {"buffer_memory": "128m"},
+        "pools": {"buffered": {"buffering": {"request": "4m", "response": "64m"}},
                   "streamed": {"buffering": "off"}},
         "apps": {"on": {"command": gunicorn("--timeout", "60"), "path": "/on",
                         "pool": "buffered"},
@@ -308,6 +310,22 @@ def test_slow_uploaders(slow_site: BastionProcess, buffered: bool) -> None:
                                        "sha256": hashlib.sha256(body).hexdigest()}
 
 
+def test_pipelined_answers_both_buffered(slow_site: BastionProcess) -> None:
+    # Two answers pipelined on one connection that reads nothing: the second starts
+    # while the first still fills the client's buffer, and is held within the budget too
+    # (not read from the app without any account).
+    size = 8 * 1024 * 1024
+    sock = socket.create_connection(("127.0.0.1", slow_site.port()), timeout=30)
+    ask = f"GET /on/image?size={size} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    try:
+        sock.sendall(ask + ask.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert wait_until(lambda: metrics(slow_site)["bastion_buffered_bytes"] > size, 5.0)
+    finally:
+        data = read_all(sock)
+    assert data.count(b"HTTP/1.1 200") == 2 and len(data) > 2 * size
+    assert wait_until(lambda: metrics(slow_site)["bastion_buffered_bytes"] == 0, 5.0)
+
+
 def test_slow_reader_over_h2(slow_site: BastionProcess, tls_ca: trustme.CA) -> None:
     # An HTTP/2 client that reads nothing: its stream window closes, Bastion buffers.
     client = H2Client(slow_site.port(1), tls_ca)
@@ -347,3 +365,4 @@ def test_cap_reached_still_served(tmp_path: Path) -> None:
         after = metrics(proc)
         assert after["bastion_buffer_cap_reached_total"] > figures["bastion_buffer_cap_reached_total"]
         assert after["bastion_buffered_bytes"] == 0 and after["bastion_buffered_bytes_peak"] <= cap
+

@@ -119,6 +119,7 @@ class H1Connection(asyncio.Protocol):
         self._trailers = False  # llhttp's fields now are chunked trailers
         self._last: _Incoming | None = None  # the last head parsed
         self._holding: list[Held] = []  # buffered answers' bytes still in the write buffer
+        self._write_paused = False  # the transport's write buffer is above its high mark
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -197,6 +198,7 @@ class H1Connection(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self._tunnel is not None:
             self._tunnel.client_paused(True)
             return
@@ -205,6 +207,7 @@ class H1Connection(asyncio.Protocol):
             active.flow.pause_response()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self._holding:
             self._let_go()
         if self._tunnel is not None:
@@ -428,6 +431,10 @@ class H1Connection(asyncio.Protocol):
             transport.write(head + b"".join(body) if len(body) > 1 else head + body[0])
         else:
             transport.write(head)
+        if self._write_paused and flow is not None and not end:
+            # The answer before this one still fills the buffer: no pause_writing will
+            # come, so this flow is told now.
+            flow.pause_response()
 
     def respond_body(self, body: list[bytes], end: bool) -> None:
         """More of the answer's body."""
