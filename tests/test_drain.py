@@ -2,7 +2,8 @@
 killed worker, ``health.require_apps`` and SIGTERM's ``health.drain_delay``.
 
 One Bastion with two worker processes (the drain crosses the control channel) serves
-most tests: a plain and a TLS listener (HTTP/2 by ALPN), one uvicorn app that
+most tests: a plain and a TLS listener (HTTP/2 by ALPN) and one with
+``redirect_https``, one uvicorn app that
 ``health.require_apps`` names. Each health probe is made several times on fresh
 connections, so every worker answers some of them.
 """
@@ -33,7 +34,8 @@ PROBES = 8  # fresh connections per check: with two workers, both answer
 def config_for(tmp: Path, ca: trustme.CA, **health: Any) -> dict[str, Any]:
     return {
         "listen": [{"address": f"127.0.0.1:{free_port()}"},
-                   {"address": f"127.0.0.1:{free_port()}", "tls": tls_config(ca, tmp / "tls")}],
+                   {"address": f"127.0.0.1:{free_port()}", "tls": tls_config(ca, tmp / "tls")},
+                   {"address": f"127.0.0.1:{free_port()}", "redirect_https": True}],
         "workers": 2,
         "health": {"require_apps": ["echo"], **health},
         "apps": {"echo": {"command": app_command("uvicorn", "echo_asgi:app"),
@@ -102,6 +104,12 @@ def test_health_is_200_while_serving_and_reaches_no_app(bastion: BastionProcess,
     assert head.status == 200 and head.body == b""
     assert head.headers["content-length"] == str(len(b"serving\n"))
     assert bastion.get("/count").json()["count"] == before + 1  # only /count itself
+
+
+def test_health_is_answered_on_a_redirect_https_listener_too(
+        bastion: BastionProcess) -> None:
+    assert health_of(bastion, listener=2, probes=2) == {(200, b"serving\n")}
+    assert bastion.get("/info", listener=2).status == 308
 
 
 def test_drain_makes_health_503_and_closes_kept_alive_connections(

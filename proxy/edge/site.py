@@ -107,6 +107,8 @@ class Site:
         https_port = self._https_port
         if not self._redirects or https_port is None:
             return None
+        if self.health_path is not None and target.split("?", 1)[0] == self.health_path:
+            return None  # the node's health is answered on every listener, never redirected
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if https_port != 443:
             name = f"{name}:{https_port}"
