@@ -7,6 +7,7 @@
 #   CELLS="http h2" bench/run.sh    # only some load cells (http tls handshake h2 c1 stream h2stream)
 #   CELLS="static static-big" bench/run.sh  # static files, nginx vs Bastion (opt-in cells)
 #   CELLS="gzip slow" bench/run.sh  # compression vs nginx's gzip; slow clients vs a sync worker
+#   CELLS="inprocess" bench/run.sh  # in-process hosting vs uvicorn direct and out of process
 #   NO_DOC=1 bench/run.sh           # write bench/results/latest.{md,png}, not docs/performance.*
 #
 # Targets: the app directly (bench/app.py), nginx -> app, Bastion workers=1 -> app and
@@ -108,6 +109,26 @@ if [[ ! -x "$PYSPY" ]]; then
     timeout 300 "$PY" -m pip install -q py-spy || log "no py-spy: the profile is skipped"
 fi
 [[ -x "$PYSPY" ]] || PYSPY=""
+
+# --- the opt-in in-process hosting cell (bench/inprocess.py runs its own targets) ---------
+if [[ " ${CELLS:-} " == *" inprocess "* ]]; then
+    for module in gunicorn fastapi flask; do
+        if ! "$PY" -c "import $module" 2>/dev/null; then
+            log "installing $module into $PY (the inprocess cell's apps)"
+            timeout 300 "$PY" -m pip install -q "$module"
+        fi
+    done
+    mkdir -p "$HERE/results"
+    log "inprocess: uvicorn direct vs Bastion in process vs out of process"
+    timeout "$MAX_SECONDS" "$PY" "$HERE/inprocess.py" --runs "$RUNS" --duration "$DURATION" \
+        --warmup "$WARMUP" --python "$PY" --json "$HERE/results/inprocess.json" \
+        --markdown "$HERE/results/inprocess.md"
+    log "written: bench/results/inprocess.md (and .json)"
+    CELLS="$(echo " $CELLS " | sed 's/ inprocess / /g' | xargs)"
+    if [[ -z "$CELLS" ]]; then
+        exit 0
+    fi
+fi
 
 # --- processes and cleanup ----------------------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/bastion-bench.XXXXXX")"

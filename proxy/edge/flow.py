@@ -181,6 +181,9 @@ class HostedCall(Protocol):
     def close(self, abort: bool) -> None:
         """The exchange is over (``abort``: cancel what the app still does for it)."""
 
+    def start(self) -> None:
+        """Call the app (it may answer, and end the flow, before this returns)."""
+
 
 class Downstream(Protocol):
     """The client side of a flow (an HTTP/1.1 connection or an HTTP/2 stream)."""
@@ -526,9 +529,10 @@ class Flow:
         self._pending = []
         self._pending_size = 0
         self._release_request()  # the app holds the body now (bounded by BODY_HIGH)
-        self.hosted = host.call(self.app, self, pending, self._body_end)
+        hosted = self.hosted = host.call(self.app, self, pending, self._body_end)
         self._resume_down()
         self._set_deadline()
+        hosted.start()
 
     def hosted_switched(self, headers: list[tuple[bytes, bytes]], end: AppEnd) -> None:
         """The in-process app accepted the WebSocket: the 101 with ``headers`` goes to

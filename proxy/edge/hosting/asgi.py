@@ -115,6 +115,12 @@ class AsgiCall:
         self.gone = False
         self._ready = ready
         self._done = done
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Call the app (after the flow holds this call: it may answer at once)."""
+        # Always a task (no eager first step): anyio's cancel scopes, which Starlette
+        # uses, need asyncio.current_task() from the app's first line on.
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     # -- from the flow ------------------------------------------------------------------
@@ -148,7 +154,7 @@ class AsgiCall:
         self.gone = True
         self._wakeup()
         self.resume()
-        if abort and not self.task.done():
+        if abort and self.task is not None and not self.task.done():
             self.task.cancel()
 
     # -- for the app --------------------------------------------------------------------

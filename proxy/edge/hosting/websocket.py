@@ -81,6 +81,10 @@ class WebSocketCall:
         self._close_sent = False
         self.ended = False  # the connection is over (disconnect delivered or queued)
         self._done = done
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Call the app with the ``websocket`` scope."""
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     # -- the flow's side before the 101 (a HostedCall) ------------------------------------
@@ -175,11 +179,11 @@ class WebSocketCall:
 
     def _ended(self, code: int) -> None:
         self._disconnect(code)
-        if not self.task.done():
+        if self.task is not None and not self.task.done():
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self._cancel)
 
     def _cancel(self) -> None:
-        if not self.task.done():
+        if self.task is not None and not self.task.done():
             self.task.cancel()
 
     def _frame(self, data: bytes) -> None:

@@ -176,7 +176,12 @@ class WsgiCall:
         self._paused_out = False
         self._blocked: concurrent.futures.Future[None] | None = None  # a piece held back
         self._done = done
-        self.future = pool.submit(self._thread)
+        self._pool = pool
+        self.future: concurrent.futures.Future[None] | None = None
+
+    def start(self) -> None:
+        """Hand the request to a thread of the pool."""
+        self.future = self._pool.submit(self._thread)
 
     # -- from the flow (loop) -------------------------------------------------------------
     def feed(self, data: bytes) -> None:
