@@ -438,7 +438,12 @@ static int Session_init(Session *self, PyObject *args, PyObject *kwds) {
     }
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_outbound_ack(opt, (size_t)max_ack);
+#ifdef NG2_HAVE_MAX_CONTINUATIONS
+    /* libnghttp2 1.61 (and distributions' security updates of older ones) count
+     * CONTINUATION frames themselves (default 8); Bastion's own count (on_begin_frame)
+     * keeps the same bound where they do not. */
     nghttp2_option_set_max_continuations(opt, MAX_CONTINUATIONS);
+#endif
     int rv = nghttp2_session_server_new2(&self->session, cb, self, opt);
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cb);

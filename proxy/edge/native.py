@@ -151,6 +151,20 @@ def ng2_stale() -> bool:
     return not built or built[0].stat().st_mtime < (HERE / f"{NG2}.c").stat().st_mtime
 
 
+def _nghttp2_features() -> list[str]:
+    """``-D`` flags for what this libnghttp2's header declares beyond what ``_ng2.c``
+    needs (newer versions, or older ones with a distribution's security update)."""
+    try:
+        done = subprocess.run(["gcc", "-E", "-x", "c", "-"], input="#include <nghttp2/nghttp2.h>\n",
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    flags = []
+    if "nghttp2_option_set_max_continuations" in done.stdout:
+        flags.append("-DNG2_HAVE_MAX_CONTINUATIONS")
+    return flags
+
+
 def build_ng2() -> int:
     """Compile ``_ng2.c`` next to it (gcc, the Python headers, libnghttp2-dev); 0 on
     success. A failed build leaves no extension: Bastion then speaks HTTP/2 with ``h2``."""
@@ -161,8 +175,8 @@ def build_ng2() -> int:
     with tempfile.TemporaryDirectory(prefix="bastion-ng2-") as scratch:
         target = Path(scratch, NG2 + suffix)
         done = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", f"-I{include}",
-                               str(HERE / f"{NG2}.c"), "-lnghttp2", "-o", str(target)],
-                              check=False)
+                               *_nghttp2_features(), str(HERE / f"{NG2}.c"), "-lnghttp2",
+                               "-o", str(target)], check=False)
         if done.returncode == 0:
             shutil.move(str(target), HERE / target.name)
     return done.returncode
