@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The per-request path (``h1``, ``flow``, ``upstream``, ``strict``, ``codec``,
-``headers``, and for HTTP/2 ``h2translate`` and ``h2native``) is ordinary,
+``headers``, for HTTP/2 ``h2translate`` and ``h2native``, for static files
+``staticrules`` and ``static``) is ordinary,
 ``mypy --strict`` clean Python. mypyc compiles
 those modules to C extensions that sit next to their sources; Python imports an
 extension before a source of the same name, so nothing else changes. Measured on the
@@ -41,7 +42,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2native")
+MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2native",
+           "staticrules", "static")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
 NG2 = "_ng2"

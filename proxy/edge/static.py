@@ -196,18 +196,23 @@ SMALL_FILES = SmallFiles()  # one per worker process
 class _Clock:
     """The ``Date`` field of the current second."""
 
-    second = -1
-    field = (b"Date", b"")
+    def __init__(self) -> None:
+        self.second = -1
+        self.field = (b"Date", b"")
+
+
+_CLOCK = _Clock()
 
 
 def date_field() -> tuple[bytes, bytes]:
     """``Date`` (RFC 9110 6.6.1: an origin server with a clock sends it), made once a
     second."""
     now = int(time.time())
-    if _Clock.second != now:
-        _Clock.second = now
-        _Clock.field = (b"Date", formatdate(now, usegmt=True).encode("ascii"))
-    return _Clock.field
+    clock = _CLOCK
+    if clock.second != now:
+        clock.second = now
+        clock.field = (b"Date", formatdate(now, usegmt=True).encode("ascii"))
+    return clock.field
 
 
 def _resolve(location: StaticLocation, target: str, base: str,
