@@ -203,6 +203,7 @@ def test_a_header_from_an_untrusted_peer_is_refused(bastion: BastionProcess) -> 
 def test_a_malformed_header_closes_the_connection_without_reaching_an_app(
         bastion: BastionProcess, raw: bytes) -> None:
     before = app_count(bastion)
+    counted = refused(bastion)
     sock = connect(bastion, 0)
     # What follows the bad header must never be read as a request either.
     try:
@@ -214,6 +215,11 @@ def test_a_malformed_header_closes_the_connection_without_reaching_an_app(
     sock.close()
     assert time.monotonic() - started < HEADER_TIMEOUT + 2
     assert app_count(bastion) == before + 1
+    now = refused(bastion)
+    grown = {reason: n - counted.get(reason, 0) for reason, n in now.items()
+             if n != counted.get(reason, 0)}
+    assert len(grown) == 1 and next(iter(grown.values())) == 1, grown
+    assert set(grown) <= {"missing", "malformed", "too_long"}
 
 
 @pytest.mark.parametrize("raw", [v1("203.0.113.9", 1, 2)[:20], v2("203.0.113.9", 1, 2)[:20],

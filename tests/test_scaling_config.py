@@ -1,5 +1,6 @@
 """The settings for running behind a load balancer: ``listen[].proxy_protocol`` and
-``health`` (path, drain_delay, require_apps). Pure: configuration files only."""
+``health`` (path, drain_delay, require_apps), and the health answer they lead to. Pure:
+configuration files and plain values."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bastion.module.messages import AppState, Endpoint
 from bastion.proxy.config.dump import dump
 from bastion.proxy.config.load import ConfigError, load_config
 from bastion.proxy.config.model import Config, HealthSettings
+from bastion.proxy.edge.health import HealthAnswer, NodeState, answer
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:
@@ -96,3 +99,40 @@ def test_health_problems_name_the_line_and_key(tmp_path: Path, health: str,
 def test_health_path_null_turns_the_endpoint_off(tmp_path: Path) -> None:
     config = load(tmp_path, BASE + 'trusted_proxies: ["10.0.0.0/24"]\nhealth: {path: null}\n')
     assert config.health.path is None
+
+
+# -- the health answer (proxy/edge/health.py), pure -----------------------------------------
+
+
+def _state(app: str, state: str, endpoints: int = 1) -> AppState:
+    return AppState(app=app, version=1, state=state,
+                    endpoints=tuple(Endpoint(pid=100 + i, port=9000 + i, token="t")
+                                    for i in range(endpoints)))
+
+
+SERVING = HealthAnswer(200, b"serving\n")
+DRAINING = HealthAnswer(503, b"draining\n")
+API_NOT_READY = HealthAnswer(503, b"not ready: api\n")
+
+
+@pytest.mark.parametrize(("draining", "required", "states", "expected"), [
+    (False, (), {}, SERVING),
+    (True, (), {}, DRAINING),
+    (False, (), {"api": _state("api", "failed", 0)}, SERVING),  # not required: no matter
+    (False, ("api",), {"api": _state("api", "ready")}, SERVING),
+    (False, ("api",), {"api": _state("api", "starting", 0)}, API_NOT_READY),
+    (False, ("api",), {"api": _state("api", "ready", 0)}, API_NOT_READY),
+    (False, ("api",), {"api": _state("api", "backoff", 0)}, API_NOT_READY),
+    (False, ("api",), {}, API_NOT_READY),  # no state heard of yet
+    (True, ("api",), {"api": _state("api", "ready")}, DRAINING),
+], ids=["serving", "draining", "unrequired-failed", "required-ready", "required-starting",
+        "required-no-endpoint", "required-backoff", "required-unknown", "draining-wins"])
+def test_the_health_answer(draining: bool, required: tuple[str, ...],
+                           states: dict[str, AppState], expected: HealthAnswer) -> None:
+    assert answer(NodeState(draining), required, states.get) == expected
+
+
+def test_two_required_apps_not_ready_are_both_named() -> None:
+    states = {"a": _state("a", "failed", 0), "b": _state("b", "ready"),
+              "c": _state("c", "stopped", 0)}
+    assert answer(NodeState(), ("a", "b", "c"), states.get).body == b"not ready: a, c\n"
