@@ -224,6 +224,8 @@ def test_index_redirect_and_no_listing(bastion: BastionProcess) -> None:
     got = raw_request(bastion.port(), "/static/")
     assert got.status == 403
     assert b"a.txt" not in got.body
+    got = raw_request(bastion.port(), "/static")
+    assert (got.status, got.headers["location"]) == (301, "/static/")
 
 
 def test_odd_names(bastion: BastionProcess) -> None:

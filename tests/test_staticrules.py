@@ -18,7 +18,7 @@ LAST = META.last_modified
     ("/static/a.css", "/static", ("a.css",), False),
     ("/static/css/a.css?v=3", "/static", ("css", "a.css"), False),
     ("/static/", "/static", (), True),
-    ("/static", "/static", (), True),
+    ("/static", "/static", (), False),  # the location itself without its "/": a 301
     ("/static/dir/", "/static", ("dir",), True),
     ("/a%20b.txt", "/", ("a b.txt",), False),
     ("/static//css///a.css", "/static", ("css", "a.css"), False),

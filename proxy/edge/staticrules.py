@@ -74,7 +74,7 @@ def relative_path(target: str, base: str) -> Relative | None:
     segments = tuple(part for part in parts if part)
     if any(part in (".", "..") for part in segments):
         return None
-    return Relative(segments, decoded.endswith("/") or not segments)
+    return Relative(segments, decoded.endswith("/"))
 
 
 def inside(root: str, real: str) -> bool:
