@@ -257,7 +257,7 @@ def test_defaults() -> None:
     offload = config.offload_of("a")
     assert offload.buffering == Buffering(request=64 * 1024, response=1024 * 1024)
     assert offload.compression.enabled and offload.compression.min_size == 1024
-    assert offload.compression.level == 4
+    assert offload.compression.level == 4 and offload.compression.brotli_level == 2
     assert "text/*" in offload.compression.types
     assert config.limits.buffer_memory == 64 * 1024 * 1024
 

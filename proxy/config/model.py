@@ -86,7 +86,7 @@ class Compression:
     min_size: int = 1024  # bytes; a body known to be smaller goes as it is
     types: tuple[str, ...] = COMPRESSIBLE  # media types, ``text/*`` wildcards allowed
     level: int = 4  # gzip level (1-9): measured, see docs/offload.md
-    brotli_level: int = 4  # brotli quality (0-11), when the brotli package is installed
+    brotli_level: int = 2  # brotli quality (0-11), when brotli is installed: measured too
 
 
 @dataclass(frozen=True)
