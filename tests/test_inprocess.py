@@ -15,6 +15,7 @@ import http.client
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,30 @@ def test_os_exit_costs_its_worker_then_rapid_fail(tmp_path: Path) -> None:
         resting = proc.get("/raw/ok")
         assert resting.status == 503 and int(resting.headers["retry-after"]) >= 1
         assert proc.get("/oop/info").status == 200
+
+
+def test_max_concurrency_and_max_queue_per_worker(tmp_path: Path) -> None:
+    apps = {"raw": hosted("/", "inproc_raw:asgi", max_concurrency=1, max_queue=1)}
+    with BastionProcess(tmp_path, simple_config(apps, workers=1)) as proc:
+        assert wait_until(lambda: proc.get("/ok").status == 200, 20), proc.log()
+        statuses: list[int] = []
+
+        def slow() -> None:
+            statuses.append(proc.get("/slow", timeout=20).status)
+
+        first = threading.Thread(target=slow)
+        first.start()
+        assert wait_until(lambda: proc.status()["apps"]["raw"]["processes"][0]["in_flight"]
+                          == 1, 5)
+        second = threading.Thread(target=slow)  # waits for the slot
+        second.start()
+        time.sleep(0.3)
+        refused = proc.get("/ok")  # the queue (1) is full: 503 at once
+        assert refused.status == 503 and refused.headers["retry-after"] == "1"
+        first.join(20)
+        second.join(20)
+        assert statuses == [200, 200]
+        assert proc.get("/ok").status == 200
 
 
 # -- lifespan, recycle, reload ------------------------------------------------------------

@@ -191,7 +191,8 @@ class ProxyWorker:
         self.metrics.access_log_lost = self.access_log.lost_lines
         for spec in self.config.apps:
             if spec.in_process:
-                self.metrics.set_load(spec.name, self.host.in_flight(spec.name), 0)
+                self.metrics.set_load(spec.name, self.host.in_flight(spec.name),
+                                      self.host.queued(spec.name))
                 continue
             in_flight = sum(n for n, _ in self.table.counters(spec.name).values())
             self.metrics.set_load(spec.name, in_flight, self.table.queued(spec.name))

@@ -498,27 +498,59 @@ class Flow:
             raise error
         loading = host.loading(self.app)
         if loading is None:
-            self._call_hosted()
+            slot = host.admit(self.app)  # max_concurrency / max_queue: 503 when full
+            if slot is None:
+                self._call_hosted()
+                return
+            self.state = _WAIT_LEASE
+            self._task = asyncio.get_running_loop().create_task(self._await_slot(slot))
             return
         self.state = _WAIT_LEASE  # like waiting for an app process's start
         self._task = asyncio.get_running_loop().create_task(self._await_load(loading))
 
     async def _await_load(self, loading: asyncio.Future[bool]) -> None:
         loaded = await asyncio.shield(loading)
-        self._task = None
         if self.state == _DONE:
+            self._task = None
             return
         host = self.site.host
         assert host is not None
         error = host.refusal(self.app)
         if error is None and not loaded:
             error = host.failure(self.app)
+        if error is None:
+            try:
+                slot = host.admit(self.app)
+            except ProxyError as full:
+                error = full
+            else:
+                if slot is not None:
+                    await self._await_slot(slot)
+                    return
+        self._task = None
         if error is not None:
             self.fail(error)
             return
         self._call_hosted()
 
-    def _call_hosted(self) -> None:
+    async def _await_slot(self, slot: asyncio.Future[ProxyError | None]) -> None:
+        host = self.site.host
+        assert host is not None
+        try:
+            error = await slot  # cancelled with the flow: the host skips it
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled() and slot.result() is None:
+                host.unreserve(self.app)  # granted, then given up
+            raise
+        self._task = None
+        if error is not None:
+            self.fail(error)
+        elif self.state == _DONE:
+            host.unreserve(self.app)
+        else:
+            self._call_hosted(reserved=True)
+
+    def _call_hosted(self, reserved: bool = False) -> None:
         """Call the in-process app instead of connecting to an app process."""
         host = self.site.host
         assert host is not None
@@ -529,7 +561,7 @@ class Flow:
         self._pending = []
         self._pending_size = 0
         self._release_request()  # the app holds the body now (bounded by BODY_HIGH)
-        hosted = self.hosted = host.call(self.app, self, pending, self._body_end)
+        hosted = self.hosted = host.call(self.app, self, pending, self._body_end, reserved)
         self._resume_down()
         self._set_deadline()
         hosted.start()

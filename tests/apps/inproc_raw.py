@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,6 +18,8 @@ async def asgi(scope: dict[str, Any], receive: Callable[..., Any], send: Callabl
         return
     if path.endswith("/die"):
         os._exit(7)
+    if path.endswith("/slow"):
+        await asyncio.sleep(1.0)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"raw %d" % os.getpid()})

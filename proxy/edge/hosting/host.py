@@ -31,6 +31,7 @@ import concurrent.futures
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,23 @@ Send = Callable[[FromProxy], None]
 RETRY_EVERY = 0.5  # a failed import is tried again at most this often per worker
 REPORT_EVERY = 0.25
 SHUTDOWN_LIMIT = 10.0  # lifespan shutdown, at most
+QUEUE_MARGIN = 5.0  # a request waits for a slot startup_time_limit + this, as out of process
+
+
+def _expire(future: asyncio.Future[ProxyError | None], error: ProxyError) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
+class _Waiter:
+    """A request waiting for one of the app's ``max_concurrency`` slots in this worker."""
+
+    __slots__ = ("future", "timer")
+
+    def __init__(self, future: asyncio.Future[ProxyError | None],
+                 timer: asyncio.TimerHandle) -> None:
+        self.future = future
+        self.timer = timer
 
 
 class HostedApp:
@@ -72,6 +90,11 @@ class HostedApp:
         self.served = 0
         self.in_flight = 0
         self.loading: asyncio.Future[bool] | None = None  # an attempt under way
+        # max_concurrency / max_queue, per worker process (one process hosting the app)
+        self.limit = spec.settings.max_concurrency
+        self.queue_limit = spec.settings.max_queue
+        self.reserved = 0  # slots handed to waiters that have not called yet
+        self.waiting: deque[_Waiter] = deque()
 
     @property
     def loaded(self) -> bool:
@@ -186,9 +209,53 @@ class Host:
         """Whether ``app`` takes WebSocket upgrades itself (an ASGI app)."""
         return self.apps[app].spec.interface == "asgi"
 
-    def call(self, app: str, flow: Flow, pending: list[bytes], body_end: bool) -> HostedCall:
-        """Start ``flow``'s request in ``app`` (which ``refusal`` let through)."""
+    # -- max_concurrency and max_queue (per worker) ---------------------------------------
+    def admit(self, app: str) -> asyncio.Future[ProxyError | None] | None:
+        """None when a request of ``app`` may be called now; else a future it waits on
+        for a slot (None: granted, else the 503 to answer). ``Unavailable`` (503) when
+        ``max_queue`` requests of this worker wait already."""
         hosted = self.apps[app]
+        if not hosted.limit:
+            return None
+        if not hosted.waiting and hosted.in_flight + hosted.reserved < hosted.limit:
+            return None
+        live = sum(1 for w in hosted.waiting if not w.future.done())
+        if live >= hosted.queue_limit:
+            raise Unavailable(f"the app {app!r} is busy: {live} requests wait already",
+                              app=app, retry_after=1)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ProxyError | None] = loop.create_future()
+        limit = hosted.spec.settings.startup_time_limit + QUEUE_MARGIN
+        timer = loop.call_later(limit, _expire, future, Unavailable(
+            f"the app {app!r} was busy for {limit:g}s", app=app, retry_after=1))
+        hosted.waiting.append(_Waiter(future, timer))
+        return future
+
+    def unreserve(self, app: str) -> None:
+        """A granted slot's request ended before it called the app: the slot goes on."""
+        hosted = self.apps[app]
+        hosted.reserved -= 1
+        self._grant(hosted)
+
+    def _grant(self, hosted: HostedApp) -> None:
+        while hosted.waiting and hosted.in_flight + hosted.reserved < hosted.limit:
+            waiter = hosted.waiting.popleft()
+            waiter.timer.cancel()
+            if not waiter.future.done():
+                hosted.reserved += 1
+                waiter.future.set_result(None)
+
+    def queued(self, app: str) -> int:
+        """Requests of ``app`` waiting for a slot in this worker."""
+        return sum(1 for w in self.apps[app].waiting if not w.future.done())
+
+    def call(self, app: str, flow: Flow, pending: list[bytes], body_end: bool,
+             reserved: bool = False) -> HostedCall:
+        """Start ``flow``'s request in ``app`` (which ``refusal`` let through; with
+        ``reserved`` it holds a slot ``admit`` granted)."""
+        hosted = self.apps[app]
+        if reserved:
+            hosted.reserved -= 1
         spec = hosted.spec
         request = flow.request
         site = flow.site
@@ -206,6 +273,8 @@ class Host:
             hosted.in_flight -= 1
             hosted.served += 1
             self._changed(app)
+            if hosted.waiting:
+                self._grant(hosted)
 
         if request.upgrade:
             key = next((v for n, v in request.headers
