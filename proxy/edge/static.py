@@ -22,8 +22,8 @@ A body up to ``SMALL`` bytes is read at once and goes out with the head in one w
 A larger one is a ``FileSender``: on a plain HTTP/1.1 connection it is sent with
 ``os.sendfile`` (zero copy) straight on the client's socket once the transport's own
 buffer is empty (uvloop has no ``loop.sendfile``; a duplicate of the socket's descriptor
-is watched with ``add_writer`` while the kernel's buffer is full, so the transport's own
-registration is untouched); over TLS and HTTP/2 it is read with ``os.pread`` in
+is watched with ``add_writer`` from the first full socket buffer to the end, so the
+transport's own registration is untouched); over TLS and HTTP/2 it is read with ``os.pread`` in
 ``CHUNK`` pieces, each handed to the protocol, pausing while the protocol says the
 client is behind (``pause``/``resume``). Either way at most ``TICK`` bytes go per turn
 of the event loop, so one fast download does not starve the other connections, and
@@ -457,16 +457,15 @@ class FileSender:
             self.scheduled = self.loop.call_soon(self._pump)
 
     def _sendfile(self) -> None:
-        self.scheduled = None
+        """Send until the socket is full (or ``TICK`` bytes went); the socket stays
+        watched until the end, so each writable event costs no re-registration."""
         budget = TICK
         while not self.closed:
             try:
                 count = os.sendfile(self.sock, self.fd, self.offset,
                                     min(SENDFILE_MAX, self.remaining))
             except BlockingIOError:
-                self.watching = True
-                self.loop.add_writer(self.sock, self._writable)
-                return
+                break
             except OSError:
                 self._abort()
                 return
@@ -482,8 +481,10 @@ class FileSender:
                 return
             budget -= count
             if budget <= 0:
-                self.scheduled = self.loop.call_soon(self._sendfile)
-                return
+                break  # the loop's other work first; the writer brings us back
+        if not self.closed and not self.watching:
+            self.watching = True
+            self.loop.add_writer(self.sock, self._sendfile)
 
     def _check_progress(self) -> None:
         """A client that took nothing for ``SEND_TIMEOUT`` seconds is cut off. (Over TLS
@@ -497,12 +498,6 @@ class FileSender:
             self._abort()
             return
         self.watchdog = self.loop.call_later(SEND_TIMEOUT - idle, self._check_progress)
-
-    def _writable(self) -> None:
-        if self.watching:
-            self.loop.remove_writer(self.sock)
-            self.watching = False
-        self._sendfile()
 
     def _end(self) -> None:
         self.close()
