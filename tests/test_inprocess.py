@@ -14,6 +14,8 @@ import hashlib
 import http.client
 import json
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -274,6 +276,12 @@ def test_status_lists_the_workers_hosting_it(served: BastionProcess) -> None:
     assert status["hosting_model"] == "in_process" and status["state"] == "ready"
     assert {r["pid"] for r in status["processes"]} == worker_pids(served)
     assert all(r["rss"] > 0 for r in status["processes"])
+    shown = subprocess.run([sys.executable, "-m", "bastion", "status", "--socket",
+                            served.config["admin_socket"]], capture_output=True, text=True,
+                           timeout=30).stdout
+    rows = [line.split() for line in shown.splitlines() if line.split()[:1] == ["fast"]]
+    assert {int(row[2]) for row in rows} == worker_pids(served)
+    assert all(row[1] == "ready/ready" and row[3] == "in-proc" for row in rows)
 
 
 def test_admin_stop_and_start(served: BastionProcess) -> None:

@@ -199,6 +199,27 @@ def test_keep_alive_serves_several(bastion: BastionProcess) -> None:
     assert data.count(b"HTTP/1.1 200 OK") == 3
 
 
+def test_keep_alive_after_sendfile(bastion: BastionProcess, tree: dict[str, Path]) -> None:
+    # Two large files (sent with sendfile beside the transport), then a small one, on one
+    # pipelined connection: each arrives whole and in order.
+    expected = (tree["root"] / "big.bin").read_bytes()
+    with socket.create_connection(("127.0.0.1", bastion.port()), timeout=20) as sock:
+        sock.sendall(b"GET /static/big.bin HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+                     + b"GET /static/a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    bodies = []
+    for _ in range(3):
+        head, _, data = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        bodies.append(data[:length])
+        data = data[length:]
+    assert bodies == [expected, expected, b"hello static\n"] and data == b""
+
+
 def test_head(bastion: BastionProcess) -> None:
     got = raw_request(bastion.port(), "/static/big.bin", method="HEAD")
     assert got.status == 200

@@ -182,7 +182,8 @@ def _format_status(data: dict[str, Any]) -> str:
                     continue
                 rows.append((
                     name, f"{app['state']}/{proc['state']}", str(proc["pid"]),
-                    str(proc["port"] or proc.get("socket") or "-"),
+                    str(proc["port"] or proc.get("socket")
+                        or ("in-proc" if app.get("hosting_model") == "in_process" else "-")),
                     _duration(proc["uptime"]), str(proc.get("requests", 0)),
                     str(proc.get("in_flight", 0)), f"{proc.get('rss', 0) / 1048576:.1f}",
                     f"{proc.get('cpu_percent', 0.0):.1f}",
