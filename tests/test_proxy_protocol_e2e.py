@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
 from conftest import ca_pem_path, tls_config
 from harness import APPS, BastionProcess, app_command, free_port, wait_until
 from test_admin import metrics
@@ -316,3 +318,38 @@ def test_connections_waiting_for_their_header_count_in_max_connections(
         finally:
             for sock in silent:
                 sock.close()
+
+
+def test_reloads_under_fresh_proxy_connections_lose_nothing(bastion: BastionProcess) -> None:
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def client(listener: int) -> None:
+        while not stop.is_set():
+            try:
+                status, got = exchange(bastion, listener, v2("203.0.113.44", 9, 10),
+                                       tls=listener == 1)
+                assert status == 200 and got["client"] == "203.0.113.44", status
+                served[0] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is counted
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in (0, 0, 1)]
+    for thread in threads:
+        thread.start()
+    try:
+        for round_ in range(3):
+            time.sleep(0.3)
+            config = yaml.safe_load(bastion.path.read_text())
+            config["limits"]["keepalive_timeout"] = f"{60 + round_}s"  # a new generation
+            bastion.path.write_text(yaml.safe_dump(config))
+            status, answer = bastion.admin_post("/reload")
+            assert status == 200, answer
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
+    assert served[0] > 10

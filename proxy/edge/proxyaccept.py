@@ -13,7 +13,9 @@ bytes before its TLS handshake, so these listeners are served here instead:
    the first ``MIN_LENGTH`` bytes always belong to it, a v2 header says its length, and
    a v1 line is peeked (``MSG_PEEK``) and taken up to its LF. A header that is
    malformed, too long, or incomplete after ``header_timeout`` closes the connection.
-   Connections waiting for their header count in ``max_connections``.
+   Connections waiting for their header count in ``max_connections``, and a graceful
+   stop waits for them (shortened to ``STOP_GRACE``) as for open ones; from the header
+   until its protocol opens, the connection counts as arriving (``connections``).
 3. The socket then goes to the loop (``loop.connect_accepted_socket``, with the TLS
    context on a TLS listener, so the handshake starts right after the header) with a
    protocol made for the header's client address: the HTTP/1.1 and HTTP/2 protocols use
@@ -147,6 +149,8 @@ class ProxyAcceptor:
         client = header.source
         loop = self._loop
         assert loop is not None
+        # Arriving until its protocol has it (a graceful stop waits for it meanwhile).
+        self.connections.arrive()
         loop.create_task(self._connect(loop, conn, client))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
@@ -168,6 +172,8 @@ class ProxyAcceptor:
                       client, exc)
             with contextlib.suppress(OSError):
                 conn.close()
+        finally:
+            self.connections.gone()  # the arrival ``serve`` counted: its protocol has it now
 
 
 class PendingHeader:
@@ -184,6 +190,7 @@ class PendingHeader:
         self._fd = conn.fileno()
         self._deadline = time.monotonic() + acceptor.header_timeout
         self._timer = loop.call_later(acceptor.header_timeout, self._expired)
+        acceptor.connections.arrive()  # (opened() takes one arriving connection as its own)
         acceptor.connections.opened(self)
         loop.add_reader(self._fd, self._readable)
 
