@@ -291,6 +291,14 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
     assert load_config(str(path), files=False).offload == config.offload
 
 
+def test_not_on_an_app() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"listen": LISTEN,
+                          "apps": {"a": {"command": ["true"], "compression": "off"}}})
+    assert "apps.a.compression: compression is set per pool (pools.NAME.compression)" \
+        in str(info.value)
+
+
 def test_bad_values_name_file_line_and_key(tmp_path: Path) -> None:
     path = tmp_path / "bastion.yaml"
     path.write_text("""\

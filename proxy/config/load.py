@@ -753,8 +753,17 @@ def _offload(values: dict[str, Any]) -> Offload:
                    compression=Compression(**values.get("compression", {})))
 
 
+def _pool_only(checker: _Checker, node: _Node, path: str) -> Any:
+    """``buffering`` / ``compression`` on an app: a problem that says where they go."""
+    key = path.rsplit(".", 1)[-1]
+    return checker.add(node.key_line, f"{path}: {key} is set per pool (pools.NAME.{key}), "
+                       "not per app; put the app in a pool that has it")
+
+
 _APP_RULES: Final[dict[str, Rule]] = {
     **_POOL_RULES,
+    "buffering": _pool_only,
+    "compression": _pool_only,
     "pool": _scalar(_text),
     "hosts": _hosts,
     "path": _scalar(_url_path),
