@@ -925,6 +925,9 @@ def cmd_report(out: str, doc: str, png: str) -> None:
         "- Anything else running on the machine shows up directly; see the load averages above.",
     ]
     text = "\n".join(doc_lines) + "\n"
+    inprocess = d / "inprocess.md"  # the opt-in inprocess cell (bench/inprocess.py)
+    if inprocess.exists():
+        text += "\n" + inprocess.read_text()
     Path(doc).write_text(text)
     print("\n".join(table + [""] + life + [""] + targets + [""] + where[:20]))
     try:

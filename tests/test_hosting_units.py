@@ -13,7 +13,7 @@ import yaml
 
 from bastion.module.hosted import HostedController
 from bastion.module.messages import AppState, HostedReport, ProcessUsage, UsageReport, from_wire
-from bastion.module.spec import AppSpec, PoolSettings
+from bastion.module.spec import AppSpec, PoolSettings, RecycleSettings
 from bastion.proxy.config.dump import effective
 from bastion.proxy.config.load import config_from_dict, load_config
 from bastion.proxy.edge.hosting import scope as scopes
@@ -191,3 +191,23 @@ def test_admin_stop_and_start() -> None:
 def test_hosted_report_on_the_wire() -> None:
     report = HostedReport("api", 2, 1234, "failed", "why", "traceback")
     assert from_wire(report.to_wire()) == report
+
+
+def test_recycle_triggers_roll_the_workers_due() -> None:
+    rolled: list[tuple[str, frozenset[int] | None]] = []
+
+    def roll(reason: str, pids: frozenset[int] | None) -> bool:
+        rolled.append((reason, pids))
+        return True
+
+    spec = AppSpec("api", settings=PoolSettings(recycle=RecycleSettings(max_requests=5)),
+                   hosting_model="in_process", app="api:app")
+    controller = HostedController(spec, lambda state: None, roll)
+    controller.hosted(HostedReport("api", 1, 100, "loaded"))
+    controller.hosted(HostedReport("api", 2, 101, "loaded"))
+    controller.usage(UsageReport("api", 1, (ProcessUsage(100, 5, 0),)))
+    controller.usage(UsageReport("api", 2, (ProcessUsage(101, 4, 0),)))
+    controller.tick(0.0)
+    assert rolled == [("app api: recycle limit reached", frozenset({100}))]
+    assert controller.recycles == 1
+    assert controller.recycle("requested") and rolled[-1][1] is None

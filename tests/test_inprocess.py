@@ -63,6 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA
     apps["rawasgi"] = hosted("/rawasgi", "inproc_raw:asgi")
     apps["rawwsgi"] = hosted("/rawwsgi", "inproc_raw:wsgi", "wsgi", threads=4)
     apps["broken"] = hosted("/broken", "inproc_broken:app")
+    apps["timeout"] = hosted("/timeout", "inproc_raw:asgi", request_timeout=0.3)
     apps["oop"] = {"path": "/oop", "command": app_command("uvicorn", "echo_asgi:app")}
     config = simple_config(apps, tls=tls_config(ca, tmp / "tls"), workers=2,
                            detailed_errors=True, limits={"max_body_size": "100MB"})
@@ -249,6 +250,17 @@ def test_exception_before_the_response_is_500_and_next_is_served(served: Bastion
     assert served.get("/star/boom").status == 500  # Starlette's own error handling
     assert served.get("/star/hello").body == b"hello"
     assert wait_until(lambda: b"boom from the app" in served.log_path.read_bytes(), 5)
+
+
+def test_request_timeout_is_504_and_cancels_the_app(served: BastionProcess) -> None:
+    started = time.monotonic()
+    response = served.get("/timeout/slow")  # the app would sleep for 1 s
+    assert response.status == 504
+    assert time.monotonic() - started < 0.9
+    # cancelled, not left running: nothing of it is in flight any more
+    assert wait_until(lambda: sum(r["in_flight"] for r in
+                                  served.status()["apps"]["timeout"]["processes"]) == 0, 0.6)
+    assert served.get("/timeout/ok").status == 200
 
 
 def test_wsgi_environ_under_prefix(served: BastionProcess) -> None:

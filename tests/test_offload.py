@@ -366,3 +366,34 @@ def test_cap_reached_still_served(tmp_path: Path) -> None:
         assert after["bastion_buffer_cap_reached_total"] > figures["bastion_buffer_cap_reached_total"]
         assert after["bastion_buffered_bytes"] == 0 and after["bastion_buffered_bytes_peak"] <= cap
 
+
+
+def test_slow_uploader_over_h2(slow_site: BastionProcess, tls_ca: trustme.CA) -> None:
+    # An HTTP/2 upload that stalls after 256 KiB (beyond the 64 KiB every request gets
+    # before the app is asked): buffered, the app is not asked yet.
+    body = bytes(range(256)) * 2048  # 512 KiB
+    first = 256 * 1024
+    client = H2Client(slow_site.port(1), tls_ca)
+    try:
+        sid = client.start("POST", "/on/upload", headers=[("content-length", str(len(body)))],
+                           end=False)
+        sent = 0
+        while sent < first:
+            window = min(client.conn.local_flow_control_window(sid),
+                         client.conn.max_outbound_frame_size, first - sent)
+            if window <= 0:
+                client.pump()
+                continue
+            client.conn.send_data(sid, body[sent:sent + window])
+            client.flush()
+            sent += window
+        time.sleep(0.5)
+        waited = fast_answer(slow_site, "/on/fast", within=3.0)
+        assert waited is not None and waited < 2.0
+        client.send_body(sid, body[first:])
+        answer = client.wait(sid)[0]
+    finally:
+        client.close()
+    assert answer["status"] == 200
+    assert json.loads(bytes(answer["body"])) == {"size": len(body),
+                                                 "sha256": hashlib.sha256(body).hexdigest()}

@@ -38,8 +38,10 @@ PREFIX = "/prefix"
 
 WITH_MIDDLEWARE = ["fastapi-uvicorn", "starlette-hypercorn", "django-gunicorn",
                    "django-uvicorn", "flask-gunicorn", "aiohttp"]
-ALL = [*WITH_MIDDLEWARE, "flask-proxyfix"]
-WEBSOCKETS = ["fastapi-uvicorn", "starlette-hypercorn"]
+# The same apps in process (docs/hosting-models.md): no server, no port, no token.
+IN_PROCESS = ["fastapi-inprocess", "django-inprocess", "flask-inprocess"]
+ALL = [*WITH_MIDDLEWARE, "flask-proxyfix", *IN_PROCESS]
+WEBSOCKETS = ["fastapi-uvicorn", "starlette-hypercorn", "fastapi-inprocess"]
 
 
 @dataclass
