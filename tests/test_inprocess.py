@@ -359,6 +359,21 @@ def test_os_exit_costs_its_worker_then_rapid_fail(tmp_path: Path) -> None:
         assert proc.get("/oop/info").status == 200
 
 
+def test_a_blocked_event_loop_is_caught_by_the_worker_watchdog(tmp_path: Path) -> None:
+    apps = {"raw": hosted("/", "inproc_raw:asgi")}
+    config = simple_config(apps, workers=1, worker_timeout="2s")
+    with BastionProcess(tmp_path, config) as proc:
+        assert wait_until(lambda: _hosted_ready(proc, "raw", 1), 20), proc.log()
+        (stuck,) = worker_pids(proc)
+        started = time.monotonic()
+        assert _cut(proc, "/block")  # its worker is killed, not waited for (30 s)
+        assert time.monotonic() - started < 10
+        assert wait_until(lambda: proc.get("/ok").status == 200, 15), proc.log()
+        assert stuck not in worker_pids(proc)
+        assert proc.status()["apps"]["raw"]["restarts"] == 1
+        assert "no heartbeat" in proc.log()
+
+
 def test_max_concurrency_and_max_queue_per_worker(tmp_path: Path) -> None:
     apps = {"raw": hosted("/", "inproc_raw:asgi", max_concurrency=1, max_queue=1)}
     with BastionProcess(tmp_path, simple_config(apps, workers=1)) as proc:

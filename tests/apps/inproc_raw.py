@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,8 @@ async def asgi(scope: dict[str, Any], receive: Callable[..., Any], send: Callabl
         os._exit(7)
     if path.endswith("/slow"):
         await asyncio.sleep(1.0)
+    if path.endswith("/block"):
+        time.sleep(30)  # a synchronous call: the worker's event loop is stuck
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"raw %d" % os.getpid()})
