@@ -42,11 +42,8 @@ time, then closes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import ssl
-import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -55,14 +52,22 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from .buffers import Held
-from .codec import decoded_path
-from .flow import Flow, Request
-from .h2translate import Malformed, check_body_length, request_from_h2, response_to_h2
-from .websocket import AppEnd
+from .flow import Flow
+from .h2common import (
+    CONNECTION_WINDOW,
+    INTERNAL_ERROR,
+    MAX_OUTBOUND,
+    MAX_STREAMS,
+    NO_ERROR,
+    STREAM_WINDOW,
+    H2Base,
+    H2Stream,
+    goaway_all,
+)
+from .h2translate import response_to_h2
 
 if TYPE_CHECKING:
     from .connections import Connections
@@ -70,36 +75,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.h2")
 
-MAX_STREAMS = 100
-STREAM_WINDOW = 65535  # the RFC default: per-stream upload buffering is bounded by it
-CONNECTION_WINDOW = 4 * 1024 * 1024
-MAX_OUTBOUND = 4 * 1024 * 1024
-BUDGET_WINDOW = 10.0
-RESET_BUDGET = 200  # stream resets (received or sent) per window
-CONTROL_BUDGET = 1000  # PING, SETTINGS, PRIORITY, unknown frames per window
-EMPTY_DATA_BUDGET = 100  # DATA frames without payload nor END_STREAM per window
 # After a graceful GOAWAY, the connection stays open this long (or until the client
 # closes it): a request the client sent before it read the GOAWAY is refused with
 # REFUSED_STREAM, which it may safely retry on a new connection, instead of being cut
 # by a closed socket (whose reset could also destroy the GOAWAY on its way).
 GOAWAY_LINGER = 1.0
-
-
-class Budget:
-    """Counts events per fixed window; ``spend`` is False once over the limit."""
-
-    def __init__(self, limit: int, window: float = BUDGET_WINDOW) -> None:
-        self.limit = limit
-        self.window = window
-        self.start = time.monotonic()
-        self.count = 0
-
-    def spend(self, n: int = 1) -> bool:
-        now = time.monotonic()
-        if now - self.start > self.window:
-            self.start, self.count = now, 0
-        self.count += n
-        return self.count <= self.limit
 
 
 class FrameTracker:
@@ -143,26 +123,16 @@ class FrameTracker:
                 self._in_block = not flags & self._END_HEADERS
 
 
-class _Stream:
+class _Stream(H2Stream):
     """One request stream: the flow's ``Downstream`` on an HTTP/2 connection."""
 
     def __init__(self, proto: H2Protocol, stream_id: int, content_length: int | None,
                  ended: bool) -> None:
+        super().__init__(stream_id, content_length, ended)
         self.proto = proto
-        self.id = stream_id
-        self.content_length = content_length
-        self.ended = ended  # the client finished sending (END_STREAM seen)
-        self.gone = False  # reset by either side, or the connection is lost
-        self.received = 0
-        self.flow: Flow | None = None
-        self.paused = False  # the flow asked to stop the request body
-        self.unacked = 0  # flow-controlled bytes held back while paused
         self.outbox: deque[bytes] = deque()
         self.end_pending = False  # END_STREAM after the outbox
-        self.blocked = False  # the outbox waits for the window (the app's reading paused)
         self.finished = False  # the flow is done
-        self.timer: asyncio.TimerHandle | None = None
-        self.holding: list[Held] = []  # buffered bytes of a finished flow in the outbox
 
     # -- Downstream -------------------------------------------------------------------
     def respond(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -170,15 +140,7 @@ class _Stream:
         proto = self.proto
         if self.gone:
             return
-        if proto.site.node.draining:
-            # The node drains: GOAWAY before this answer, so the client knows before the
-            # answer ends that its next request needs a new connection (through the
-            # balancer, to another node); this stream is still served.
-            proto.goaway()
-        fields = [(n.decode("latin-1"), v.decode("latin-1"))
-                  for n, v in (*headers, *proto.site.response_headers)]
-        if bodyless and proto.request_method(self) != "HEAD":
-            length = None
+        fields, length = self._head(proto, headers, length, bodyless)
         try:
             proto.conn.send_headers(self.id, response_to_h2(status, fields, length),
                                     end_stream=bodyless and end)
@@ -202,15 +164,9 @@ class _Stream:
             self.end_pending = True
         self.pump()
 
-    def sendfile_transport(self) -> asyncio.Transport | None:
-        return None  # frames: never the raw socket
-
     def abort(self) -> None:
-        self.proto.reset(self.id, ErrorCodes.INTERNAL_ERROR)
+        self.proto.reset(self.id, INTERNAL_ERROR)
         self._lost()
-
-    def pause_request(self) -> None:
-        self.paused = True
 
     def resume_request(self) -> None:
         self.paused = False
@@ -220,13 +176,7 @@ class _Stream:
             self.proto.flush()
 
     def rearm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        flow = self.flow
-        if flow is not None and flow.deadline is not None:
-            self.timer = self.proto.loop.call_later(
-                max(0.0, flow.deadline - time.monotonic()), flow.expire)
+        self._rearm(self.proto.loop)
 
     def hold(self, held: Held) -> None:
         if self.gone or not self.outbox:
@@ -234,24 +184,12 @@ class _Stream:
         else:
             self.holding.append(held)
 
-    def _let_go(self) -> None:
-        holding = self.holding
-        self.holding = []
-        for held in holding:
-            held.release()
-
-    def switch(self, head: bytes, rest: bytes, conn: AppEnd) -> None:
-        conn.abort()  # never asked for over HTTP/2
-        self.abort()
-
     def flow_done(self, flow: Flow) -> None:
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._cancel_timer()
         if not self.gone and not self.ended:
             # Answered before the client finished its body (RFC 9113 8.1).
-            self.proto.reset(self.id, ErrorCodes.NO_ERROR)
+            self.proto.reset(self.id, NO_ERROR)
             self.gone = True
         self._maybe_close()
 
@@ -317,15 +255,11 @@ class _Stream:
             self.proto.forget(self)
 
 
-class H2Protocol(asyncio.Protocol):
+class H2Protocol(H2Base):
     """One HTTP/2 connection from a client."""
 
     def __init__(self, server: H2Server, client: tuple[str, int] | None = None) -> None:
-        self.server = server
-        self.site = server.site
-        self.limits = server.site.limits
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        super().__init__(server, client)
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(
                 client_side=False,
@@ -339,37 +273,11 @@ class H2Protocol(asyncio.Protocol):
                 normalize_outbound_headers=False,
             )
         )
-        self.streams: dict[int, _Stream] = {}
-        self.resets = Budget(RESET_BUDGET)
-        self.control = Budget(CONTROL_BUDGET)
-        self.empty_data = Budget(EMPTY_DATA_BUDGET)
-        self.client_ip = "127.0.0.1"
-        self.client_port = 0
-        self._client = client  # from a PROXY header: the client behind the balancer
-        self.client_cert: str | None = None
-        self.closing = False  # GOAWAY sent: no new streams
-        self.write_paused = False
-        self._trusted = False
         self._frames = FrameTracker()
-        self._stall: asyncio.TimerHandle | None = None
-        self._idle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
 
     # -- connection ---------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        peer = transport.get_extra_info("peername")
-        if self._client is not None:
-            self.client_ip, self.client_port = self._client
-        elif isinstance(peer, tuple) and peer:
-            self.client_ip = str(peer[0])
-            self.client_port = int(peer[1]) if len(peer) > 1 else 0
-        ssl_object = transport.get_extra_info("ssl_object")
-        if isinstance(ssl_object, ssl.SSLObject):
-            der = ssl_object.getpeercert(binary_form=True)
-            self.client_cert = base64.b64encode(der).decode("ascii") if der else None
-        self._trusted = self.site.trusted.contains(self.client_ip)
+    def _setup(self) -> None:
         self.conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -381,39 +289,19 @@ class H2Protocol(asyncio.Protocol):
         self.conn.decoder.max_header_list_size = self.limits.max_header_size
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.server.open.add(self)
-        self.server.connections.opened(self)
-        self._flush()
-        self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.open.discard(self)
-        self.server.connections.closed(self)
-        self.closing = True
-        for timer in (self._stall, self._idle, self._linger):
-            if timer is not None:
-                timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
+        super().connection_lost(exc)
+
+    def _lose_streams(self) -> None:
         for stream in list(self.streams.values()):
             self._drop(stream)
         self.streams.clear()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def _writable(self) -> None:
         self._wake_senders()
-
-    def drain(self) -> None:
-        """A graceful stop: GOAWAY, then close once the open streams are done."""
-        self.goaway()
-
-    def eof_received(self) -> bool | None:
-        return None
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -428,9 +316,8 @@ class H2Protocol(asyncio.Protocol):
         if events:
             self._clear_stall()
         self._frames.feed(data)
-        if self._stall is None and self._incomplete():
-            # Bytes that complete no frame (a slow header block or frame): bounded.
-            self._stall = self._loop.call_later(self.limits.header_timeout, self._stalled)
+        if self._incomplete():
+            self._arm_stall()
         for event in events:
             if self.transport.is_closing():
                 return
@@ -453,55 +340,24 @@ class H2Protocol(asyncio.Protocol):
             self._on_reset(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             if isinstance(event, h2.events.RemoteSettingsChanged):
-                self._spend_control()
+                self._spend(self.control, "control frame flood")
             self._wake_senders()
         elif isinstance(event, h2.events.PingReceived | h2.events.PriorityUpdated
                         | h2.events.UnknownFrameReceived):
-            self._spend_control()
+            self._spend(self.control, "control frame flood")
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.closing = True
             if not self.streams:
                 self._flush()
                 self._close()
 
-    def _spend_control(self) -> None:
-        if not self.control.spend():
-            self._calm("control frame flood")
-
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         assert stream_id is not None
-        if self.closing:
-            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
-            return
-        try:
-            h1 = request_from_h2(event.headers or [], self.site.scheme)
-        except Malformed as exc:
-            log.debug("h2 malformed request from %s: %s", self.client_ip, exc)
-            self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
-            return
-        ended = event.stream_ended is not None
-        stream = _Stream(self, stream_id, h1.content_length, ended)
-        self.streams[stream_id] = stream
-        self._disarm_idle()
-        target = h1.target
-        path = decoded_path(target)
-        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in h1.headers]
-        has_body = not ended and h1.content_length != 0
-        request = Request(h1.method, target, h1.authority, path, headers, self.client_ip,
-                          self.client_cert, h1.content_length if has_body else None,
-                          has_body, "HTTP/2.0", trusted=self._trusted,
-                          client_port=self.client_port)
-        flow = Flow(self.site, request, stream)
-        stream.flow = flow
-        flow.start()
-        if ended and not flow.done:
-            flow.feed_end()
-
-    def request_method(self, stream: _Stream) -> str:
-        """The method of ``stream``'s request."""
-        flow = stream.flow
-        return flow.request.method if flow is not None else "GET"
+        h1 = self._request_head(stream_id, event.headers or [])
+        if h1 is not None:
+            ended = event.stream_ended is not None
+            self._start(_Stream(self, stream_id, h1.content_length, ended), h1)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream_id = event.stream_id
@@ -529,30 +385,23 @@ class H2Protocol(asyncio.Protocol):
         if stream.ended and not stream.flow.done:
             stream.flow.feed_end()
 
-    def _check_length(self, stream: _Stream) -> bool:
-        try:
-            check_body_length(stream.content_length, stream.received, stream.ended)
-        except Malformed:
-            self.reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
-            self._drop(stream)
-            return False
-        return True
-
     def _on_reset(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
             self._drop(stream)
-        if not self.resets.spend():
-            self._calm("stream reset flood")
+        self._spend(self.resets, "stream reset flood")
 
     # -- helpers --------------------------------------------------------------------------
     def flush(self) -> None:
         """Write what h2 has for the client."""
         self._flush()
 
-    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+    def reset(self, stream_id: int, code: int) -> None:
         """Reset a stream (counted against the reset budget unless NO_ERROR)."""
-        self._reset(stream_id, code)
+        with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+            self.conn.reset_stream(stream_id, code)
+        if code != NO_ERROR:
+            self._spend(self.resets, "stream reset flood")
 
     def ack(self, stream_id: int, flow: int) -> None:
         """Open the windows again for ``flow`` bytes of DATA."""
@@ -584,71 +433,26 @@ class H2Protocol(asyncio.Protocol):
         if self._linger is None and self.transport is not None \
                 and not self.transport.is_closing():
             self._disarm_idle()
-            self._linger = self._loop.call_later(GOAWAY_LINGER, self._close)
+            self._linger = self.loop.call_later(GOAWAY_LINGER, self._close)
 
-    def _close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def _calm(self, why: str) -> None:
-        log.info("h2 client %s: %s; GOAWAY", self.client_ip, why)
-        self.closing = True
+    def _end(self, code: int) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        self._flush()
-        self._close()
+            self.conn.close_connection(code)
 
-    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-            self.conn.reset_stream(stream_id, code)
-        if code != ErrorCodes.NO_ERROR and not self.resets.spend():
-            self._calm("stream reset flood")
-
-    def _ack(self, stream_id: int, flow: int) -> None:
-        if flow and self.transport is not None and not self.transport.is_closing():
+    def _ack(self, stream_id: int, size: int) -> None:
+        if size and self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                self.conn.acknowledge_received_data(flow, stream_id)
-
-    def _drop(self, stream: _Stream) -> None:
-        """Forget a stream that ended abnormally: stop its flow, free its window."""
-        if stream.unacked:
-            self._ack(stream.id, stream.unacked)
-            stream.unacked = 0
-        stream._lost()
-        self.streams.pop(stream.id, None)
+                self.conn.acknowledge_received_data(size, stream_id)
 
     def _wake_senders(self) -> None:
         for stream in list(self.streams.values()):
+            stream = cast(_Stream, stream)
             if stream.outbox or stream.end_pending:
                 stream.pump()
-
-    def _stalled(self) -> None:
-        self._stall = None
-        log.info("h2 client %s: incomplete frame for %ss; closing", self.client_ip,
-                 self.limits.header_timeout)
-        self.closing = True
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
-        self._flush()
-        self._close()
 
     def _incomplete(self) -> bool:
         """Whether the client left part of a frame or of a header block pending."""
         return self._frames.incomplete
-
-    def _clear_stall(self) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
-    def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = self._loop.call_later(self.limits.keepalive_timeout, self.goaway)
-
-    def _disarm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
 
     def goaway(self) -> None:
         """Graceful end: no new streams; close once the open ones are done."""
@@ -660,7 +464,7 @@ class H2Protocol(asyncio.Protocol):
             self._flush()
             frame = GoAwayFrame(0)
             frame.last_stream_id = self.conn.highest_inbound_stream_id
-            frame.error_code = ErrorCodes.NO_ERROR
+            frame.error_code = NO_ERROR
             self.transport.write(frame.serialize())
         if not self.streams:
             self._close_soon()
@@ -672,7 +476,7 @@ class H2Server:
     def __init__(self, site: Site, connections: Connections) -> None:
         self.site = site
         self.connections = connections
-        self.open: set[H2Protocol] = set()
+        self.open: set[H2Base] = set()
 
     def __call__(self, client: tuple[str, int] | None = None) -> H2Protocol:
         return H2Protocol(self, client)
@@ -680,6 +484,4 @@ class H2Server:
     def goaway_all(self) -> None:
         """GOAWAY to every connection (a graceful stop); each closes when its streams
         are done."""
-        for conn in list(self.open):
-            conn.goaway()
-
+        goaway_all(self.open)

@@ -42,7 +42,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2native",
+MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2common",
+           "h2native",
            "staticrules", "static")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
