@@ -33,8 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from matrix import h2load, wrk  # noqa: E402 - the bench's own load generators
+from measure import wait_ok  # noqa: E402
 
 CELLS = {
     "http": ("raw ASGI hello, HTTP/1.1 keep-alive (wrk -t2 -c32)", "/",
@@ -66,27 +65,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_ok(url: str, seconds: float = 60.0) -> None:
-    """Wait until ``url`` answers 200 (certificates not checked)."""
-    import ssl
-
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    deadline = time.monotonic() + seconds
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5, context=context) as response:
-                if response.status == 200:
-                    return
-                last = response.status
-        except Exception as exc:  # noqa: BLE001 - anything means "not yet"
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {seconds:g}s (last: {last})")
 
 
 def bastion_config(kind: str, http: int, https: int, tls: Path, work: Path, python: str,

@@ -49,8 +49,9 @@ def cmd_cert(directory: str) -> None:
 
 
 # --- readiness --------------------------------------------------------------------------
-def cmd_wait(url: str, seconds: str) -> None:
-    deadline = time.monotonic() + float(seconds)
+def wait_ok(url: str, seconds: float = 60.0) -> None:
+    """Wait until ``url`` answers 200 (certificates not checked); RuntimeError if never."""
+    deadline = time.monotonic() + seconds
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -64,7 +65,14 @@ def cmd_wait(url: str, seconds: str) -> None:
         except Exception as exc:  # noqa: BLE001 - anything means "not yet"
             last = exc
         time.sleep(0.1)
-    sys.exit(f"measure.py: {url} not ready after {seconds}s (last: {last})")
+    raise RuntimeError(f"{url} not ready after {seconds:g}s (last: {last})")
+
+
+def cmd_wait(url: str, seconds: str) -> None:
+    try:
+        wait_ok(url, float(seconds))
+    except RuntimeError as exc:
+        sys.exit(f"measure.py: {exc}")
 
 
 # --- sampling ---------------------------------------------------------------------------

@@ -890,14 +890,7 @@ class Flow:
 
     def _accel_redirect(self, value: bytes, kept: list[tuple[bytes, bytes]]) -> None:
         """The app answered with X-Accel-Redirect: the file it names, not its body."""
-        conn = self.conn
-        self.conn = None
-        if conn is not None:
-            conn.abort()
-            self.site.pool.release(conn)
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
+        self._drop_upstream()
         target = accel_target(value)
         route = None if target is None else self.site.router.match(
             self.request.host, normalised_path(decoded_path(target)))

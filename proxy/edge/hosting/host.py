@@ -114,6 +114,9 @@ class Host:
         self.pid = os.getpid()
         self._dirty: set[str] = set()
         self._reporter: asyncio.TimerHandle | None = None
+        # The worker's event loop, found once: asyncio.get_running_loop() makes a
+        # getpid() system call each time in CPython 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __bool__(self) -> bool:
         return bool(self.apps)
@@ -256,6 +259,9 @@ class Host:
         hosted = self.apps[app]
         if reserved:
             hosted.reserved -= 1
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         spec = hosted.spec
         request = flow.request
         site = flow.site
@@ -281,19 +287,20 @@ class Host:
                         if n.lower() == b"sec-websocket-key"), b"")
             return WebSocketCall(app, hosted.target,
                                  scopes.websocket_scope(head, facts, hosted.state), flow,
-                                 key, done)
+                                 key, done, loop)
         if spec.interface == "wsgi":
             assert hosted.pool is not None
             return WsgiCall(app, hosted.target, scopes.wsgi_environ(head, facts), flow,
-                            pending, body_end, hosted.pool, done)
+                            pending, body_end, hosted.pool, done, loop)
         return AsgiCall(app, hosted.target, scopes.http_scope(head, facts, hosted.state),
-                        flow, pending, body_end, done=done)
+                        flow, pending, body_end, done=done, loop=loop)
 
     # -- usage reports ----------------------------------------------------------------------
     def _changed(self, app: str) -> None:
         self._dirty.add(app)
         if self._reporter is None:
-            self._reporter = asyncio.get_running_loop().call_later(REPORT_EVERY, self.flush)
+            self._reporter = (self._loop or asyncio.get_running_loop()).call_later(
+                REPORT_EVERY, self.flush)
 
     def flush(self) -> None:
         """Send the usage of every app whose counters changed."""

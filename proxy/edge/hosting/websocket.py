@@ -62,8 +62,10 @@ class WebSocketCall:
     """One WebSocket session of an in-process ASGI app; the app's end of the tunnel."""
 
     def __init__(self, name: str, app: AsgiApp, scope: dict[str, Any], flow: WsFlow,
-                 key: bytes, done: Callable[[], None] | None = None) -> None:
+                 key: bytes, done: Callable[[], None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.name = name
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self.flow = flow
         self.sink: Sink | None = None  # set by the Tunnel after the 101
         self._app = app
@@ -85,7 +87,7 @@ class WebSocketCall:
 
     def start(self) -> None:
         """Call the app with the ``websocket`` scope."""
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        self.task = self._loop.create_task(self._run())
 
     # -- the flow's side before the 101 (a HostedCall) ------------------------------------
     def feed(self, data: bytes) -> None:
@@ -180,7 +182,7 @@ class WebSocketCall:
     def _ended(self, code: int) -> None:
         self._disconnect(code)
         if self.task is not None and not self.task.done():
-            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._cancel)
+            self._loop.call_later(CLOSE_GRACE, self._cancel)
 
     def _cancel(self) -> None:
         if self.task is not None and not self.task.done():
@@ -204,7 +206,7 @@ class WebSocketCall:
     async def receive(self) -> Message:
         """ASGI ``receive``."""
         while not self._queue:
-            self._wake = asyncio.get_running_loop().create_future()
+            self._wake = self._loop.create_future()
             await self._wake
             self._wake = None
         message = self._queue.popleft()
@@ -258,7 +260,7 @@ class WebSocketCall:
         else:
             self._frame(ws.encode(ws.BINARY, bytes(message.get("bytes") or b"")))
         while self._paused_out and not self.ended:
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._loop.create_future()
             await self._writable
             self._writable = None
 

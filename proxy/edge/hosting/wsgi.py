@@ -158,11 +158,12 @@ class WsgiCall:
     def __init__(self, name: str, app: WsgiApp, environ: dict[str, Any], flow: FlowSide,
                  pending: list[bytes], body_end: bool,
                  pool: concurrent.futures.ThreadPoolExecutor,
-                 done: Callable[[], None] | None = None) -> None:
+                 done: Callable[[], None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.name = name
         self.flow = flow
         self._app = app
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self.input = Input(self, pending, body_end)
         environ["wsgi.input"] = self.input
         environ["wsgi.errors"] = sys.stderr
