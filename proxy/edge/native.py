@@ -3,13 +3,15 @@
 Theory of operation
 -------------------
 The per-request path (``h1``, ``flow``, ``upstream``, ``strict``, ``codec``,
-``headers``, for HTTP/2 ``h2translate`` and ``h2native``, for static files
-``staticrules`` and ``static``) is ordinary,
+``headers``, for HTTP/2 ``h2translate``, ``h2common`` and ``h2native``, for static files
+``staticrules`` and ``static``, for in-process apps ``hosting.host``, ``hosting.scope``
+and ``hosting.asgi``) is ordinary,
 ``mypy --strict`` clean Python. mypyc compiles
 those modules to C extensions that sit next to their sources; Python imports an
 extension before a source of the same name, so nothing else changes. Measured on the
 benchmark machine (``bench/``; ``workers: 1``, ``wrk -c32``): 59 us of CPU per request
-as Python, 34 us compiled.
+as Python, 34 us compiled. A module of a subpackage is named by its path below
+``proxy/edge`` (``hosting.asgi``); its extension sits next to its source too.
 
 ``./run`` builds them (``python -m bastion.proxy.edge.native``) whenever a source is
 newer than its extension; the same command builds them in an installed Bastion (with
@@ -43,13 +45,18 @@ import tempfile
 from pathlib import Path
 
 MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2common",
-           "h2native",
-           "staticrules", "static")
+           "h2native", "staticrules", "static", "hosting.host", "hosting.scope",
+           "hosting.asgi")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
 NG2 = "_ng2"
 H2_ENGINE_ENV = "BASTION_H2_ENGINE"
 NGHTTP2_HEADER = Path("/usr/include/nghttp2/nghttp2.h")
+
+
+def _source(name: str) -> Path:
+    """The source of module ``name`` of ``MODULES`` (``hosting.asgi``: hosting/asgi.py)."""
+    return HERE.joinpath(*name.split(".")).with_suffix(".py")
 
 
 def interpreted() -> list[str]:
@@ -78,10 +85,12 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname: str, path: object = None,
                   target: object = None) -> importlib.machinery.ModuleSpec | None:
-        package, _, name = fullname.rpartition(".")
-        if package != PACKAGE or name not in MODULES:
+        if not fullname.startswith(PACKAGE + "."):
             return None
-        return importlib.util.spec_from_file_location(fullname, HERE / f"{name}.py")
+        name = fullname[len(PACKAGE) + 1:]
+        if name not in MODULES:
+            return None
+        return importlib.util.spec_from_file_location(fullname, _source(name))
 
 
 def prefer_sources() -> None:
@@ -91,14 +100,15 @@ def prefer_sources() -> None:
 
 
 def _extensions(name: str) -> list[Path]:
-    return sorted(HERE.glob(f"{name}.*.so"))
+    source = _source(name)
+    return sorted(source.parent.glob(f"{source.stem}.*.so"))
 
 
 def stale() -> bool:
     """Whether any module's extension is missing or older than its source."""
     for name in MODULES:
         built = _extensions(name)
-        if not built or built[0].stat().st_mtime < (HERE / f"{name}.py").stat().st_mtime:
+        if not built or built[0].stat().st_mtime < _source(name).stat().st_mtime:
             return True
     return False
 
@@ -131,7 +141,8 @@ def build() -> int:
                         ignore=shutil.ignore_patterns("*.so", "__pycache__"))
         # Stub packages are test dependencies: what they type is never compiled here.
         Path(scratch, "mypy.ini").write_text("[mypy]\nignore_missing_imports = True\n")
-        sources = [f"bastion/proxy/edge/{name}.py" for name in MODULES]
+        edge = Path("bastion", "proxy", "edge")
+        sources = [str(edge.joinpath(*name.split(".")).with_suffix(".py")) for name in MODULES]
         # One extension per module, and their shared runtime inside this package (the
         # group name), so that they import from anywhere.
         script = (
@@ -143,8 +154,10 @@ def build() -> int:
         done = subprocess.run([sys.executable, "-c", script], cwd=scratch,
                               stdout=subprocess.DEVNULL)
         if done.returncode == 0:
-            for so in Path(scratch, *PACKAGE.split(".")).glob("*.so"):
-                shutil.move(str(so), HERE / so.name)
+            built = Path(scratch, edge)
+            for so in built.glob("**/*.so"):
+                target = HERE / so.relative_to(built)
+                shutil.move(str(so), target)
     return done.returncode
 
 
