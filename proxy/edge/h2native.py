@@ -18,6 +18,8 @@ one write. A stream with more than ``STREAM_BUFFER`` bytes waiting pauses the ap
 of its flow until the queue drains; received DATA is acknowledged (``consume``) at once
 unless the flow paused the request body, then when it resumes (end-to-end backpressure).
 
+What does not depend on the frames (the client's address, timers, budgets, the stream's
+state, the start of its flow) is shared with ``h2server`` in :mod:`proxy.edge.h2common`.
 The bounds are those of ``h2server``: the same budgets per ``BUDGET_WINDOW`` for stream
 resets (received, or sent for any error: nghttp2's own resets count too), control frames
 (PING, SETTINGS, PRIORITY, unknown) and empty DATA frames, each ending the connection

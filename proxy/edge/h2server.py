@@ -14,7 +14,9 @@ stream is checked and translated by :mod:`proxy.edge.h2translate`, then driven t
 the *same* ``Flow`` as an HTTP/1.1 request (``proxy.edge.flow``: prefetch, route,
 endpoint, header rewrite, the app over the keep-alive pool, the same error pages and
 statuses, HSTS, access log); the stream (``_Stream``) is the flow's ``Downstream``. No
-task is made per stream.
+task is made per stream. What does not depend on the frames (the client's address,
+timers, budgets, the stream's state, the start of its flow) is shared with the native
+engine in :mod:`proxy.edge.h2common`; this module adds how ``h2`` reads and writes them.
 
 Flow control is end to end. Received DATA is acknowledged (WINDOW_UPDATE) at once
 unless the flow asked to pause the request body (the app cannot take more), then when
