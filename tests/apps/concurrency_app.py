@@ -1,8 +1,8 @@
 """An ASGI test app (run under uvicorn) that records how many requests it serves at once.
 
 Every request counts as in flight from the moment it reaches the app until its response
-is sent. Each process writes what it saw to ``$CONCURRENCY_DIR/<pid>.json`` after every
-request: ``{"pid", "max_in_flight", "served", "starts": [[n, monotonic], ...]}``, where
+is sent. Each process writes what it saw to ``$CONCURRENCY_DIR/<pid>.json`` when a request
+arrives and after it is answered: ``{"pid", "max_in_flight", "served", "starts": [[n, monotonic], ...]}``, where
 ``n`` is the request's ``n`` query parameter and ``monotonic`` when it reached the app
 (``time.monotonic()`` is system-wide, so the test can compare it with its own clock).
 Route: any path; ``?s=SECONDS`` makes the request take that long, ``?n=ID`` names it.
@@ -43,6 +43,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         query = parse_qs(scope["query_string"].decode())
         name = query.get("n", [""])[0]
         STATE["starts"].append([name, time.monotonic()])
+        _write()  # on disk before the answer: a test reading after it sees this start
         await asyncio.sleep(float(query.get("s", ["0"])[0]))
         body = json.dumps({"pid": os.getpid(), "n": name,
                            "in_flight": STATE["in_flight"]}).encode()
