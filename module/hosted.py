@@ -21,7 +21,11 @@ whether it may take requests, and keeps the same rules as for an app process:
 * ``app_offline.htm`` in ``cwd`` and ``bastion stop/start APP`` publish ``offline``;
 * recycling (on demand, ``recycle.max_requests`` / ``max_age`` / ``max_memory`` of a
   worker) asks the host to replace the workers one at a time (``roll``): the host owns
-  the worker processes, the module only decides.
+  the worker processes, the module only decides;
+* ``bastion restart APP`` is a recycle that also forgets the rapid failures and an
+  administrator's stop: fresh worker processes import the code on disk now, one at a
+  time, each taking over only once it has loaded the app (as IIS restarts an
+  application, or Passenger after ``restart.txt``).
 """
 
 from __future__ import annotations
@@ -255,6 +259,17 @@ class HostedController:
         if self._roll is None or not self._roll(f"app {self.spec.name}: {reason}", None):
             return False
         self.recycles += 1
+        return True
+
+    def restart(self) -> bool:
+        """``POST /apps/NAME/restart``: allowed again (as ``admin_start``), and every
+        worker replaced, one at a time, by one that imports the app afresh. False when
+        the workers are being replaced already (nothing changed then)."""
+        if self._roll is None or not self._roll(
+                f"app {self.spec.name}: restart (the code on disk loaded afresh)", None):
+            return False
+        self.recycles += 1
+        self.admin_start()
         return True
 
     async def admin_stop(self) -> None:

@@ -304,6 +304,17 @@ class Supervisor:
         """Allow and start app ``name`` again."""
         self.app(name).admin_start()
 
+    async def restart_app(self, name: str) -> bool:
+        """Restart app ``name``: an app process controller stops every process, then
+        starts; an in-process app has its worker processes replaced one at a time,
+        importing the code afresh (False when they are being replaced already)."""
+        app = self.app(name)
+        if isinstance(app, HostedController):
+            return app.restart()
+        await app.admin_stop()
+        app.admin_start()
+        return True
+
     # -- observing and fault injection ----------------------------------------------
     def status(self) -> dict[str, Any]:
         """Pools, apps and processes, JSON-able."""

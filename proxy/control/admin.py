@@ -4,7 +4,8 @@
 port, state, uptime, requests, in flight, RSS, CPU; restarts; last exit; why an app is
 offline or failed and until when), ``GET /metrics`` (Prometheus text), ``POST /reload``,
 ``POST /apps/NAME/recycle`` (overlapped), ``POST /apps/NAME/stop``,
-``POST /apps/NAME/start``, ``POST /apps/NAME/restart`` (stop, then start) and
+``POST /apps/NAME/start``, ``POST /apps/NAME/restart`` (stop, then start; an in-process
+app: its worker processes replaced one at a time, importing it afresh) and
 ``POST /drain`` and ``POST /undrain`` (the node's health answers 503 / 200 for the load
 balancers, ``docs/scaling.md``), ``GET /apps/NAME/logs?lines=N[&follow=1]`` (the app's in-memory output tail as plain
 text; with ``follow`` the response goes on with live output until the client leaves).
@@ -147,8 +148,10 @@ class AdminServer:
             elif action == "stop":
                 await supervisor.stop_app(name)
             elif action == "restart":
-                await supervisor.stop_app(name)
-                supervisor.start_app(name)
+                if not await supervisor.restart_app(name):
+                    return web.json_response(
+                        {"app": name, "error": "its worker processes are being replaced "
+                         "already; restart again once that is done"}, status=409)
             else:
                 supervisor.start_app(name)
         except UnknownApp:

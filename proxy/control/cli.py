@@ -244,7 +244,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    """``bastion restart APP``: hard restart (stop every process, then start)."""
+    """``bastion restart APP``: hard restart (stop every process, then start; an
+    in-process app: its workers replaced one at a time, importing the code afresh)."""
     return _app_action(args, "restart", "restarted")
 
 

@@ -61,6 +61,7 @@ from bastion.module.messages import (
     AppState,
     EndpointFailed,
     FromProxy,
+    HostedReport,
     SlotFreed,
     SlotGranted,
     SlotRefused,
@@ -94,7 +95,8 @@ from .worker import (
 
 log = logging.getLogger("bastion")
 
-WORKER_START_LIMIT = 30.0
+MIN_WORKER_START = 5.0  # the least a worker is given to start (see worker_start_limit)
+LOAD_MARGIN = 5.0  # beyond an in-process app's startup_time_limit, for its report
 WORKER_HEALTHY = 10.0  # a worker up this long died of something other than its start
 CERT_POLL = 2.0
 SLOW_STOP = 8.0  # a stop still running after this long logs what it waits on
@@ -109,6 +111,20 @@ def worker_count(config: Config) -> int:
         except AttributeError:
             return max(1, os.cpu_count() or 1)
     return max(1, int(config.workers))
+
+
+def worker_start_limit(config: Config) -> float:
+    """How long a worker process may take to say READY: ``worker_timeout`` (a worker
+    silent that long is stuck), at least ``MIN_WORKER_START``. Its in-process apps load
+    after READY, each bounded by its own ``startup_time_limit``, so a slow app never
+    counts against its worker's start."""
+    return max(config.worker_timeout, MIN_WORKER_START)
+
+
+def load_limit(config: Config) -> float:
+    """How long a new worker's in-process apps may take to report their loads."""
+    return max((spec.settings.startup_time_limit for spec in config.apps
+                if spec.in_process), default=0.0) + LOAD_MARGIN
 
 
 def in_process(config: Config) -> bool:
@@ -226,6 +242,14 @@ class ProcessWorker(WorkerHandle):
         self.ready = False
         # Told when the process is gone, ready or not (in-process apps count crashes).
         self.on_gone: Callable[[int, int | None], None] | None = None
+        # The in-process apps it hosts, and the latest load report of each (they load
+        # after READY; a roll waits for them before the old worker goes).
+        self.hosted = frozenset(spec.name for spec in config.apps if spec.in_process)
+        self.loads: dict[str, HostedReport] = {}
+        self._loads_reported = asyncio.Event()
+        if not self.hosted:
+            self._loads_reported.set()
+        self._exit_wait: asyncio.Future[int] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ready = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
@@ -236,7 +260,7 @@ class ProcessWorker(WorkerHandle):
 
     async def start(self) -> None:
         """Start the process; return once it says READY. Raise ``WorkerStartError`` as
-        soon as it exits before that (or after ``WORKER_START_LIMIT``, killing it)."""
+        soon as it exits before that (or after ``worker_start_limit``, killing it)."""
         ours, theirs = socket.socketpair()
         fds = {a: s.fileno() for a, s in self.sockets.items()}
         try:
@@ -252,7 +276,7 @@ class ProcessWorker(WorkerHandle):
             theirs.close()
         pid = self.proc.pid
         note_own_child(pid)  # Bastion's own child, not an app's leftover (module.leftovers)
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited = self._exit_wait = asyncio.ensure_future(self.proc.wait())
         exited.add_done_callback(lambda _: forget_own_child(pid))
         exited.add_done_callback(lambda _: self._gone(pid))
         self.started_at = self.last_seen = time.monotonic()
@@ -262,8 +286,9 @@ class ProcessWorker(WorkerHandle):
         self._writer.write(channel.frame(channel.SETUP, pickle.dumps(setup)))
         self._reader_task = asyncio.create_task(self._read(reader))
         ready = asyncio.ensure_future(self._ready.wait())
+        limit = worker_start_limit(self.config)
         try:
-            await asyncio.wait({exited, ready}, timeout=WORKER_START_LIMIT,
+            await asyncio.wait({exited, ready}, timeout=limit,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
@@ -273,7 +298,7 @@ class ProcessWorker(WorkerHandle):
                 await self.proc.wait()
                 raise WorkerStartError(
                     f"worker {self.worker_id} (pid {self.proc.pid}) did not start within "
-                    f"{WORKER_START_LIMIT:g}s: killed")
+                    f"{limit:g}s: killed")
             raise WorkerStartError(
                 f"worker {self.worker_id} (pid {self.proc.pid}) exited with "
                 f"{self.proc.returncode} before it was ready")
@@ -290,12 +315,34 @@ class ProcessWorker(WorkerHandle):
                 self.last_seen = time.monotonic()
                 if kind == channel.MESSAGE:
                     message = from_wire(json.loads(payload))
+                    if isinstance(message, HostedReport):
+                        self._load_reported(message)
                     if not isinstance(message, AppState | SlotGranted | SlotRefused):
                         self.to_module(message)
                 elif kind == channel.METRICS:
                     self.metrics = json.loads(payload)
                 elif kind == channel.READY:
                     self._ready.set()
+
+    def _load_reported(self, report: HostedReport) -> None:
+        self.loads[report.app] = report
+        if self.hosted <= self.loads.keys():
+            self._loads_reported.set()
+
+    async def loads_reported(self, limit: float) -> bool:
+        """Wait until every in-process app of the worker reported its first load
+        (loaded or failed); False when the worker exited or ``limit`` passed first."""
+        if self._loads_reported.is_set():
+            return True
+        reported = asyncio.ensure_future(self._loads_reported.wait())
+        waits: set[asyncio.Future[Any]] = {reported}
+        if self._exit_wait is not None:
+            waits.add(self._exit_wait)
+        try:
+            await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reported.cancel()
+        return self._loads_reported.is_set()
 
     def _gone(self, pid: int) -> None:
         if self.on_gone is not None and self.proc is not None:
@@ -613,9 +660,13 @@ class Bastion:
     # -- recycling in-process apps -----------------------------------------------------
     def roll_workers(self, reason: str, pids: frozenset[int] | None = None) -> bool:
         """Replace the worker processes (those with ``pids``, or all) one at a time:
-        a new one starts and is ready before an old one drains, so no request is lost
-        and the other workers serve meanwhile. What recycles an in-process app, which
-        lives in every worker. False when a roll is under way already."""
+        a new one starts and has loaded its in-process apps before an old one drains,
+        so no request is lost and the old worker serves until the new one can. What
+        recycles (and restarts, with the code on disk now) an in-process app, which
+        lives in every worker. A new worker that cannot load an app its old one had
+        loaded ends the roll: it is stopped and the old workers keep serving (as a
+        recycled app process that fails to start leaves the old one serving). False
+        when a roll is under way already."""
         if self.stopping or (self._rolling is not None and not self._rolling.done()):
             return False
         self._rolling = asyncio.get_running_loop().create_task(self._roll(reason, pids))
@@ -631,13 +682,40 @@ class Bastion:
             if worker not in self.workers:
                 continue  # gone meanwhile (crashed, replaced)
             try:
-                await self._start_one(self.config, self.pems)
+                new = await self._start_one(self.config, self.pems)
             except Exception as exc:  # noqa: BLE001 - the old worker keeps serving
                 log.error("recycle: a replacement worker failed to start: %s", exc)
                 return
+            if isinstance(new, ProcessWorker) and isinstance(worker, ProcessWorker):
+                problem = await self._loads_regressed(new, worker)
+                if problem is not None:
+                    log.error("%s: the new worker %d (pid %s) %s; it is stopped and the "
+                              "old worker(s) keep serving", reason, new.worker_id,
+                              new.proc.pid if new.proc else "?", problem)
+                    self._forget(new)
+                    await new.stop(self.grace())
+                    self._retire(new)
+                    return
             self._forget(worker)
             await worker.stop(self.grace())
             self._retire(worker)
+
+    async def _loads_regressed(self, new: ProcessWorker, old: ProcessWorker) -> str | None:
+        """Wait for ``new`` to load its in-process apps; why it cannot take ``old``'s
+        place (an app ``old`` serves that ``new`` failed to load), else None."""
+        limit = load_limit(self.config)
+        reported = await new.loads_reported(limit)
+        if new.proc is not None and new.proc.returncode is not None:
+            return f"exited with {new.proc.returncode} while loading its apps"
+        for app in sorted(old.hosted & new.hosted):
+            before, now = old.loads.get(app), new.loads.get(app)
+            if before is None or before.status != "loaded":
+                continue  # not serving in the old worker either: nothing is lost
+            if now is None or not reported:
+                return f"had not loaded app {app} after {limit:g}s"
+            if now.status != "loaded":
+                return f"could not load app {app}: {now.reason}"
+        return None
 
     # -- reload ---------------------------------------------------------------------
     def request_reload(self) -> None:
@@ -691,6 +769,10 @@ class Bastion:
             self.generation += 1
             if timeout_changed:
                 self._watch_liveness()
+            # The old generation serves until the new one has loaded its in-process apps.
+            limit = load_limit(new)
+            await asyncio.gather(*(w.loads_reported(limit) for w in new_workers
+                                   if isinstance(w, ProcessWorker)))
             # Everything else is the old generation (replacements started meanwhile too).
             old_workers = [w for w in self.workers if w not in new_workers]
             self.workers = new_workers

@@ -13,7 +13,8 @@ A worker process gets its set-up (config, socket fds, worker number, and the byt
 its generation's certificate and key files) as the first frame, builds its TLS contexts
 from those bytes (it never reads the files itself, so a replacement started after the
 files changed serves what its generation checked), drops to the configured ``user``,
-starts serving, and says READY. From then on it sends a HEARTBEAT frame every
+starts serving, says READY, and only then begins loading its in-process apps (each is
+bounded by its own ``startup_time_limit``, not by the worker's start). From then on it sends a HEARTBEAT frame every
 ``heartbeat_interval(worker_timeout)`` (``proxy.liveness``). It exits when told to stop
 (after draining), on SIGTERM (the same), or at once when the channel closes (the main
 process died): it never outlives the main process.
@@ -275,9 +276,11 @@ async def _worker_process(channel_fd: int) -> None:
         drop_privileges(config.user)
     for state in setup.states:
         worker.update(state)
-    await worker.host.start()  # in-process apps: imported as the workers' user
     await worker.start(sockets)
     writer.write(channel.frame(channel.READY))
+    # In-process apps load in the background, as the workers' user, once the worker
+    # listens: a slow app holds up neither the worker's start nor its other apps.
+    worker.host.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     grace: list[float] = []

@@ -3,10 +3,17 @@
 Theory of operation
 -------------------
 A worker process makes one ``Host`` for the ``hosting_model: in_process`` apps of its
-configuration. ``start`` (after the worker dropped its privileges, before it takes a
-request) imports each app (``loader``), makes the WSGI thread pool or runs the ASGI
-lifespan startup, and tells the module what came of it (``HostedReport``: loaded, or
-failed with the traceback). One app failing leaves the others serving.
+configuration. ``start`` (after the worker dropped its privileges and began listening)
+begins loading each app in the background: the import runs in a thread of its own
+(``loader``; a slow import never holds up the worker's event loop, its other apps or its
+proxying), then the WSGI thread pool is made or the ASGI lifespan startup runs, and the
+module is told what came of it (``HostedReport``: loaded, or failed with the
+traceback). A request for an app still loading waits for that load (``loading``), as a
+request for an out-of-process app waits for its process to start. A load is bounded
+by the app's own ``startup_time_limit``, import and lifespan startup together: past it
+the load has failed (an import thread still running is waited for by the next attempt,
+never started twice; a lifespan startup is cancelled). One app failing leaves the
+others serving.
 
 The module stays the authority over whether an app may be called at all: the flow asks
 ``refusal`` first, which applies the module's latest ``AppState`` (offline, stopped by
@@ -28,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -90,6 +99,7 @@ class HostedApp:
         self.served = 0
         self.in_flight = 0
         self.loading: asyncio.Future[bool] | None = None  # an attempt under way
+        self.importing: asyncio.Future[Any] | None = None  # its import thread's outcome
         # max_concurrency / max_queue, per worker process (one process hosting the app)
         self.limit = spec.settings.max_concurrency
         self.queue_limit = spec.settings.max_queue
@@ -122,11 +132,13 @@ class Host:
         return bool(self.apps)
 
     # -- loading --------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Import every app and start its lifespan (before the worker takes requests)."""
+    def start(self) -> None:
+        """Begin loading every app in the background (the worker listens already)."""
         self.pid = os.getpid()
+        self._loop = asyncio.get_running_loop()
         for hosted in self.apps.values():
-            await self._load(hosted)
+            if not hosted.loaded and hosted.loading is None:
+                hosted.loading = asyncio.ensure_future(self._load(hosted))
 
     async def _load(self, hosted: HostedApp) -> bool:
         try:
@@ -134,18 +146,70 @@ class Host:
         finally:
             hosted.loading = None
 
+    def _import_thread(self, spec: AppSpec) -> asyncio.Future[Any]:
+        """Import ``spec``'s app in a daemon thread of its own (one per attempt that
+        needs one): the future gets the callable or ``LoadFailed``. The thread sees the
+        worker's loop as its event loop, as a module imported on the loop's thread would."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = load(spec)
+            except LoadFailed as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the worker's loop is closed
+                loop.call_soon_threadsafe(settle, value, error)
+
+        threading.Thread(target=run, name=f"bastion-import-{spec.name}", daemon=True).start()
+        return future
+
     async def _import(self, hosted: HostedApp) -> bool:
         spec = hosted.spec
+        limit = spec.settings.startup_time_limit
         hosted.tried_at = time.monotonic()
+        deadline = hosted.tried_at + limit
+        if hosted.importing is None:
+            hosted.importing = self._import_thread(spec)
+        importing = hosted.importing
         try:
-            target = load(spec)
+            target = await asyncio.wait_for(asyncio.shield(importing), limit)
+        except TimeoutError:
+            # The thread cannot be stopped: the next attempt waits for it again.
+            self._failed(hosted, f"loading took longer than startup_time_limit "
+                         f"({limit:g}s): importing {spec.app} had not finished", "")
+            return False
         except LoadFailed as exc:
+            hosted.importing = None
             self._failed(hosted, exc.reason, exc.detail)
             return False
+        hosted.importing = None
         if spec.interface == "asgi":
             lifespan = Lifespan(spec.name, target, hosted.state)
-            error = await lifespan.startup(spec.settings.startup_time_limit)
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                error = await lifespan.startup(left)
+            except asyncio.CancelledError:
+                lifespan.abandon()  # the worker stops while the app starts
+                raise
+            if lifespan.timed_out:
+                lifespan.abandon()
+                self._failed(hosted, f"loading took longer than startup_time_limit "
+                             f"({limit:g}s): the lifespan startup had not completed", "")
+                return False
             if error is not None:
+                lifespan.abandon()
                 self._failed(hosted, f"lifespan startup failed: {error.splitlines()[0]}",
                              error)
                 return False
@@ -322,6 +386,8 @@ class Host:
             self._reporter.cancel()
         self.flush()
         for hosted in self.apps.values():
+            if hosted.loading is not None:
+                hosted.loading.cancel()  # a load under way is abandoned
             if hosted.lifespan is not None:
                 error = await hosted.lifespan.shutdown(SHUTDOWN_LIMIT)
                 if error is not None:
