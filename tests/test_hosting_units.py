@@ -83,7 +83,7 @@ def test_websocket_scope() -> None:
     scope = scopes.websocket_scope(request, FACTS)
     assert scope["type"] == "websocket" and scope["scheme"] == "wss"
     assert "method" not in scope and scope["subprotocols"] == ["chat", "superchat"]
-    plain = scopes.websocket_scope(request, FACTS._replace(scheme="http"))
+    plain = scopes.websocket_scope(request, scopes.Facts("http", FACTS.server_host, FACTS.server_port, FACTS.root_path))
     assert plain["scheme"] == "ws"
 
 

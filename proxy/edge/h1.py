@@ -47,7 +47,8 @@ from .buffers import Held
 from .codec import decoded_path, response_head, status_line
 from .errors import RequestRejected
 from .flow import BodyTooLarge, Flow, Request
-from .websocket import AppEnd, Tunnel, is_upgrade
+from .headers import is_upgrade
+from .websocket import AppEnd, Tunnel
 
 if TYPE_CHECKING:
     from .connections import Connections

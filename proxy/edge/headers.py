@@ -116,3 +116,19 @@ def downstream_headers(app: Iterable[tuple[bytes, bytes]]) -> Headers:
     listed = connection_listed(app)
     drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
     return [(name, value) for name, value in app if name.lower() not in drop]
+
+
+def is_upgrade(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """True for a WebSocket upgrade request (RFC 6455 4.1)."""
+    if method != "GET":
+        return False
+    upgrade: bytes | None = None
+    for name, value in headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            if upgrade is not None:
+                return False  # more than one Upgrade header
+            upgrade = value
+    if upgrade is None:
+        return False
+    tokens = {t.strip().lower() for t in upgrade.split(b",")}
+    return b"websocket" in tokens and b"upgrade" in connection_listed(headers)

@@ -28,7 +28,6 @@ Rules (RFC 9110 / 9112):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 MAX_TARGET = 8192  # a request target longer than this is 414
 
@@ -38,9 +37,16 @@ _IPV6 = re.compile(r"^\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~]+)?\]$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"^[0-9]+$")
-# Visible ASCII except '#' (fragments are never sent) and the space/controls.
-_TARGET_CHARS = re.compile(r"^[\x21-\x22\x24-\x7e]*$")
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+# Methods known to be tokens and allowed: the common case skips the token pattern.
+_PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+_PLAIN_METHODS_RAW = frozenset(m.encode("ascii") for m in _PLAIN_METHODS)
+# Bytes never allowed in a request target: controls, space and DEL (and '#', separately).
+_NOT_IN_TARGET = bytes(range(0x21)) + b"\x7f"
+# Host values already found valid (a pure function of the string, so remembering them is
+# exact); bounded, so a client sending endless distinct names cannot grow it.
+_GOOD_HOSTS: dict[str, bool] = {}
+_GOOD_HOSTS_MAX = 512
 
 
 class StrictError(Exception):
@@ -52,9 +58,10 @@ class StrictError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
 class Verdict:
-    """What a valid request head means for routing and forwarding."""
+    """What a valid request head means for routing and forwarding.
+
+    (A plain class, not a dataclass: compiled, it is made in one native call.)"""
 
     host: str  # the effective host (authority of an absolute-form target, else Host)
     target: str  # origin-form target for the app ("*" for OPTIONS *)
@@ -63,9 +70,32 @@ class Verdict:
     content_length: int | None  # None: no Content-Length header
     chunked: bool  # Transfer-Encoding: chunked
 
+    def __init__(self, host: str, target: str, absolute: bool, host_replaced: bool,
+                 content_length: int | None, chunked: bool) -> None:
+        self.host = host
+        self.target = target
+        self.absolute = absolute
+        self.host_replaced = host_replaced
+        self.content_length = content_length
+        self.chunked = chunked
+
+    def __repr__(self) -> str:
+        return (f"Verdict(host={self.host!r}, target={self.target!r}, "
+                f"absolute={self.absolute}, host_replaced={self.host_replaced}, "
+                f"content_length={self.content_length}, chunked={self.chunked})")
+
 
 def check_host(value: str) -> str:
     """``value`` if it is a valid ``host[:port]`` (RFC 9110 7.2), else raise 400."""
+    if value in _GOOD_HOSTS:
+        return value
+    _check_host(value)
+    if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
+        _GOOD_HOSTS[value] = True
+    return value
+
+
+def _check_host(value: str) -> None:
     if not value:
         raise StrictError(400, "empty Host")
     if any(c in value for c in "@/\\?#, \t") or not value.isascii():
@@ -91,7 +121,6 @@ def check_host(value: str) -> str:
             raise StrictError(400, "malformed Host")
     if port is not None and (not _PORT.match(port) or int(port) > 65535):
         raise StrictError(400, "malformed Host port")
-    return value
 
 
 def check_version(version: tuple[int, int]) -> None:
@@ -105,6 +134,8 @@ def check_version(version: tuple[int, int]) -> None:
 
 def check_method(method: str) -> None:
     """A token, and not one of the refused methods (405)."""
+    if method in _PLAIN_METHODS:
+        return
     if not _TOKEN.match(method.encode("latin-1", "replace")):
         raise StrictError(400, "malformed method")
     if method.upper() in REFUSED_METHODS:
@@ -119,7 +150,7 @@ def split_target(method: str, target: str) -> tuple[str | None, str]:
         raise StrictError(400, "empty request target")
     if "#" in target:
         raise StrictError(400, "fragment in request target")
-    if not _TARGET_CHARS.match(target):
+    if not (target.isascii() and target.isprintable()) or " " in target:
         raise StrictError(400, "invalid character in request target")
     if target == "*":
         if method != "OPTIONS":
@@ -203,6 +234,17 @@ _REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTT
 def check_request_line(line: bytes) -> None:
     """The raw request line (without CRLF) is ``method SP target SP HTTP/d.d``, for
     HTTP/1.0 or 1.1 (505 for a higher major version); llhttp is lenient about spaces."""
+    # The common line ("GET /path HTTP/1.1") is checked with a few byte operations; any
+    # other goes through the full pattern, which also says what is wrong with it.
+    if line.endswith(b" HTTP/1.1") or line.endswith(b" HTTP/1.0"):
+        space = line.find(b" ")
+        end = len(line) - 9
+        if 0 < space < end and line.find(b" ", space + 1) == end:
+            method = line[:space]
+            target = line[space + 1:end]
+            if (method in _PLAIN_METHODS_RAW or _TOKEN.match(method)) and target.isascii() \
+                    and len(target.translate(None, _NOT_IN_TARGET)) == len(target):
+                return
     match = _REQUEST_LINE.match(line)
     if match is None:
         raise StrictError(400, "malformed request line")
@@ -218,22 +260,28 @@ def check_request(method: str, target: str, version: tuple[int, int],
     check_method(method)
     authority, origin = split_target(method, target)
     check_headers(headers, max_header_size, tokens_checked)
-    hosts = [v for n, v in headers if n.lower() == b"host"]
-    if not hosts:
+    # Host, Content-Length and Transfer-Encoding in one pass; the names' lengths sort
+    # out nearly every other header before any lower-casing.
+    host_value: bytes | None = None
+    hosts = 0
+    framing = False
+    for name, value in headers:
+        size = len(name)
+        if size == 4:
+            if name.lower() == b"host":
+                hosts += 1
+                host_value = value
+        elif size == 14 or size == 17:
+            framing = True
+    if not hosts or host_value is None:
         raise StrictError(400, "missing Host header")
-    if len(hosts) > 1:
+    if hosts > 1:
         raise StrictError(400, "repeated Host header")
-    host = check_host(hosts[0].decode("latin-1"))
-    length, chunked = check_framing(version, headers)
+    host = check_host(host_value.decode("latin-1"))
+    length, chunked = check_framing(version, headers) if framing else (None, False)
     effective = authority if authority is not None else host
-    return Verdict(
-        host=effective,
-        target=origin,
-        absolute=authority is not None,
-        host_replaced=authority is not None and authority != host,
-        content_length=length,
-        chunked=chunked,
-    )
+    return Verdict(effective, origin, authority is not None,
+                   authority is not None and authority != host, length, chunked)
 
 
 def strip_h2c(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -19,22 +19,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Protocol
 
-from .headers import connection_listed
 from .upstream import ResponseHead, Sink, UpstreamError
 
 if TYPE_CHECKING:
     from .flow import Flow
-
-
-def is_upgrade(method: str, headers: list[tuple[bytes, bytes]]) -> bool:
-    """True for a WebSocket upgrade request (RFC 6455 4.1)."""
-    if method != "GET":
-        return False
-    upgrades = [v for n, v in headers if n.lower() == b"upgrade"]
-    if len(upgrades) != 1:
-        return False
-    tokens = {t.strip().lower() for t in upgrades[0].split(b",")}
-    return b"websocket" in tokens and b"upgrade" in connection_listed(headers)
 
 
 class AppEnd(Protocol):

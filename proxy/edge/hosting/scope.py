@@ -19,23 +19,32 @@ path base, the ASGI rule that Starlette and FastAPI follow. WSGI (``wsgi_environ
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..headers import FORWARDED, HOP_BY_HOP, connection_listed
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 
 
-class Facts(NamedTuple):
-    """What one request's scope needs beyond the request itself."""
+class Facts:
+    """What one request's scope needs beyond the request itself.
+
+    (Plain classes here, not named tuples: compiled, one is made in a native call.)"""
 
     scheme: str  # "http" or "https": the listener's
     server_host: str  # the Host the client asked for, without its port
     server_port: int  # the listener's port
     root_path: str  # the app's path base: "" or "/api"
 
+    def __init__(self, scheme: str, server_host: str, server_port: int,
+                 root_path: str) -> None:
+        self.scheme = scheme
+        self.server_host = server_host
+        self.server_port = server_port
+        self.root_path = root_path
 
-class Head(NamedTuple):
+
+class Head:
     """The parts of a request head the scope is made of."""
 
     method: str
@@ -47,23 +56,41 @@ class Head(NamedTuple):
     http_version: str  # "1.1", "1.0" or "2"
     trusted: bool  # the peer is a trusted proxy: its forwarding headers are kept
 
+    def __init__(self, method: str, target: str, path: str,
+                 headers: list[tuple[bytes, bytes]], client_ip: str, client_port: int,
+                 http_version: str, trusted: bool) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.headers = headers
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.http_version = http_version
+        self.trusted = trusted
+
 
 def app_headers(headers: Iterable[tuple[bytes, bytes]], trusted: bool
                 ) -> list[tuple[bytes, bytes]]:
     """The request headers an in-process app sees, names lower-cased (ASGI's rule)."""
-    headers = list(headers)
-    listed = connection_listed(headers)
-    listed.discard(b"host")
-    kept = []
+    kept: list[tuple[bytes, bytes]] = []
+    listed: set[bytes] | None = None  # named by Connection: dropped after the pass
     for name, value in headers:
         low = name.lower()
-        if low in HOP_BY_HOP or (listed and low in listed):
+        if low in HOP_BY_HOP:
+            if low == b"connection":
+                if listed is None:
+                    listed = set()
+                listed.update(connection_listed([(name, value)]))
             continue
-        if low.startswith(b"x-bastion-") or b"_" in name:
+        if b"_" in name or low.startswith(b"x-bastion-"):
             continue
-        if low in FORWARDED and not trusted:
+        if not trusted and low in FORWARDED:
             continue
         kept.append((low, value))
+    if listed:
+        listed.discard(b"host")  # end-to-end, whatever Connection says
+        if listed:
+            kept = [(n, v) for n, v in kept if n not in listed]
     return kept
 
 
