@@ -265,11 +265,9 @@ class Lifespan:
         self._stopped: asyncio.Future[str | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.supported = True
-        self.timed_out = False  # the startup did not complete within its limit
 
     async def startup(self, limit: float) -> str | None:
-        """Run the startup; an error message when it failed (None: fine or unsupported).
-        Past ``limit`` seconds it has failed too, and ``timed_out`` is set."""
+        """Run the startup; an error message when it failed (None: fine or unsupported)."""
         loop = asyncio.get_running_loop()
         self._started = loop.create_future()
         self._stopped = loop.create_future()
@@ -277,13 +275,7 @@ class Lifespan:
         try:
             return await asyncio.wait_for(asyncio.shield(self._started), limit)
         except TimeoutError:
-            self.timed_out = True
             return f"lifespan startup did not complete within {limit:g}s"
-
-    def abandon(self) -> None:
-        """Cancel the lifespan task (a startup that failed or took too long)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
 
     async def shutdown(self, limit: float) -> str | None:
         """Run the shutdown (after a startup that succeeded); an error message or None."""

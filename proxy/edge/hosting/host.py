@@ -73,6 +73,12 @@ def _expire(future: asyncio.Future[ProxyError | None], error: ProxyError) -> Non
         future.set_result(error)
 
 
+async def _abandon(lifespan: Lifespan) -> None:
+    """End the lifespan task of a startup that failed or took too long (at once: the
+    shutdown's limit 0 cancels it if it still runs)."""
+    await lifespan.shutdown(0)
+
+
 class _Waiter:
     """A request waiting for one of the app's ``max_concurrency`` slots in this worker."""
 
@@ -199,17 +205,18 @@ class Host:
             lifespan = Lifespan(spec.name, target, hosted.state)
             left = max(0.0, deadline - time.monotonic())
             try:
-                error = await lifespan.startup(left)
-            except asyncio.CancelledError:
-                lifespan.abandon()  # the worker stops while the app starts
-                raise
-            if lifespan.timed_out:
-                lifespan.abandon()
+                # The deadline is the load's: the lifespan's own limit never comes first.
+                error = await asyncio.wait_for(lifespan.startup(left + 1.0), left)
+            except TimeoutError:
+                await _abandon(lifespan)
                 self._failed(hosted, f"loading took longer than startup_time_limit "
                              f"({limit:g}s): the lifespan startup had not completed", "")
                 return False
+            except asyncio.CancelledError:
+                await _abandon(lifespan)  # the worker stops while the app starts
+                raise
             if error is not None:
-                lifespan.abandon()
+                await _abandon(lifespan)
                 self._failed(hosted, f"lifespan startup failed: {error.splitlines()[0]}",
                              error)
                 return False
