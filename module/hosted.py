@@ -19,6 +19,11 @@ whether it may take requests, and keeps the same rules as for an app process:
   is counted for the apps it was still loading or serving requests for when it died
   (for all of them when there were none);
 * ``app_offline.htm`` in ``cwd`` and ``bastion stop/start APP`` publish ``offline``;
+* with a ``health_check``, each worker calls the app's health path itself, in-process,
+  every ``interval`` and reports failures (``HealthReport``); the module counts them
+  per worker pid with the rules of an app process's checks (``module.health.Liveness``:
+  ``failures`` in a row, a pass resets the row) and then replaces that one worker
+  (``roll`` of its pid), counting it in the rapid-fail window like a crash;
 * recycling (on demand, ``recycle.max_requests`` / ``max_age`` / ``max_memory`` of a
   worker) asks the host to replace the workers one at a time (``roll``): the host owns
   the worker processes, the module only decides;
@@ -39,7 +44,8 @@ from typing import Any
 
 import psutil
 
-from .messages import AppState, HostedReport, State, UsageReport
+from . import health
+from .messages import AppState, HealthReport, HostedReport, State, UsageReport
 from .output import AppOutput
 from .probes import OFFLINE_FILE, read_offline_file
 from .process import AppProcess, describe_exit
@@ -90,6 +96,7 @@ class HostedController:
         self.last_exit = ""
         self._retry_at: float | None = None
         self._last_memory_sample = 0.0
+        self._liveness: dict[int, health.Liveness] = {}  # worker pid -> its checks' row
         # An app process controller's lists: an in-process app has no process of its own.
         self.processes: list[AppProcess] = []
         self.starting: list[AppProcess] = []
@@ -148,6 +155,7 @@ class HostedController:
         """Worker ``pid`` exited; ``returncode`` None: it was told to stop. A crash of a
         worker this app was ``culprit`` for counts as this app's crash."""
         self.workers.pop(pid, None)
+        self._liveness.pop(pid, None)
         if returncode is None or not culprit:
             return
         how = describe_exit(returncode)
@@ -155,6 +163,33 @@ class HostedController:
         self.last_exit = f"worker pid {pid} {how}"
         self.output.mark(f"worker pid {pid} hosting the app {how}")
         self._failure(f"the worker process hosting it (pid {pid}) {how}", "")
+
+    def health(self, report: HealthReport) -> None:
+        """Worker ``report.pid``'s health check of the app failed, or passed again:
+        ``failures`` in a row replace that worker (and count as a failure)."""
+        check = self.spec.settings.health_check
+        if check is None or report.pid not in self.workers:
+            return
+        record = self._liveness.setdefault(report.pid, health.Liveness())
+        if report.healthy:
+            record.check_passed()
+            return
+        log.warning("app %s: worker pid %d health check failed (%d of %d): %s",
+                    self.spec.name, report.pid, record.failed_checks + 1, check.failures,
+                    report.reason)
+        self.output.mark(f"worker pid {report.pid} health check {check.path} failed: "
+                         f"{report.reason}")
+        if not record.check_failed(check.failures):
+            return
+        why = (f"worker pid {report.pid} failed {record.failed_checks} health checks in a "
+               f"row (last: {report.reason})")
+        if self._roll is None or not self._roll(f"app {self.spec.name}: {why}",
+                                                frozenset({report.pid})):
+            return  # a roll is under way: the next failed check tries again
+        record.replaced()
+        self.recycles += 1
+        log.warning("app %s: replacing worker pid %d: %s", self.spec.name, report.pid, why)
+        self._failure(why, "")
 
     def culprit(self, pid: int) -> bool | None:
         """Whether a death of worker ``pid`` is likely this app's doing: True while it

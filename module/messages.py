@@ -14,7 +14,8 @@ P of app X did not answer within request_timeout") and ``UsageReport`` (requests
 and in flight per process, sent when they change, at most a few times a second). All are
 hints; the module decides what to do. For an in-process app (called inside the workers,
 no process of its own) a worker also sends ``HostedReport`` (it imported the app, or
-failed to, with the traceback).
+failed to, with the traceback) and, with a ``health_check``, ``HealthReport`` (a check
+it made of the app in-process failed, or passed again after failing).
 
 Request slots (``SlotWanted`` / ``SlotGranted`` / ``SlotRefused`` / ``SlotFreed``) are
 the one exchange that is not for the module: the main process's slot granter
@@ -246,7 +247,28 @@ class HostedReport:
         return data
 
 
-ToModule = NeedApp | EndpointFailed | RequestTimedOut | UsageReport | HostedReport
+@dataclass(frozen=True)
+class HealthReport:
+    """Proxy -> module: worker ``worker`` (process ``pid``) called the ``health_check``
+    path of an in-process app (in-process, no socket) and it failed (``healthy`` False,
+    ``reason`` short), or it passed after failing (``healthy`` True). Failures in a row
+    are counted by the module as for an app process's checks (``module.health``)."""
+
+    app: str
+    worker: int
+    pid: int
+    healthy: bool
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict of this message."""
+        data = asdict(self)
+        data["kind"] = "health"
+        return data
+
+
+ToModule = (NeedApp | EndpointFailed | RequestTimedOut | UsageReport | HostedReport
+            | HealthReport)
 FromProxy = ToModule | SlotWanted | SlotFreed  # everything a proxy worker sends
 ToProxy = AppState | SlotGranted | SlotRefused  # everything a proxy worker is told
 Message = FromProxy | ToProxy
@@ -280,6 +302,9 @@ def from_wire(data: dict[str, Any]) -> Message:
         return HostedReport(app=data["app"], worker=data["worker"], pid=data["pid"],
                             status=data["status"], reason=data.get("reason", ""),
                             detail=data.get("detail", ""))
+    if kind == "health":
+        return HealthReport(app=data["app"], worker=data["worker"], pid=data["pid"],
+                            healthy=data["healthy"], reason=data.get("reason", ""))
     if kind == "usage":
         return UsageReport(
             app=data["app"],

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The host (``proxy.main``) makes one ``Supervisor`` from the app specs, subscribes to its
 ``AppState`` snapshots and feeds it ``NeedApp`` / ``EndpointFailed`` /
-``RequestTimedOut`` / ``UsageReport`` messages through ``handle``. That is the whole
+``RequestTimedOut`` / ``UsageReport`` (and, for in-process apps, ``HostedReport`` /
+``HealthReport``) messages through ``handle``. That is the whole
 interface: the supervisor never sees a request, and the proxy never sees a process. ``start`` makes Bastion a child subreaper
 (orphans of apps come back to it), launches the keeper and every ``always`` app, and
 starts the tick that drives time-based rules; ``stop`` stops every app, then the keeper.
@@ -49,7 +50,15 @@ from .leftovers import (
     scan_strays,
     session_of,
 )
-from .messages import AppState, HostedReport, NeedApp, RequestTimedOut, ToModule, UsageReport
+from .messages import (
+    AppState,
+    HealthReport,
+    HostedReport,
+    NeedApp,
+    RequestTimedOut,
+    ToModule,
+    UsageReport,
+)
 from .periodic import Guard, every
 from .spec import AppSpec
 
@@ -107,6 +116,9 @@ class Supervisor:
         if isinstance(message, HostedReport):
             if isinstance(app, HostedController):
                 app.hosted(message)
+        elif isinstance(message, HealthReport):
+            if isinstance(app, HostedController):
+                app.health(message)
         elif isinstance(message, NeedApp):
             app.need()
         elif isinstance(message, UsageReport):

@@ -6,16 +6,25 @@ dump, the module's view of a hosted app (module/hosted.py) and the message on th
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from bastion.module.hosted import HostedController
-from bastion.module.messages import AppState, HostedReport, ProcessUsage, UsageReport, from_wire
-from bastion.module.spec import AppSpec, PoolSettings, RecycleSettings
+from bastion.module.messages import (
+    AppState,
+    HealthReport,
+    HostedReport,
+    ProcessUsage,
+    UsageReport,
+    from_wire,
+)
+from bastion.module.spec import AppSpec, HealthCheck, PoolSettings, RecycleSettings
 from bastion.proxy.config.dump import effective
-from bastion.proxy.config.load import config_from_dict, load_config
+from bastion.proxy.config.load import ConfigError, config_from_dict, load_config
 from bastion.proxy.edge.hosting import scope as scopes
 
 HEADERS = [
@@ -144,6 +153,34 @@ def test_dump_of_an_in_process_app_loads_back(tmp_path: Path) -> None:
     assert again.app("api") == config.app("api")
     dumped = effective(config)["apps"]["api"]
     assert "command" not in dumped and "processes_per_app" not in dumped
+    assert "start_mode" not in dumped and "idle_timeout" not in dumped
+
+
+def test_start_mode_and_idle_timeout_are_refused_in_process(tmp_path: Path) -> None:
+    path = tmp_path / "bastion.yaml"
+    path.write_text(
+        "listen: [{address: '127.0.0.1:8080'}]\n"
+        "pools:\n"
+        "  lazy: {idle_timeout: 5m, start_mode: on_demand}\n"  # for its out-of-process apps
+        "apps:\n"
+        "  api:\n"
+        "    path: /api\n"
+        "    pool: lazy\n"
+        "    hosting_model: in_process\n"
+        "    app: api.main:app\n"
+        "    start_mode: on_demand\n"
+        "    idle_timeout: 10m\n"
+        "    health_check: {path: /health}\n"
+        "  web: {path: /, pool: lazy, command: [x]}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path), files=False)
+    problems = [str(p) for p in caught.value.problems]
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{path}:10: apps.api.start_mode means nothing for "
+                                  "hosting_model: in_process (every worker loads it")
+    assert problems[1].startswith(f"{path}:11: apps.api.idle_timeout means nothing for "
+                                  "hosting_model: in_process")
+    assert "cannot be unloaded" in problems[1]
 
 
 # -- the module's side ----------------------------------------------------------------------
@@ -186,6 +223,49 @@ def test_admin_stop_and_start() -> None:
     assert published[-1].state == "offline"
     controller.admin_start()
     assert published[-1].state == "ready"
+
+
+def test_health_report_on_the_wire() -> None:
+    report = HealthReport("api", 2, 1234, False, "status 500")
+    assert from_wire(report.to_wire()) == report
+    assert from_wire(HealthReport("api", 2, 1234, True).to_wire()).healthy
+
+
+def test_failed_health_checks_in_a_row_replace_that_worker() -> None:
+    published: list[AppState] = []
+    rolled: list[tuple[str, frozenset[int] | None]] = []
+    busy = [True]  # a roll is under way at first: the next failed check tries again
+
+    def roll(reason: str, pids: frozenset[int] | None) -> bool:
+        if busy[0]:
+            return False
+        rolled.append((reason, pids))
+        return True
+
+    spec = AppSpec("api", settings=PoolSettings(
+        rapid_fails_per_minute=5, health_check=HealthCheck(failures=2)),
+        hosting_model="in_process", app="api:app")
+    controller = HostedController(spec, published.append, roll)
+    controller.hosted(HostedReport("api", 1, 100, "loaded"))
+    controller.hosted(HostedReport("api", 2, 101, "loaded"))
+    controller.health(HealthReport("api", 1, 100, False, "status 500"))
+    controller.health(HealthReport("api", 1, 100, True))  # a pass breaks the row
+    controller.health(HealthReport("api", 1, 100, False, "status 500"))
+    controller.health(HealthReport("api", 2, 101, False, "no answer within 2s"))
+    assert rolled == [] and controller.state == "ready"
+    controller.health(HealthReport("api", 1, 100, False, "status 503"))  # 2 in a row
+    assert rolled == [] and controller.recycles == 0  # refused: tried again next time
+    busy[0] = False
+    controller.health(HealthReport("api", 1, 100, False, "status 503"))
+    assert rolled == [("app api: worker pid 100 failed 3 health checks in a row "
+                       "(last: status 503)", frozenset({100}))]
+    assert controller.recycles == 1
+    assert controller.state == "failed" and "health checks" in controller.reason
+    assert controller.rapid.count(time.monotonic()) == 1  # counted as a failure
+    controller.health(HealthReport("api", 1, 100, False, "status 503"))  # counting anew
+    assert len(rolled) == 1
+    controller.hosted(HostedReport("api", 1, 102, "loaded"))  # the replacement
+    assert controller.state == "ready"
 
 
 def test_hosted_report_on_the_wire() -> None:

@@ -16,11 +16,29 @@ from typing import Any
 
 from harness import BastionProcess, app_command, simple_config, wait_until
 
+HEALTH = '''
+    if scope["path"].endswith("/health"):  # HEALTH_FLAG holds "all" or a pid: 500 there
+        agent = dict(scope["headers"]).get(b"user-agent", b"").decode()
+        with open(os.environ["HEALTH_LOG"], "a") as log:
+            log.write(f"{os.getpid()} {agent}\\n")
+        try:
+            with open(os.environ["HEALTH_FLAG"]) as flag:
+                sick = flag.read().strip() in ("all", str(os.getpid()))
+        except FileNotFoundError:
+            sick = False
+        await send({"type": "http.response.start", "status": 500 if sick else 200,
+                    "headers": []})
+        await send({"type": "http.response.body", "body": b"sick" if sick else b"ok"})
+        return
+'''
+
 
 def asgi_source(answer: str, *, lifespan_sleep: float = 0.0, import_sleep: float = 0.0,
-                extra: str = "") -> str:
+                health: bool = False, shutdown_sleep: float = 0.0) -> str:
     """An ASGI app answering ``answer PID``; its lifespan startup sleeps
-    ``lifespan_sleep`` seconds, its import ``import_sleep`` seconds (blocking)."""
+    ``lifespan_sleep`` seconds, its shutdown ``shutdown_sleep``, its import
+    ``import_sleep`` seconds (blocking); with
+    ``health``, ``/health`` answers 500 in the worker HEALTH_FLAG names."""
     return f'''
 import asyncio
 import os
@@ -28,7 +46,7 @@ import time
 
 time.sleep({import_sleep!r})
 ANSWER = {answer!r}
-{extra}
+
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -38,8 +56,10 @@ async def app(scope, receive, send):
                 await asyncio.sleep({lifespan_sleep!r})
                 await send({{"type": "lifespan.startup.complete"}})
             else:
+                await asyncio.sleep({shutdown_sleep!r})
                 await send({{"type": "lifespan.shutdown.complete"}})
                 return
+{HEALTH if health else ""}
     body = f"{{ANSWER}} {{os.getpid()}}".encode()
     await send({{"type": "http.response.start", "status": 200, "headers": []}})
     await send({{"type": "http.response.body", "body": body}})
@@ -194,3 +214,58 @@ def test_loads_are_bounded_by_startup_time_limit_and_never_hold_up_others(
         assert answers(proc, "/quick/")[0] == 200
         assert proc.get("/oop/info").status == 200
         assert "killed" not in proc.log()
+
+
+def test_shutdown_time_limit_bounds_the_lifespan_shutdown(tmp_path: Path) -> None:
+    write_app(tmp_path, "lingering", asgi_source("lingering", shutdown_sleep=60))
+    apps = {"lingering": hosted(tmp_path, "lingering", "/", shutdown_time_limit="1s")}
+    proc = BastionProcess(tmp_path, simple_config(apps, workers=1)).start()
+    try:
+        assert wait_until(lambda: answers(proc, "/")[0] == 200, 20), proc.log()
+    finally:
+        began = time.monotonic()
+        assert proc.stop() == 0
+    assert time.monotonic() - began < 5
+    assert "lifespan shutdown did not complete within 1s" in proc.log()
+    assert "killed" not in proc.log()
+
+
+# -- health checks, in-process ----------------------------------------------------------------
+def test_failing_health_checks_replace_that_worker_and_count(tmp_path: Path) -> None:
+    flag, calls = tmp_path / "unhealthy", tmp_path / "health.log"
+    write_app(tmp_path, "checked", asgi_source("checked", health=True))
+    apps = {"checked": hosted(
+        tmp_path, "checked", "/c",
+        environment={"HEALTH_FLAG": str(flag), "HEALTH_LOG": str(calls)},
+        health_check={"path": "/health", "interval": "0.2s", "timeout": "1s",
+                      "failures": 3},
+        rapid_fails_per_minute=2)}
+    with BastionProcess(tmp_path, simple_config(apps, workers=2)) as proc:
+        assert wait_until(lambda: len(proc.status()["apps"]["checked"]["processes"]) == 2,
+                          20), proc.log()
+        first = worker_pids(proc)
+
+        def checked_in() -> set[int]:
+            lines = calls.read_text().splitlines() if calls.exists() else []
+            assert all(line.endswith(" bastion-health-check") for line in lines)
+            return {int(line.split()[0]) for line in lines}
+
+        # each worker calls the app itself, in-process, through the same call path
+        assert wait_until(lambda: checked_in() == first, 10)
+        sick, well = sorted(first)
+        with Load(proc, "/c/") as load:
+            flag.write_text(str(sick))
+            assert wait_until(lambda: sick not in worker_pids(proc)
+                              and len(worker_pids(proc)) == 2, 20), proc.log()
+        assert load.failures == [], load.failures
+        assert well in worker_pids(proc)  # only the unhealthy worker was replaced
+        assert "failed 3 health checks in a row (last: status 500)" in proc.log()
+        status = proc.status()["apps"]["checked"]
+        assert status["recycles"] == 1
+        assert wait_until(lambda: proc.status()["apps"]["checked"]["state"] == "ready", 10)
+        # it counted as a failure: one more fills the window (2 a minute) -> 503
+        flag.write_text("all")
+        assert wait_until(lambda: proc.get("/c/").status == 503, 20), proc.log()
+        resting = proc.get("/c/")
+        assert int(resting.headers["retry-after"]) >= 1
+        assert "health checks" in proc.status()["apps"]["checked"]["reason"]

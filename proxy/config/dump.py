@@ -52,7 +52,8 @@ def _app(config: Config, spec: AppSpec) -> dict[str, Any]:
     route = next(r for r in config.routes if r.app == spec.name)
     if spec.in_process:  # no process of its own: only the keys that mean something
         settings = _settings(spec.settings)
-        del settings["processes_per_app"]
+        for key in ("processes_per_app", "start_mode", "idle_timeout"):
+            del settings[key]
         return {
             "pool": spec.pool,
             "hosts": list(route.hosts),

@@ -783,6 +783,13 @@ _NOT_IN_PROCESS: Final[dict[str, str]] = {
     "processes_per_app": "it runs in every proxy worker: see workers",
     "transport": "there is no connection to the app",
     "stdout_log": "it writes to Bastion's own output",
+    # Every worker loads it when it starts and keeps it until it stops: there is no
+    # on-demand start, and a Python app cannot be unloaded from a process.
+    "start_mode": "every worker loads it as it starts and keeps it loaded; use "
+                  "hosting_model: out_of_process for an app started on demand",
+    "idle_timeout": "it stays loaded in every worker: an imported Python app cannot be "
+                    "unloaded to free its memory; use hosting_model: out_of_process for "
+                    "an app stopped when idle",
 }
 _IN_PROCESS_ONLY: Final[tuple[str, ...]] = ("app", "interface", "threads")
 _NODE_HEALTH_RULES: Final[dict[str, Rule]] = {

@@ -366,11 +366,14 @@ class ProcessWorker(WorkerHandle):
             return
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(channel.json_frame(channel.STOP, grace))
+        # Its requests drain, then its in-process apps' lifespan shutdowns run.
+        limit = grace + max((spec.settings.shutdown_time_limit for spec in self.config.apps
+                             if spec.in_process), default=0.0) + 5
         try:
-            await asyncio.wait_for(self.proc.wait(), grace + 5)
+            await asyncio.wait_for(self.proc.wait(), limit)
         except TimeoutError:
             log.error("worker %d (pid %d) did not stop within %gs: killed",
-                      self.worker_id, self.proc.pid, grace + 5)
+                      self.worker_id, self.proc.pid, limit)
             self.proc.kill()
             await self.proc.wait()
         if self._writer is not None:

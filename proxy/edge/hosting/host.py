@@ -25,7 +25,12 @@ out-of-process app is started again by the next request; each failure counts in 
 eventually answers 503 with ``Retry-After`` for everybody.
 
 ``call`` builds the scope (``scope``) and starts an ``AsgiCall`` or ``WsgiCall`` for the
-flow. The worker's requests served and in flight per app go to the module as a
+flow. With a ``health_check``, a loaded app is also called every ``interval`` with a
+``GET`` of its health path (under its path base) through the same calls, in-process, with
+no socket (``_HealthProbe`` is the flow's side); a check fails by the module's rule for an
+app process (``module.health.verdict``: status >= 500) or when no answer begins within
+``timeout``. Failures, and the first pass after them, go to the module
+(``HealthReport``), which counts them and replaces this worker when they are too many. The worker's requests served and in flight per app go to the module as a
 ``UsageReport`` for this worker's pid (``bastion status``, ``max_requests``) at most
 every ``REPORT_EVERY`` seconds, when they changed. ``stop`` runs the lifespan shutdown
 and lets the thread pools finish.
@@ -40,15 +45,24 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from bastion.module.messages import FromProxy, HostedReport, ProcessUsage, UsageReport
-from bastion.module.spec import AppSpec
+from bastion.module.health import verdict
+from bastion.module.messages import (
+    FromProxy,
+    HealthReport,
+    HostedReport,
+    ProcessUsage,
+    UsageReport,
+)
+from bastion.module.spec import AppSpec, HealthCheck
 
 from ..errors import BadGateway, ProxyError, Unavailable
 from ..flow import normalised_path
+from ..upstream import ResponseHead
 from . import scope as scopes
 from .asgi import AsgiCall, Lifespan
 from .loader import LoadFailed, load
@@ -64,7 +78,6 @@ log = logging.getLogger("bastion.hosted")
 Send = Callable[[FromProxy], None]
 RETRY_EVERY = 0.5  # a failed import is tried again at most this often per worker
 REPORT_EVERY = 0.25
-SHUTDOWN_LIMIT = 10.0  # lifespan shutdown, at most
 QUEUE_MARGIN = 5.0  # a request waits for a slot startup_time_limit + this, as out of process
 
 
@@ -77,6 +90,32 @@ async def _abandon(lifespan: Lifespan) -> None:
     """End the lifespan task of a startup that failed or took too long (at once: the
     shutdown's limit 0 cancels it if it still runs)."""
     await lifespan.shutdown(0)
+
+
+class _HealthProbe:
+    """The flow's side of one health check call: it only wants the status."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answered: asyncio.Future[str | None] = loop.create_future()
+
+    def _settle(self, outcome: str | None) -> None:
+        if not self.answered.done():
+            self.answered.set_result(outcome)
+
+    def upstream_head(self, head: ResponseHead) -> None:
+        self._settle(verdict(head.status))
+
+    def upstream_body(self, data: bytes) -> None:
+        del data
+
+    def upstream_end(self) -> None:
+        self._settle("the app returned without a response")  # only before a head
+
+    def upstream_writable(self, writable: bool) -> None:
+        del writable
+
+    def hosted_failed(self, error: ProxyError) -> None:
+        self._settle(f"status {error.status}: {error}")
 
 
 class _Waiter:
@@ -111,6 +150,7 @@ class HostedApp:
         self.queue_limit = spec.settings.max_queue
         self.reserved = 0  # slots handed to waiters that have not called yet
         self.waiting: deque[_Waiter] = deque()
+        self.checker: asyncio.Task[None] | None = None  # its health checks, when on
 
     @property
     def loaded(self) -> bool:
@@ -229,7 +269,66 @@ class Host:
         log.info("app %s (%s %s) loaded in worker pid %d", spec.name, spec.interface,
                  spec.app, self.pid)
         self.send(HostedReport(spec.name, self.worker, self.pid, "loaded"))
+        check = spec.settings.health_check
+        if check is not None and hosted.checker is None:
+            hosted.checker = asyncio.ensure_future(self._check_health(hosted, check))
         return True
+
+    # -- health checks --------------------------------------------------------------------
+    async def _check_health(self, hosted: HostedApp, check: HealthCheck) -> None:
+        """Every ``interval`` after the last check ended: call the health path; tell the
+        module of failures and of the first pass after them."""
+        name = hosted.spec.name
+        failing = False
+        while True:
+            await asyncio.sleep(check.interval)
+            state = self.table.state(name)
+            if state is not None and state.state in ("offline", "draining", "stopped"):
+                continue  # not serving: nothing to check (as an app process stopped)
+            try:
+                why = await self.probe(name, check)
+            except Exception as exc:  # noqa: BLE001 - a broken check is a failed one
+                why = f"the check failed: {type(exc).__name__}: {exc}"
+            if why is None:
+                if failing:
+                    self.send(HealthReport(name, self.worker, self.pid, True))
+                failing = False
+                continue
+            failing = True
+            log.warning("app %s: health check %s failed in worker pid %d: %s", name,
+                        check.path, self.pid, why)
+            self.send(HealthReport(name, self.worker, self.pid, False, why))
+
+    async def probe(self, app: str, check: HealthCheck) -> str | None:
+        """One health check of ``app``: ``GET`` its health path through the hosting call
+        path, in this worker; None when healthy, else why not."""
+        hosted = self.apps[app]
+        spec = hosted.spec
+        if not hosted.loaded:
+            return "the app is not loaded"
+        loop = self._loop or asyncio.get_running_loop()
+        target = spec.path_base + check.path
+        path = urllib.parse.unquote(target.partition("?")[0])
+        head = scopes.Head("GET", target, path,
+                           [(b"host", b"localhost"), (b"user-agent", b"bastion-health-check"),
+                            (b"accept", b"*/*")], "127.0.0.1", 0, "1.1", False)
+        facts = scopes.Facts("http", "localhost", 80, spec.path_base)
+        side = _HealthProbe(loop)
+        call: AsgiCall | WsgiCall
+        if spec.interface == "wsgi":
+            assert hosted.pool is not None
+            call = WsgiCall(app, hosted.target, scopes.wsgi_environ(head, facts), side, [],
+                            True, hosted.pool, loop=loop)
+        else:
+            call = AsgiCall(app, hosted.target, scopes.http_scope(head, facts, hosted.state),
+                            side, [], True, loop=loop)
+        call.start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(side.answered), check.timeout)
+        except TimeoutError:
+            return f"no answer within {check.timeout:g}s"
+        finally:
+            call.close(abort=not call.complete)
 
     def _failed(self, hosted: HostedApp, reason: str, detail: str) -> None:
         hosted.target = None
@@ -388,17 +487,23 @@ class Host:
 
     # -- stopping -------------------------------------------------------------------------
     async def stop(self) -> None:
-        """Lifespan shutdown of every ASGI app; the WSGI pools finish their threads."""
+        """Lifespan shutdown of every ASGI app, all at once, each bounded by its own
+        ``shutdown_time_limit`` (then its lifespan task is cancelled); the WSGI pools
+        finish their threads."""
         if self._reporter is not None:
             self._reporter.cancel()
         self.flush()
         for hosted in self.apps.values():
             if hosted.loading is not None:
                 hosted.loading.cancel()  # a load under way is abandoned
-            if hosted.lifespan is not None:
-                error = await hosted.lifespan.shutdown(SHUTDOWN_LIMIT)
-                if error is not None:
-                    log.error("app %s: %s", hosted.spec.name, error)
-            if hosted.pool is not None:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, hosted.pool.shutdown)
+            if hosted.checker is not None:
+                hosted.checker.cancel()
+        await asyncio.gather(*(self._shut_down(h) for h in self.apps.values()))
+
+    async def _shut_down(self, hosted: HostedApp) -> None:
+        if hosted.lifespan is not None:
+            error = await hosted.lifespan.shutdown(hosted.spec.settings.shutdown_time_limit)
+            if error is not None:
+                log.error("app %s: %s", hosted.spec.name, error)
+        if hosted.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, hosted.pool.shutdown)
