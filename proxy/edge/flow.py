@@ -467,8 +467,7 @@ class Flow:
             return
         if request.upgrade and not route.websockets:
             request.upgrade = False  # goes on as a plain request; Upgrade is hop-by-hop
-        spec = site.apps[route.app]
-        self._timeout = spec.settings.request_timeout
+        self._timeout = site.request_timeouts[route.app]
         offload = self._offload = site.offload.get(route.app)
         if offload is not None and not self._body_end and not self._buffering_request \
                 and offload.buffering.request > self._pending_size:
@@ -476,7 +475,7 @@ class Flow:
             self._buffering_request = True
             self._prefetch = offload.buffering.request
             return
-        if spec.in_process:
+        if route.app in site.in_process:
             self._route_hosted()
             return
         lease = site.table.try_acquire(route.app)
@@ -485,7 +484,7 @@ class Flow:
             return
         self.state = _WAIT_LEASE
         self._task = asyncio.get_running_loop().create_task(
-            self._acquire(spec.settings.startup_time_limit + WAIT_MARGIN))
+            self._acquire(site.apps[route.app].settings.startup_time_limit + WAIT_MARGIN))
 
     # -- an in-process app (proxy.edge.hosting) --------------------------------------------
     def _route_hosted(self) -> None:

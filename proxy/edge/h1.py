@@ -223,7 +223,7 @@ class H1Connection(asyncio.Protocol):
         """Checks on the raw bytes of a head that llhttp is lenient about or would buffer
         without bound; False when the request was refused."""
         if not self._in_head:
-            if not data.lstrip(b"\r\n"):
+            if data and (data[0] == 13 or data[0] == 10) and not data.lstrip(b"\r\n"):
                 return True  # empty lines before a request line are allowed
             self._in_head = True
             self._first = b""
@@ -235,7 +235,10 @@ class H1Connection(asyncio.Protocol):
         first = self._first
         if first is not None:
             first += data
-            start = len(first) - len(first.lstrip(b"\r\n"))
+            start = 0
+            size = len(first)
+            while start < size and (first[start] == 13 or first[start] == 10):
+                start += 1
             end = first.find(b"\n", start)
             if end < 0:
                 if len(first) - start > strict.MAX_TARGET + 64:
@@ -291,8 +294,11 @@ class H1Connection(asyncio.Protocol):
         limits = self.site.limits
         method = parser.get_method().decode("ascii", "replace")
         version_text = parser.get_http_version()
-        major, _, minor = version_text.partition(".")
-        version = (int(major or 0), int(minor or 0))
+        if version_text == "1.1":
+            version = (1, 1)
+        else:
+            major, _, minor = version_text.partition(".")
+            version = (int(major or 0), int(minor or 0))
         target = self._url.decode("latin-1")
         headers = self._headers
         try:

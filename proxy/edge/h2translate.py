@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 LOWER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
@@ -52,15 +51,30 @@ class Malformed(ValueError):
     """An HTTP/2 request that must not be forwarded (a stream error PROTOCOL_ERROR)."""
 
 
-@dataclass(frozen=True)
 class H1Request:
-    """An HTTP/2 request as the HTTP/1.1 request the app gets."""
+    """An HTTP/2 request as the HTTP/1.1 request the app gets.
+
+    (A plain class: one is made per stream, and a compiled dataclass's ``__init__``
+    would run as Python.)"""
 
     method: str
     target: str  # origin-form, as received
     authority: str  # becomes Host
     headers: list[tuple[str, str]]  # Host first, then the regular fields
     content_length: int | None
+
+    def __init__(self, method: str, target: str, authority: str,
+                 headers: list[tuple[str, str]], content_length: int | None) -> None:
+        self.method = method
+        self.target = target
+        self.authority = authority
+        self.headers = headers
+        self.content_length = content_length
+
+    def __repr__(self) -> str:
+        return (f"H1Request(method={self.method!r}, target={self.target!r}, "
+                f"authority={self.authority!r}, headers={self.headers!r}, "
+                f"content_length={self.content_length})")
 
 
 def _text(value: bytes | str) -> str:

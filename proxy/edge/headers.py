@@ -81,7 +81,9 @@ def upstream_headers(client: Iterable[tuple[bytes, bytes]], info: ForwardInfo) -
         low = name.lower()
         if low in HOP_BY_HOP or low == b"content-length" or (listed and low in listed):
             continue
-        if low.startswith(b"x-bastion-") or b"_" in name:
+        # (find, not `in`: `in` on bytes first tries the needle as an int, and raises and
+        # clears a TypeError inside every time)
+        if low.startswith(b"x-bastion-") or name.find(b"_") != -1:
             continue
         if low in FORWARDED:
             if info.trusted and low.startswith(b"x-forwarded-"):

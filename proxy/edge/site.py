@@ -69,6 +69,11 @@ class Site:
         self.port = listener.port
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.apps: dict[str, AppSpec] = {spec.name: spec for spec in config.apps}
+        # What the flow asks of every request's app, read once (AppSpec is no native class).
+        self.in_process: frozenset[str] = frozenset(
+            spec.name for spec in config.apps if spec.in_process)
+        self.request_timeouts: dict[str, float] = {
+            spec.name: spec.settings.request_timeout for spec in config.apps}
         self.node = node if node is not None else NodeState()  # the drain, per worker
         self.health_path = config.health.path  # answered here (None: not at all)
         self._required = config.health.require_apps

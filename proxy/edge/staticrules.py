@@ -171,15 +171,28 @@ _CONDITION_FIELDS = {b"if-match": "if_match", b"if-none-match": "if_none_match",
 _NO_CONDITIONS = Conditions()
 
 
-@dataclass(frozen=True)
 class Plan:
     """The answer: status, the fields that go with it, and the part of the file sent
-    (``start`` and ``length``; length 0 and no body for 304 / 412 / 416)."""
+    (``start`` and ``length``; length 0 and no body for 304 / 412 / 416).
+
+    (A plain class: one is made per request, and a compiled dataclass's ``__init__``
+    would run as Python.)"""
 
     status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    start: int = 0
-    length: int = 0
+    headers: list[tuple[str, str]]
+    start: int
+    length: int
+
+    def __init__(self, status: int, headers: list[tuple[str, str]] | None = None,
+                 start: int = 0, length: int = 0) -> None:
+        self.status = status
+        self.headers = headers if headers is not None else []
+        self.start = start
+        self.length = length
+
+    def __repr__(self) -> str:
+        return (f"Plan(status={self.status}, headers={self.headers!r}, start={self.start}, "
+                f"length={self.length})")
 
 
 def http_time(value: str) -> int | None:

@@ -73,7 +73,7 @@ class FlowSide(Protocol):
 def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     """The value of a well-formed ``Content-Length`` among ``headers``, else None."""
     for name, value in headers:
-        if name.lower() == b"content-length":
+        if len(name) == 14 and name.lower() == b"content-length":
             try:
                 length = int(value)
             except ValueError:
@@ -125,7 +125,9 @@ class AsgiCall:
         """Call the app (after the flow holds this call: it may answer at once)."""
         # Always a task (no eager first step): anyio's cancel scopes, which Starlette
         # uses, need asyncio.current_task() from the app's first line on.
-        self.task = self._loop.create_task(self._run())
+        # asyncio.Task directly, named after the app: loop.create_task() would format a
+        # "Task-N" name for every request.
+        self.task = asyncio.Task(self._run(), loop=self._loop, name=self.name)
 
     # -- from the flow ------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -195,8 +197,12 @@ class AsgiCall:
             if self._started:
                 raise RuntimeError("http.response.start sent twice")
             self._started = True
-            self._status = int(message["status"])
-            self._headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
+            status = message["status"]
+            self._status = status if type(status) is int else int(status)
+            # Most apps give bytes already: converting those would only copy the call.
+            self._headers = [(n if type(n) is bytes else bytes(n),
+                              v if type(v) is bytes else bytes(v))
+                             for n, v in message.get("headers", ())]
             return
         if kind != "http.response.body":
             if kind.startswith("http.response."):
@@ -216,7 +222,7 @@ class AsgiCall:
             flow.upstream_head(ResponseHead(self._status, b"", self._headers,
                                             content_length(self._headers), False, 1))
         if body:
-            flow.upstream_body(bytes(body))
+            flow.upstream_body(body if type(body) is bytes else bytes(body))
         if not more:
             self.complete = True
             flow.upstream_end()
