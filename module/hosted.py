@@ -97,6 +97,7 @@ class HostedController:
         self._retry_at: float | None = None
         self._last_memory_sample = 0.0
         self._liveness: dict[int, health.Liveness] = {}  # worker pid -> its checks' row
+        self._restart_due = False  # a restart waits for a roll under way to end
         # An app process controller's lists: an in-process app has no process of its own.
         self.processes: list[AppProcess] = []
         self.starting: list[AppProcess] = []
@@ -238,6 +239,8 @@ class HostedController:
         del orphans
         if self.state == "backoff" and self.rapid.blocked_until(now) is None:
             self._set("failed")  # the next request loads it again
+        if self._restart_due:
+            self._begin_restart()
         self._check_offline()
         self._check_recycle(now)
 
@@ -298,14 +301,22 @@ class HostedController:
 
     def restart(self) -> bool:
         """``POST /apps/NAME/restart``: allowed again (as ``admin_start``), and every
-        worker replaced, one at a time, by one that imports the app afresh. False when
-        the workers are being replaced already (nothing changed then)."""
-        if self._roll is None or not self._roll(
-                f"app {self.spec.name}: restart (the code on disk loaded afresh)", None):
+        worker replaced, one at a time, by one that imports the app afresh. When the
+        workers are being replaced already (a roll that may have begun before the code
+        changed), the restart's own roll begins as soon as that one ends (``tick``).
+        False when there is no host to replace workers."""
+        if self._roll is None:
             return False
-        self.recycles += 1
         self.admin_start()
+        self._restart_due = True
+        self._begin_restart()
         return True
+
+    def _begin_restart(self) -> None:
+        if self._roll is not None and self._roll(
+                f"app {self.spec.name}: restart (the code on disk loaded afresh)", None):
+            self._restart_due = False
+            self.recycles += 1
 
     async def admin_stop(self) -> None:
         """``POST /apps/NAME/stop``: 503 until ``admin_start``."""

@@ -319,7 +319,7 @@ class Supervisor:
     async def restart_app(self, name: str) -> bool:
         """Restart app ``name``: an app process controller stops every process, then
         starts; an in-process app has its worker processes replaced one at a time,
-        importing the code afresh (False when they are being replaced already)."""
+        importing the code afresh (False when Bastion cannot replace its workers)."""
         app = self.app(name)
         if isinstance(app, HostedController):
             return app.restart()

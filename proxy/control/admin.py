@@ -150,8 +150,8 @@ class AdminServer:
             elif action == "restart":
                 if not await supervisor.restart_app(name):
                     return web.json_response(
-                        {"app": name, "error": "its worker processes are being replaced "
-                         "already; restart again once that is done"}, status=409)
+                        {"app": name, "error": "no worker processes to replace"},
+                        status=409)
             else:
                 supervisor.start_app(name)
         except UnknownApp:

@@ -27,6 +27,7 @@ READY = b"R"  # worker -> main: listening
 CERTIFICATES = b"T"  # main -> worker: new certificates in place (payload: pickled PEM bytes)
 HEARTBEAT = b"H"  # worker -> main: the worker's event loop runs (proxy/liveness.py)
 DRAIN = b"D"  # main -> worker: the node drains or not (payload: true/false as JSON)
+LISTEN = b"G"  # main -> a worker started with load_first: take connections now
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:

@@ -227,8 +227,10 @@ class ProcessWorker(WorkerHandle):
     def __init__(self, worker_id: int, config: Config, sockets: dict[str, socket.socket],
                  to_module: Callable[[ToModule], None],
                  on_exit: Callable[[ProcessWorker], None],
-                 snapshot: Callable[[], list[AppState]], pems: PemFiles) -> None:
+                 snapshot: Callable[[], list[AppState]], pems: PemFiles,
+                 load_first: bool = False) -> None:
         super().__init__(worker_id)
+        self.load_first = load_first  # listens only once its in-process apps loaded
         self.snapshot = snapshot
         self.config = config
         self.sockets = sockets
@@ -282,7 +284,8 @@ class ProcessWorker(WorkerHandle):
         self.started_at = self.last_seen = time.monotonic()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         setup = WorkerSetup(self.config, self.worker_id, tuple(fds.items()),
-                            tuple(self.snapshot()), tuple(self.pems.items()), self.draining)
+                            tuple(self.snapshot()), tuple(self.pems.items()), self.draining,
+                            self.load_first and bool(self.hosted))
         self._writer.write(channel.frame(channel.SETUP, pickle.dumps(setup)))
         self._reader_task = asyncio.create_task(self._read(reader))
         ready = asyncio.ensure_future(self._ready.wait())
@@ -343,6 +346,11 @@ class ProcessWorker(WorkerHandle):
         finally:
             reported.cancel()
         return self._loads_reported.is_set()
+
+    def listen(self) -> None:
+        """A ``load_first`` worker may take connections now."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(channel.frame(channel.LISTEN))
 
     def _gone(self, pid: int) -> None:
         if self.on_gone is not None and self.proc is not None:
@@ -455,14 +463,15 @@ class Bastion:
             worker.tell(state)
         self._answer(self.slots.update(state))  # after the workers have the state
 
-    def _new_worker(self, config: Config, pems: PemFiles) -> WorkerHandle:
+    def _new_worker(self, config: Config, pems: PemFiles,
+                    load_first: bool = False) -> WorkerHandle:
         self._next_id += 1
         worker: WorkerHandle
         if in_process(config):
             worker = LocalWorker(self._next_id, config, self.sockets, self._to_module, pems)
         else:
             worker = ProcessWorker(self._next_id, config, self.sockets, self._to_module,
-                                   self._replace, self.supervisor.snapshot, pems)
+                                   self._replace, self.supervisor.snapshot, pems, load_first)
             worker.on_gone = self.supervisor.worker_gone
         self._handles[worker.worker_id] = worker
         worker.drain(self.draining)  # before it serves: it starts in the node's state
@@ -502,10 +511,13 @@ class Bastion:
             log.error("replacement worker failed: %s", exc)
             self._replace_later(time.monotonic() - started)
 
-    async def _start_one(self, config: Config, pems: PemFiles) -> WorkerHandle:
+    async def _start_one(self, config: Config, pems: PemFiles,
+                         load_first: bool = False) -> WorkerHandle:
         """Start one worker of the generation (``config``, ``pems``) and add it to the
-        list; ``WorkerStartError`` (and the worker gone from the list) if it fails."""
-        worker = self._new_worker(config, pems)
+        list; ``WorkerStartError`` (and the worker gone from the list) if it fails.
+        ``load_first``: it replaces a worker that serves meanwhile, and takes connections
+        only once its in-process apps have loaded (or failed to)."""
+        worker = self._new_worker(config, pems, load_first)
         self.workers.append(worker)  # told every state from now on
         for state in self.supervisor.snapshot():
             worker.tell(state)
@@ -535,7 +547,9 @@ class Bastion:
         for _ in range(count):
             began = time.monotonic()
             try:
-                started.append(await self._start_one(config, pems))
+                # A reload's generation takes over from one that serves meanwhile.
+                started.append(await self._start_one(config, pems,
+                                                     load_first=all_or_nothing))
             except WorkerStartError as exc:
                 if all_or_nothing:
                     for worker in started:
@@ -685,7 +699,7 @@ class Bastion:
             if worker not in self.workers:
                 continue  # gone meanwhile (crashed, replaced)
             try:
-                new = await self._start_one(self.config, self.pems)
+                new = await self._start_one(self.config, self.pems, load_first=True)
             except Exception as exc:  # noqa: BLE001 - the old worker keeps serving
                 log.error("recycle: a replacement worker failed to start: %s", exc)
                 return
@@ -699,6 +713,8 @@ class Bastion:
                     await new.stop(self.grace())
                     self._retire(new)
                     return
+            if isinstance(new, ProcessWorker):
+                new.listen()
             self._forget(worker)
             await worker.stop(self.grace())
             self._retire(worker)
@@ -776,6 +792,9 @@ class Bastion:
             limit = load_limit(new)
             await asyncio.gather(*(w.loads_reported(limit) for w in new_workers
                                    if isinstance(w, ProcessWorker)))
+            for worker in new_workers:
+                if isinstance(worker, ProcessWorker):
+                    worker.listen()
             # Everything else is the old generation (replacements started meanwhile too).
             old_workers = [w for w in self.workers if w not in new_workers]
             self.workers = new_workers

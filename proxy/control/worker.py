@@ -14,7 +14,11 @@ its generation's certificate and key files) as the first frame, builds its TLS c
 from those bytes (it never reads the files itself, so a replacement started after the
 files changed serves what its generation checked), drops to the configured ``user``,
 starts serving, says READY, and only then begins loading its in-process apps (each is
-bounded by its own ``startup_time_limit``, not by the worker's start). From then on it sends a HEARTBEAT frame every
+bounded by its own ``startup_time_limit``, not by the worker's start). A worker that
+replaces one still serving (``load_first``: a roll of the workers, a reload's new
+generation) says READY, loads, and takes connections only when the main process, having
+seen its loads, says LISTEN (or is stopped without ever taking one, when its loads
+failed): no request of it waits for a load or meets a load that failed. From then on it sends a HEARTBEAT frame every
 ``heartbeat_interval(worker_timeout)`` (``proxy.liveness``). It exits when told to stop
 (after draining), on SIGTERM (the same), or at once when the channel closes (the main
 process died): it never outlives the main process.
@@ -230,6 +234,9 @@ class WorkerSetup:
     states: tuple[AppState, ...] = ()  # the module's snapshot when the worker was made
     pems: tuple[tuple[str, bytes], ...] = ()  # the generation's certificate files' bytes
     draining: bool = False  # the node drains (``bastion drain``) when the worker starts
+    # Take connections only when told (LISTEN), once its in-process apps have loaded:
+    # a worker replacing another (a roll, a reload) while the old one still serves.
+    load_first: bool = False
 
 
 def _preload() -> None:
@@ -276,13 +283,15 @@ async def _worker_process(channel_fd: int) -> None:
         drop_privileges(config.user)
     for state in setup.states:
         worker.update(state)
-    await worker.start(sockets)
+    if not setup.load_first:
+        await worker.start(sockets)
     writer.write(channel.frame(channel.READY))
     # In-process apps load in the background, as the workers' user, once the worker
-    # listens: a slow app holds up neither the worker's start nor its other apps.
+    # is up: a slow app holds up neither the worker's start nor its other apps.
     worker.host.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    go = asyncio.Event()  # LISTEN received (a load_first worker)
     grace: list[float] = []
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the main process decides
@@ -304,6 +313,8 @@ async def _worker_process(channel_fd: int) -> None:
                     worker.reopen_logs()
                 elif kind == channel.DRAIN:
                     worker.set_draining(bool(json.loads(payload)))
+                elif kind == channel.LISTEN:
+                    go.set()
                 elif kind == channel.CERTIFICATES:
                     try:
                         worker.reload_certificates(pickle.loads(payload) if payload else None)
@@ -326,6 +337,16 @@ async def _worker_process(channel_fd: int) -> None:
         asyncio.create_task(every("heartbeat", heartbeat_interval(config.worker_timeout),
                                   heartbeat, log, first=0.0)),
     ]
+    if setup.load_first:
+        # It replaces a worker that serves meanwhile: the main process tells it to take
+        # connections once its loads are in (it is stopped instead if they failed).
+        told = asyncio.ensure_future(go.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({told, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        told.cancel()
+        stopping.cancel()
+        if not stop.is_set():
+            await worker.start(sockets)
     await stop.wait()
     reporter = asyncio.create_task(report_slow_stop(8.0))
     await worker.stop(grace[0] if grace else None)
