@@ -7,7 +7,7 @@ imports it and calls it (``proxy/edge/hosting``), the way IIS's in-process model
 ASP.NET Core inside the IIS worker process. The module stays the one authority over
 whether it may take requests, and keeps the same rules as for an app process:
 
-* the workers report each load (``HostedReport``: loaded, or failed with the
+* the workers report each load (``HostedReport``: loading, loaded, or failed with the
   traceback) and their usage (``UsageReport`` for their own pid); the controller
   keeps, per worker pid, what came of it, and publishes ``ready`` while loads succeed,
   ``failed`` (reason and traceback) after a failure;
@@ -70,6 +70,7 @@ class _Worker:
     served: int = 0
     in_flight: int = 0
     rss: int = 0
+    loading: bool = False  # a load is under way there
 
 
 class HostedController:
@@ -130,14 +131,16 @@ class HostedController:
 
     # -- from the workers -----------------------------------------------------------
     def hosted(self, report: HostedReport) -> None:
-        """A worker loaded the app, or failed to."""
+        """A worker began loading the app, loaded it, or failed to."""
         now = time.monotonic()
         previous = self.workers.get(report.pid)
         record = _Worker(report.pid, report.worker, report.status == "loaded", now,
-                         report.reason)
+                         report.reason, loading=report.status == "loading")
         if previous is not None:
             record.served, record.in_flight = previous.served, previous.in_flight
         self.workers[report.pid] = record
+        if report.status == "loading":
+            return
         if report.status == "failed":
             self.output.mark(f"worker pid {report.pid}: {report.reason}")
             self._failure(report.reason, report.detail)
@@ -197,8 +200,8 @@ class HostedController:
         was loading there or serving requests, None otherwise (idle, or its import had
         failed and was over)."""
         record = self.workers.get(pid)
-        if record is None:
-            return True  # never reported: the worker died loading it (or before)
+        if record is None or record.loading:
+            return True  # the worker died loading it (or before)
         if record.loaded and record.in_flight:
             return True
         return None
@@ -374,7 +377,8 @@ class HostedController:
                 "worker": record.worker,
                 "port": None,
                 "socket": None,
-                "state": "ready" if record.loaded else "failed",
+                "state": "ready" if record.loaded
+                else "starting" if record.loading else "failed",
                 "reason": record.reason,
                 "started": round(wall - (now - record.since), 3),
                 "uptime": round(now - record.since, 3),

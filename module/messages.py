@@ -228,7 +228,8 @@ class SlotFreed:
 class HostedReport:
     """Proxy -> module: what worker ``worker`` (process ``pid``) made of an in-process app.
 
-    ``status`` is ``loaded`` (imported, lifespan started) or ``failed`` (``reason`` short,
+    ``status`` is ``loading`` (a load began: ``bastion status`` shows the worker
+    starting), ``loaded`` (imported, lifespan started) or ``failed`` (``reason`` short,
     ``detail`` the traceback). A failed load counts in the app's rapid-fail window like
     a failed start of an app process; the module publishes the outcome as ``AppState``.
     """
@@ -236,7 +237,7 @@ class HostedReport:
     app: str
     worker: int
     pid: int
-    status: Literal["loaded", "failed"]
+    status: Literal["loading", "loaded", "failed"]
     reason: str = ""
     detail: str = ""
 

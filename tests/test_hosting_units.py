@@ -225,6 +225,18 @@ def test_admin_stop_and_start() -> None:
     assert published[-1].state == "ready"
 
 
+def test_a_worker_loading_the_app_shows_starting_and_is_the_culprit() -> None:
+    controller, published = _controller()
+    controller.hosted(HostedReport("api", 1, 100, "loading"))
+    (row,) = controller.status()["processes"]
+    assert row["pid"] == 100 and row["state"] == "starting"
+    assert controller.culprit(100) is True  # a worker dying while it loads the app
+    assert published == [] and controller.state == "ready"  # not an outcome
+    controller.hosted(HostedReport("api", 1, 100, "loaded"))
+    assert controller.status()["processes"][0]["state"] == "ready"
+    assert controller.culprit(100) is None  # idle
+
+
 def test_health_report_on_the_wire() -> None:
     report = HealthReport("api", 2, 1234, False, "status 500")
     assert from_wire(report.to_wire()) == report

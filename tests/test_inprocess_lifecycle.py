@@ -184,7 +184,8 @@ def test_loads_are_bounded_by_startup_time_limit_and_never_hold_up_others(
         assert status == 200 and body.startswith("quick"), body
         assert proc.get("/oop/info", timeout=15).status == 200
         assert time.monotonic() - began < 6, "the slow app held up the others"
-        assert not proc.status()["apps"]["slow"]["processes"]  # still loading
+        rows = proc.status()["apps"]["slow"]["processes"]  # still loading
+        assert [(r["pid"], r["state"]) for r in rows] == [(worker, "starting")]
 
         # A lifespan over its startup_time_limit: a failed load, with the reason.
         hang = proc.get("/hang/", timeout=15)

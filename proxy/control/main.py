@@ -328,6 +328,8 @@ class ProcessWorker(WorkerHandle):
                     self._ready.set()
 
     def _load_reported(self, report: HostedReport) -> None:
+        if report.status == "loading":
+            return  # not an outcome
         self.loads[report.app] = report
         if self.hosted <= self.loads.keys():
             self._loads_reported.set()

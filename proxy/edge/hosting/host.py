@@ -225,6 +225,7 @@ class Host:
         spec = hosted.spec
         limit = spec.settings.startup_time_limit
         hosted.tried_at = time.monotonic()
+        self.send(HostedReport(spec.name, self.worker, self.pid, "loading"))
         deadline = hosted.tried_at + limit
         if hosted.importing is None:
             hosted.importing = self._import_thread(spec)
