@@ -185,6 +185,8 @@ class HostedController:
                          f"{report.reason}")
         if not record.check_failed(check.failures):
             return
+        if self.state == "backoff" or self._serving_state() is not None:
+            return  # resting or not serving: replaced, if still failing, once it serves
         why = (f"worker pid {report.pid} failed {record.failed_checks} health checks in a "
                f"row (last: {report.reason})")
         if self._roll is None or not self._roll(f"app {self.spec.name}: {why}",

@@ -278,6 +278,13 @@ def test_failed_health_checks_in_a_row_replace_that_worker() -> None:
     assert len(rolled) == 1
     controller.hosted(HostedReport("api", 1, 102, "loaded"))  # the replacement
     assert controller.state == "ready"
+    for _ in range(3):  # more failures (5 a minute) rest the app
+        controller.rapid.record(time.monotonic())
+    controller.hosted(HostedReport("api", 2, 101, "failed", "ImportError: x"))
+    assert controller.state == "backoff"
+    for _ in range(3):  # while it rests, nothing is replaced
+        controller.health(HealthReport("api", 2, 101, False, "status 500"))
+    assert len(rolled) == 1
 
 
 def test_hosted_report_on_the_wire() -> None:
