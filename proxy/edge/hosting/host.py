@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -229,6 +230,7 @@ class Host:
         log.info("app %s (%s %s) loaded in worker pid %d", spec.name, spec.interface,
                  spec.app, self.pid)
         self.send(HostedReport(spec.name, self.worker, self.pid, "loaded"))
+        gc.freeze()  # the app's modules live as long as the worker (see worker.py)
         return True
 
     def _failed(self, hosted: HostedApp, reason: str, detail: str) -> None:
