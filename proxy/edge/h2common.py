@@ -334,6 +334,7 @@ class H2Base(asyncio.Protocol):
             self._ack(stream.id, stream.unacked)
             stream.unacked = 0
         stream._lost()
+        stream.flow = None  # (no stream <-> flow cycle left behind)
         self.streams.pop(stream.id, None)
 
     # -- bounds -----------------------------------------------------------------------------

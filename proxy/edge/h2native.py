@@ -274,6 +274,10 @@ class H2NativeProtocol(H2Base):
             self.session.consume(stream_id, stream.unacked)
             stream.unacked = 0
         stream._lost()
+        # The stream and its flow point at each other: let go of the flow, so both are
+        # freed now by their counts, not later by the cycle collector (which cost about
+        # a fifth of a worker's time under h2load -m10).
+        stream.flow = None
         if not self.streams:
             if self.closing:
                 self.want_flush()

@@ -413,6 +413,8 @@ class H2Protocol(H2Base):
         """A stream is over on both sides."""
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+        if stream.flow is not None and stream.flow.done:
+            stream.flow = None  # no stream <-> flow cycle left for the cycle collector
         self._flush()
         if not self.streams:
             if self.closing:

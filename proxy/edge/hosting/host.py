@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -270,6 +271,7 @@ class Host:
         log.info("app %s (%s %s) loaded in worker pid %d", spec.name, spec.interface,
                  spec.app, self.pid)
         self.send(HostedReport(spec.name, self.worker, self.pid, "loaded"))
+        gc.freeze()  # the app's modules live as long as the worker (see worker.py)
         check = spec.settings.health_check
         if check is not None and hosted.checker is None:
             hosted.checker = asyncio.ensure_future(self._check_health(hosted, check))
