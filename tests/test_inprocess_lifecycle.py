@@ -33,6 +33,19 @@ HEALTH = '''
 '''
 
 
+WSGI_HEALTH = '''
+import os
+
+
+def app(environ, start_response):  # a WSGI app whose /health logs who called it
+    if environ["PATH_INFO"] == "/health":
+        with open(os.environ["WSGI_HEALTH_LOG"], "a") as log:
+            log.write(f"{os.getpid()} {environ.get('HTTP_USER_AGENT')}\\n")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"wsgi ok"]
+'''
+
+
 def asgi_source(answer: str, *, lifespan_sleep: float = 0.0, import_sleep: float = 0.0,
                 health: bool = False, shutdown_sleep: float = 0.0) -> str:
     """An ASGI app answering ``answer PID``; its lifespan startup sleeps
@@ -182,10 +195,10 @@ def test_loads_are_bounded_by_startup_time_limit_and_never_hold_up_others(
         (worker,) = worker_pids(proc)
         status, body = answers(proc, "/quick/")
         assert status == 200 and body.startswith("quick"), body
-        assert proc.get("/oop/info", timeout=15).status == 200
         assert time.monotonic() - began < 6, "the slow app held up the others"
         rows = proc.status()["apps"]["slow"]["processes"]  # still loading
         assert [(r["pid"], r["state"]) for r in rows] == [(worker, "starting")]
+        assert proc.get("/oop/info", timeout=15).status == 200
 
         # A lifespan over its startup_time_limit: a failed load, with the reason.
         hang = proc.get("/hang/", timeout=15)
@@ -234,25 +247,29 @@ def test_shutdown_time_limit_bounds_the_lifespan_shutdown(tmp_path: Path) -> Non
 # -- health checks, in-process ----------------------------------------------------------------
 def test_failing_health_checks_replace_that_worker_and_count(tmp_path: Path) -> None:
     flag, calls = tmp_path / "unhealthy", tmp_path / "health.log"
+    wsgi_calls = tmp_path / "wsgi-health.log"
     write_app(tmp_path, "checked", asgi_source("checked", health=True))
-    apps = {"checked": hosted(
-        tmp_path, "checked", "/c",
-        environment={"HEALTH_FLAG": str(flag), "HEALTH_LOG": str(calls)},
-        health_check={"path": "/health", "interval": "0.2s", "timeout": "1s",
-                      "failures": 3},
-        rapid_fails_per_minute=2)}
+    write_app(tmp_path, "wchecked", WSGI_HEALTH)
+    env = {"HEALTH_FLAG": str(flag), "HEALTH_LOG": str(calls),
+           "WSGI_HEALTH_LOG": str(wsgi_calls)}
+    check = {"path": "/health", "interval": "0.2s", "timeout": "1s", "failures": 3}
+    apps = {"checked": hosted(tmp_path, "checked", "/c", environment=env,
+                              health_check=check, rapid_fails_per_minute=2),
+            "wchecked": hosted(tmp_path, "wchecked", "/w", environment=env,
+                               interface="wsgi", health_check=check)}
     with BastionProcess(tmp_path, simple_config(apps, workers=2)) as proc:
         assert wait_until(lambda: len(proc.status()["apps"]["checked"]["processes"]) == 2,
                           20), proc.log()
         first = worker_pids(proc)
 
-        def checked_in() -> set[int]:
-            lines = calls.read_text().splitlines() if calls.exists() else []
+        def checked_in(log: Path = calls) -> set[int]:
+            lines = log.read_text().splitlines() if log.exists() else []
             assert all(line.endswith(" bastion-health-check") for line in lines)
             return {int(line.split()[0]) for line in lines}
 
-        # each worker calls the app itself, in-process, through the same call path
+        # each worker calls the apps itself, in-process, through the same call path
         assert wait_until(lambda: checked_in() == first, 10)
+        assert wait_until(lambda: checked_in(wsgi_calls) == first, 10)
         sick, well = sorted(first)
         with Load(proc, "/c/") as load:
             flag.write_text(str(sick))
