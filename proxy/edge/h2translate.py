@@ -44,7 +44,17 @@ PSEUDO_REQUEST = frozenset({":method", ":scheme", ":path", ":authority"})
 # them too, and the app gets HTTP/1.1.
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_RESPONSE_VALUE = re.compile(r"[\x00\r\n]")
-_BAD_PATH = re.compile(r"[\x00-\x20\x7f-\xff#]")
+# Field names and authorities already found valid (pure functions of the string, so
+# remembering them is exact; bounded, so endless distinct ones cannot grow them).
+_GOOD_NAMES: dict[str, bool] = {}
+_GOOD_AUTHORITIES: dict[str, bool] = {}
+_REMEMBERED = 512
+_PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def _remember(seen: dict[str, bool], value: str) -> None:
+    if len(seen) < _REMEMBERED:
+        seen[value] = True
 
 
 class Malformed(ValueError):
@@ -100,9 +110,14 @@ def request_from_h2(
                 raise Malformed(f"pseudo-header {name} repeated")
             pseudo[name] = value
             continue
-        if not LOWER_TOKEN.fullmatch(name):
-            raise Malformed(f"field name {name!r} is not a lower-case token")
-        if _BAD_VALUE.search(value) or value != value.strip(" \t"):
+        if name not in _GOOD_NAMES:
+            if not LOWER_TOKEN.fullmatch(name):
+                raise Malformed(f"field name {name!r} is not a lower-case token")
+            _remember(_GOOD_NAMES, name)
+        # (printable ASCII has no control at all: the pattern only for the rest)
+        if not (value.isascii() and value.isprintable()) and _BAD_VALUE.search(value):
+            raise Malformed(f"field {name} has a bad value")
+        if value and (value[0] in " \t" or value[-1] in " \t"):
             raise Malformed(f"field {name} has a bad value")
         if name in CONNECTION_SPECIFIC:
             raise Malformed(f"connection-specific field {name}")
@@ -111,7 +126,7 @@ def request_from_h2(
         regular.append((name, value))
 
     method = pseudo.get(":method")
-    if method is None or not TOKEN.fullmatch(method):
+    if method is None or (method not in _PLAIN_METHODS and not TOKEN.fullmatch(method)):
         raise Malformed("missing or malformed :method")
     if method == "CONNECT":
         raise Malformed("CONNECT is not supported")
@@ -123,7 +138,8 @@ def request_from_h2(
     if path == "*":
         if method != "OPTIONS":
             raise Malformed(":path * is only for OPTIONS")
-    elif not path.startswith("/") or _BAD_PATH.search(path):
+    elif not path.startswith("/") or not (path.isascii() and path.isprintable()) \
+            or " " in path or "#" in path:  # (no control, space, '#' or non-ASCII byte)
         raise Malformed(":path is not origin-form")
 
     hosts = [value for name, value in regular if name == "host"]
@@ -136,8 +152,10 @@ def request_from_h2(
         authority = hosts[0]
     elif hosts and hosts[0].lower() != authority.lower():
         raise Malformed("host differs from :authority")
-    if not AUTHORITY.fullmatch(authority):
-        raise Malformed(":authority is not host[:port]")
+    if authority not in _GOOD_AUTHORITIES:
+        if not AUTHORITY.fullmatch(authority):
+            raise Malformed(":authority is not host[:port]")
+        _remember(_GOOD_AUTHORITIES, authority)
 
     lengths = {value for name, value in regular if name == "content-length"}
     content_length: int | None = None

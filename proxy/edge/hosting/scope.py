@@ -105,7 +105,10 @@ def host_name(host: str) -> str:
     """The host part of a Host header value (``[::1]:8443`` -> ``::1``)."""
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    colon = host.find(":")
+    if colon == -1 or host.find(":", colon + 1) != -1:
+        return host  # no port, or not a name with one port
+    return host[:colon]
 
 
 def http_scope(head: Head, facts: Facts, state: dict[str, Any] | None = None
