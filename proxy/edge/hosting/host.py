@@ -216,6 +216,8 @@ class Host:
                 value = load(spec)
             except LoadFailed as exc:
                 error = exc
+            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt in the thread
+                error = LoadFailed(f"importing {spec.app} failed: {type(exc).__name__}")
             with contextlib.suppress(RuntimeError):  # the worker's loop is closed
                 loop.call_soon_threadsafe(settle, value, error)
 
