@@ -63,6 +63,13 @@ _CLOSE = b"Connection: close\r\n"
 _KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"
 
 
+class _NoOne:
+    """The protocol of a closed connection's parser: no callbacks at all."""
+
+
+_NO_ONE = _NoOne()
+
+
 class _Stop(Exception):
     """Raised in a parser callback to stop parsing."""
 
@@ -156,6 +163,12 @@ class H1Connection(asyncio.Protocol):
             active.flow.client_gone()
         self._active = None
         self._queue.clear()
+        # The last request's flow points back at this connection: let go of it, so both
+        # are freed by their counts, never left to the cycle collector.
+        self._last = self._incoming = None
+        # The parser holds this connection's callbacks: a parser of no one takes its
+        # place, for the same reason.
+        self._parser = httptools.HttpRequestParser(_NO_ONE)
         if self._holding:
             self._let_go()
         self.connections.closed(self)
