@@ -614,9 +614,9 @@ class H1Connection(asyncio.Protocol):
     # -- timer ----------------------------------------------------------------------------------
     def _state_deadline(self) -> None:
         """The deadline the state table gives the state the connection is in now."""
-        limit = st.DEADLINES.get(self.state)
-        if limit is not None and limit != "flow":
-            self._set_deadline(getattr(self.site.limits, limit))
+        delay = self.site.state_limits.get(self.state)
+        if delay is not None:
+            self._set_deadline(delay)
 
     def _set_deadline(self, delay: float) -> None:
         if delay <= 0:

@@ -22,6 +22,7 @@ from .buffers import BufferBudget
 from .endpoints import EndpointTable
 from .error_pages import render
 from .errors import ProxyError
+from .h1state import DEADLINES
 from .health import HealthAnswer, NodeState, answer
 from .metrics import Metrics
 from .routing import Router
@@ -59,6 +60,11 @@ class Site:
         self.listener = listener
         self.config = config
         self.limits = config.limits
+        # The connection's own deadline in each HTTP/1.1 state (h1state.DEADLINES): the
+        # limit's value, read once.
+        self.state_limits: dict[str, float] = {
+            state: float(getattr(config.limits, limit))
+            for state, limit in DEADLINES.items() if limit != "flow"}
         self.router = router
         self.table = table
         self.pool = pool

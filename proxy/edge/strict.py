@@ -47,6 +47,10 @@ _NOT_IN_TARGET = bytes(range(0x21)) + b"\x7f"
 # exact); bounded, so a client sending endless distinct names cannot grow it.
 _GOOD_HOSTS: dict[str, bool] = {}
 _GOOD_HOSTS_MAX = 512
+# Request lines already found valid, the same way (short ones only: at most 128 KiB).
+_GOOD_LINES: dict[bytes, bool] = {}
+_GOOD_LINES_MAX = 512
+_GOOD_LINE_MAX = 256
 
 
 class StrictError(Exception):
@@ -234,6 +238,8 @@ _REQUEST_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTT
 def check_request_line(line: bytes) -> None:
     """The raw request line (without CRLF) is ``method SP target SP HTTP/d.d``, for
     HTTP/1.0 or 1.1 (505 for a higher major version); llhttp is lenient about spaces."""
+    if line in _GOOD_LINES:
+        return
     # The common line ("GET /path HTTP/1.1") is checked with a few byte operations; any
     # other goes through the full pattern, which also says what is wrong with it.
     if line.endswith(b" HTTP/1.1") or line.endswith(b" HTTP/1.0"):
@@ -244,6 +250,8 @@ def check_request_line(line: bytes) -> None:
             target = line[space + 1:end]
             if (method in _PLAIN_METHODS_RAW or _TOKEN.match(method)) and target.isascii() \
                     and len(target.translate(None, _NOT_IN_TARGET)) == len(target):
+                if len(line) <= _GOOD_LINE_MAX and len(_GOOD_LINES) < _GOOD_LINES_MAX:
+                    _GOOD_LINES[line] = True
                 return
     match = _REQUEST_LINE.match(line)
     if match is None:
