@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The per-request path (``h1``, ``flow``, ``upstream``, ``strict``, ``codec``,
-``headers``, for HTTP/2 ``h2translate``, ``h2common`` and ``h2native``, for static files
-``staticrules`` and ``static``, for in-process apps ``hosting.host``, ``hosting.scope``
-and ``hosting.asgi``) is ordinary,
+``headers``, ``routing``, ``metrics`` and ``site``, for HTTP/2 ``h2translate``,
+``h2common`` and ``h2native``, for static files ``staticrules`` and ``static``, for
+in-process apps ``hosting.host``, ``hosting.scope`` and ``hosting.asgi``) is ordinary,
 ``mypy --strict`` clean Python. mypyc compiles
 those modules to C extensions that sit next to their sources; Python imports an
 extension before a source of the same name, so nothing else changes. Measured on the
