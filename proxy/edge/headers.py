@@ -13,7 +13,6 @@ to it. ``Content-Length`` is dropped both ways: bodies are re-framed by the edge
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
 
 HOP_BY_HOP = frozenset(
     {
@@ -47,8 +46,11 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server"}
 Headers = list[tuple[bytes, bytes]]
 
 
-class ForwardInfo(NamedTuple):
-    """What Bastion vouches for about one request."""
+class ForwardInfo:
+    """What Bastion vouches for about one request.
+
+    (A plain class, made once per proxied request: a named tuple's ``__new__`` runs as
+    Python even when this module is compiled.)"""
 
     client_ip: str
     scheme: str  # "http" or "https"
@@ -56,8 +58,20 @@ class ForwardInfo(NamedTuple):
     port: int  # the listener port the client reached
     path_base: str  # "" or "/shop"
     token: str
-    client_cert_b64: str | None = None
-    trusted: bool = False  # the peer is a trusted proxy: keep and extend its chain
+    client_cert_b64: str | None
+    trusted: bool  # the peer is a trusted proxy: keep and extend its chain
+
+    def __init__(self, client_ip: str, scheme: str, host: str, port: int, path_base: str,
+                 token: str, client_cert_b64: str | None = None,
+                 trusted: bool = False) -> None:
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.path_base = path_base
+        self.token = token
+        self.client_cert_b64 = client_cert_b64
+        self.trusted = trusted
 
 
 def connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

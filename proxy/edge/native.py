@@ -46,7 +46,7 @@ from pathlib import Path
 
 MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2common",
            "h2native", "staticrules", "static", "hosting.host", "hosting.scope",
-           "hosting.asgi", "routing", "metrics", "site")
+           "hosting.asgi", "routing", "metrics", "site", "endpoints", "compress")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
 NG2 = "_ng2"

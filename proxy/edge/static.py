@@ -38,7 +38,6 @@ import asyncio
 import os
 import stat
 import time
-from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Protocol
 
@@ -82,18 +81,32 @@ class Sink(Protocol):
     def respond_body(self, body: list[bytes], end: bool) -> None: ...
 
 
-@dataclass
 class FileAnswer:
-    """A static answer: head, the body read so far, and the sender for the rest."""
+    """A static answer: head, the body read so far, and the sender for the rest.
+
+    (A plain class, made once per answer: a dataclass's ``__init__`` runs as Python
+    even when this module is compiled.)"""
 
     status: int
     headers: list[tuple[bytes, bytes]]
     length: int | None
     bodyless: bool
     body: list[bytes]
-    fd: int = -1  # the open file, when a ``FileSender`` must send the rest
-    offset: int = 0
-    remaining: int = 0
+    fd: int  # the open file, when a ``FileSender`` must send the rest (else -1)
+    offset: int
+    remaining: int
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None,
+                 bodyless: bool, body: list[bytes], fd: int = -1, offset: int = 0,
+                 remaining: int = 0) -> None:
+        self.status = status
+        self.headers = headers
+        self.length = length
+        self.bodyless = bodyless
+        self.body = body
+        self.fd = fd
+        self.offset = offset
+        self.remaining = remaining
 
 
 def _open(root: str, relative: str) -> tuple[int, os.stat_result]:
