@@ -162,3 +162,9 @@ class AppFailed(ProxyError):
 
     status = 500
     title = "Internal Server Error"
+
+
+class StateError(RuntimeError):
+    """A move the HTTP/1.1 connection state table (``proxy.edge.h1state``) does not allow:
+    a bug in the connection, shown at once rather than as a connection that silently
+    does the wrong thing."""

@@ -25,11 +25,26 @@ served), ``KEEP`` / ``CLOSE`` (the answer is out and the connection stays / clos
 
 from __future__ import annotations
 
-FRESH, HEAD, ACTIVE, IDLE, TUNNEL, CLOSED = "FRESH", "HEAD", "ACTIVE", "IDLE", "TUNNEL", "CLOSED"
+from typing import Final
+
+from .errors import StateError as StateError  # (defined with the proxy's other errors)
+
+# Final: compiled (proxy/edge/native.py), a connection reads them as constants.
+FRESH: Final = "FRESH"
+HEAD: Final = "HEAD"
+ACTIVE: Final = "ACTIVE"
+IDLE: Final = "IDLE"
+TUNNEL: Final = "TUNNEL"
+CLOSED: Final = "CLOSED"
 STATES = (FRESH, HEAD, ACTIVE, IDLE, TUNNEL, CLOSED)
 
-BYTES, START, KEEP, CLOSE, SWITCH, REFUSE, LOST = (
-    "BYTES", "START", "KEEP", "CLOSE", "SWITCH", "REFUSE", "LOST")
+BYTES: Final = "BYTES"
+START: Final = "START"
+KEEP: Final = "KEEP"
+CLOSE: Final = "CLOSE"
+SWITCH: Final = "SWITCH"
+REFUSE: Final = "REFUSE"
+LOST: Final = "LOST"
 EVENTS = (BYTES, START, KEEP, CLOSE, SWITCH, REFUSE, LOST)
 
 TABLE: dict[tuple[str, str], str] = {
@@ -52,16 +67,12 @@ for _state in STATES:
     TABLE[(_state, LOST)] = CLOSED
 
 
-class StateError(RuntimeError):
-    """A move the table does not allow."""
-
-
 def next_state(state: str, event: str) -> str:
     """The state after ``event`` in ``state``; raises ``StateError`` when not allowed."""
-    try:
-        return TABLE[(state, event)]
-    except KeyError:
-        raise StateError(f"{event} is not allowed in {state}") from None
+    found = TABLE.get((state, event))
+    if found is None:  # (no KeyError to chain: the message says it all)
+        raise StateError(f"{event} is not allowed in {state}")
+    return found
 
 
 DEADLINES: dict[str, str] = {FRESH: "header_timeout", HEAD: "header_timeout",

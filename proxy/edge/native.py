@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The per-request path (``h1``, ``flow``, ``upstream``, ``strict``, ``codec``,
-``headers``, ``routing``, ``metrics`` and ``site``, for HTTP/2 ``h2translate``,
+``headers``, ``routing``, ``metrics``, ``site``, ``endpoints``, ``compress`` and
+``h1state``, for HTTP/2 ``h2translate``,
 ``h2common`` and ``h2native``, for static files ``staticrules`` and ``static``, for
 in-process apps ``hosting.host``, ``hosting.scope`` and ``hosting.asgi``) is ordinary,
 ``mypy --strict`` clean Python. mypyc compiles
@@ -46,7 +47,7 @@ from pathlib import Path
 
 MODULES = ("codec", "strict", "headers", "upstream", "flow", "h1", "h2translate", "h2common",
            "h2native", "staticrules", "static", "hosting.host", "hosting.scope",
-           "hosting.asgi", "routing", "metrics", "site", "endpoints", "compress")
+           "hosting.asgi", "routing", "metrics", "site", "endpoints", "compress", "h1state")
 PACKAGE = "bastion.proxy.edge"
 HERE = Path(__file__).resolve().parent  # proxy/edge in the checkout
 NG2 = "_ng2"
