@@ -78,14 +78,14 @@ def connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Lower-case names listed in every ``Connection`` header."""
     names: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":  # (length first: no copy)
             names.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return names
 
 
 def upstream_headers(client: Iterable[tuple[bytes, bytes]], info: ForwardInfo) -> Headers:
     """The header list to send to the app for a request with ``client`` headers."""
-    client = list(client)
+    client = client if isinstance(client, list) else list(client)
     # Host is end-to-end and goes to the app unchanged, even if Connection names it.
     listed = connection_listed(client)
     listed.discard(b"host")
@@ -105,11 +105,8 @@ def upstream_headers(client: Iterable[tuple[bytes, bytes]], info: ForwardInfo) -
             continue
         kept.append((name, value))
 
-    def joined(key: bytes, ours: bytes) -> bytes:
-        previous = chain.get(key)
-        return b", ".join([*previous, ours]) if previous else ours
-
-    kept.append((b"X-Forwarded-For", joined(b"x-forwarded-for", info.client_ip.encode())))
+    kept.append((b"X-Forwarded-For",
+                 _joined(chain, b"x-forwarded-for", info.client_ip.encode())))
     proto = chain.get(b"x-forwarded-proto") if info.trusted else None
     if proto:
         # Behind a trusted load balancer the original scheme is the first hop's.
@@ -126,9 +123,15 @@ def upstream_headers(client: Iterable[tuple[bytes, bytes]], info: ForwardInfo) -
     return kept
 
 
+def _joined(chain: dict[bytes, list[bytes]], key: bytes, ours: bytes) -> bytes:
+    """``ours`` after the values a trusted proxy sent in ``key``, comma-joined."""
+    previous = chain.get(key)
+    return b", ".join([*previous, ours]) if previous else ours
+
+
 def downstream_headers(app: Iterable[tuple[bytes, bytes]]) -> Headers:
     """The app's response headers without hop-by-hop ones, framing and ``Server``."""
-    app = list(app)
+    app = app if isinstance(app, list) else list(app)
     listed = connection_listed(app)
     drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
     return [(name, value) for name, value in app if name.lower() not in drop]

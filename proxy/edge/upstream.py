@@ -226,14 +226,14 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_size > MAX_HEAD:
             self._error = InvalidResponse("response head too large")
             raise _Stop()
-        low = name.lower()
         if self._state == _BODY:
             return  # chunked trailers: dropped, never part of the head
-        if low == b"transfer-encoding":
+        size = len(name)  # (only the framing fields are lower-cased, found by length)
+        if size == 17 and name.lower() == b"transfer-encoding":
             if self._codings is None:
                 self._codings = []
             self._codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
-        elif low == b"content-length":
+        elif size == 14 and name.lower() == b"content-length":
             self._length = int(value.strip(b" \t"))  # llhttp checked digits and duplicates
         self._headers.append((name, value.rstrip(b" \t")))
 
