@@ -25,7 +25,7 @@ from bastion.module.health import (
 from bastion.module.messages import Endpoint, RequestTimedOut, from_wire
 from bastion.module.spec import HealthCheck, PoolSettings
 from bastion.proxy.config.load import ConfigError, config_from_dict, load_config
-from bastion.proxy.edge.endpoints import Lease
+from bastion.proxy.edge.endpoints import EndpointTable, Lease
 
 # -- pure ---------------------------------------------------------------------------------
 
@@ -257,12 +257,7 @@ def test_request_timed_out_crosses_the_wire() -> None:
 
 def test_lease_timed_out_tells_the_module() -> None:
     sent: list[object] = []
-
-    class Table:
-        def send(self, message: object) -> None:
-            sent.append(message)
-
-    lease = Lease(Table(), "shop", Endpoint(7, 3000, "t"))  # type: ignore[arg-type]
+    lease = Lease(EndpointTable(sent.append), "shop", Endpoint(7, 3000, "t"))
     lease.timed_out()
     assert sent == [RequestTimedOut("shop", 7)]
 
