@@ -421,7 +421,6 @@ class UpstreamPool:
         self._idle: dict[int | str, list[UpstreamConnection]] = {}
         self._busy: set[UpstreamConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def pooled(self, key: int | str) -> UpstreamConnection | None:
         """An idle connection to ``key``, taken from the pool, or None."""
